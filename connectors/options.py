@@ -1,0 +1,198 @@
+"""Validating config tables against declared options, collecting every problem.
+
+Used for connector tables and for the daemon's own sections. Nothing here raises on bad
+input: each function returns the values it could read plus a list of
+:class:`ConfigProblem`, so an admin sees every mistake at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from visitwatch.connectors.base import Option, Secret
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    key: str  # dotted path, e.g. "channels[2].port"
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.key}: {self.message}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s|ms)", re.IGNORECASE)
+_UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(text: str | int | float) -> timedelta:
+    """``"15m"``, ``"1h30m"``, ``"90s"``, ``"2d"`` or a number of seconds."""
+    if isinstance(text, bool):
+        raise ValueError('expected a duration such as "15m", not true/false')
+    if isinstance(text, int | float):
+        return timedelta(seconds=text)
+    compact = text.strip().replace(" ", "")
+    if not compact:
+        raise ValueError("empty duration")
+    pos = 0
+    seconds = 0.0
+    for match in _DURATION_PART.finditer(compact):
+        if match.start() != pos:
+            break
+        seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+        pos = match.end()
+    if pos != len(compact):
+        raise ValueError(
+            f'{text!r} is not a duration; write e.g. "90s", "15m", "2h", "1h30m", "1d"'
+        )
+    return timedelta(seconds=seconds)
+
+
+def format_duration(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds and seconds % 86400 == 0:
+        return f"{seconds // 86400}d"
+    if seconds and seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds and seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
+
+
+def read_secret(spec: Any, key: str) -> tuple[Secret | None, ConfigProblem | None]:
+    """Resolve ``{ env = "NAME" }``, ``{ file = "/path" }`` or ``{ credential = "name" }``."""
+    how = 'write { env = "NAME" }, { file = "/path" } or { credential = "name" }'
+    if isinstance(spec, str):
+        return None, ConfigProblem(key, "secrets cannot be written in the config file", how)
+    if not isinstance(spec, Mapping) or len(spec) != 1:
+        return None, ConfigProblem(key, "expected a table naming where the secret is", how)
+    ((where, name),) = spec.items()
+    if not isinstance(name, str) or not name:
+        return None, ConfigProblem(key, f"{where} must name something", how)
+    if where == "env":
+        value = os.environ.get(name)
+        if value is None:
+            return None, ConfigProblem(key, f"environment variable {name} is not set")
+        return Secret(value, f"env {name}"), None
+    if where == "credential":
+        folder = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not folder:
+            return None, ConfigProblem(
+                key,
+                f"credential {name!r} asked for, but CREDENTIALS_DIRECTORY is not set",
+                "systemd sets it for LoadCredential=; outside systemd use { file = ... }",
+            )
+        path = Path(folder) / name
+    elif where == "file":
+        path = Path(name)
+    else:
+        return None, ConfigProblem(key, f"unknown secret location {where!r}", how)
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as err:
+        return None, ConfigProblem(key, f"cannot read secret file {path}: {err.strerror}")
+    return Secret(value, f"file {path}"), None
+
+
+def _convert(
+    value: Any, option: Option, key: str, config_dir: Path
+) -> tuple[Any, ConfigProblem | None]:
+    kind = option.kind
+    wrong = lambda expected: (None, ConfigProblem(key, f"expected {expected}, got {value!r}"))  # noqa: E731
+    if kind in ("secret", "str_or_secret"):
+        if kind == "str_or_secret" and isinstance(value, str):
+            return value, None
+        return read_secret(value, key)
+    if kind == "str":
+        if not isinstance(value, str):
+            return wrong("a string")
+        if option.choices and value not in option.choices:
+            return None, ConfigProblem(key, f"{value!r} is not one of {', '.join(option.choices)}")
+        return value, None
+    if kind == "int":
+        return (
+            (value, None)
+            if isinstance(value, int) and not isinstance(value, bool)
+            else wrong("a whole number")
+        )
+    if kind == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return (float(value), None) if ok else wrong("a number")
+    if kind == "bool":
+        return (value, None) if isinstance(value, bool) else wrong("true or false")
+    if kind == "list":
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value), None
+        return wrong("a list of strings")
+    if kind == "duration":
+        try:
+            return parse_duration(value), None
+        except (ValueError, TypeError) as err:
+            return None, ConfigProblem(key, str(err))
+    if kind == "path":
+        if not isinstance(value, str) or not value:
+            return wrong("a path")
+        path = Path(value).expanduser()
+        return (path if path.is_absolute() else config_dir / path), None
+    raise AssertionError(f"unknown option kind {kind!r} for {key}")
+
+
+def validate_options(
+    table: Mapping[str, Any],
+    options: Mapping[str, Option],
+    prefix: str,
+    config_dir: Path,
+    *,
+    ignore: frozenset[str] = frozenset(),
+) -> tuple[dict[str, Any], list[ConfigProblem]]:
+    """Check ``table`` against ``options``; return converted values and all problems.
+
+    Keys in ``ignore`` (such as ``name`` and ``type``, handled by the caller) are skipped.
+    Missing optional keys get their default.
+    """
+    settings: dict[str, Any] = {}
+    problems: list[ConfigProblem] = []
+    for key, value in table.items():
+        if key in ignore:
+            continue
+        option = options.get(key)
+        if option is None:
+            close = difflib.get_close_matches(key, list(options), n=1)
+            hint = (
+                f"did you mean {close[0]!r}?"
+                if close
+                else (
+                    "known keys: " + ", ".join(sorted(options))
+                    if options
+                    else "this table takes no keys"
+                )
+            )
+            problems.append(ConfigProblem(f"{prefix}.{key}", "unknown key", hint))
+            continue
+        converted, problem = _convert(value, option, f"{prefix}.{key}", config_dir)
+        if problem:
+            problems.append(problem)
+        else:
+            settings[key] = converted
+    for key, option in options.items():
+        if key in table:
+            continue
+        if option.required:
+            problems.append(ConfigProblem(f"{prefix}.{key}", "is required", option.help))
+        else:
+            default = option.default
+            if option.kind == "duration" and default is not None:
+                default = parse_duration(default)
+            elif option.kind == "path" and default is not None:
+                default = config_dir / default
+            settings[key] = default
+    return settings, problems
