@@ -247,6 +247,10 @@ class Message:
 
 
 class Channel(Connector):
+    # The Recipient field this channel delivers to ("email", "mobile"), or None when it can
+    # take any message (outbox, console). Recipients without it are not queued here.
+    address_field: ClassVar[str | None] = None
+
     @abstractmethod
     def send(self, message: Message) -> None:
         """Deliver ``message`` or raise :class:`ConnectorError`.

@@ -1,0 +1,29 @@
+# Two commands work on a fresh machine (Python 3.11+ and pip): `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench run clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## install, then run the daemon on the bundled demo calendar
+	$(BIN)/visitwatch demo
+
+test: $(STAMP)  ## install, then run the whole test suite
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)  ## print the benchmark figures (see bench/README.md)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .visitwatch-demo .pytest_cache *.egg-info

@@ -1,0 +1,282 @@
+"""``visitwatch``: the daemon and the commands admins, managers and staff type."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from visitwatch.connectors.base import ConnectorError, TimeWindow, VisitwatchError
+from visitwatch.connectors.options import parse_duration
+from visitwatch.daemon import __version__, logs
+from visitwatch.daemon.config import Config, config_path, load_config
+from visitwatch.daemon.messages import fmt_local
+from visitwatch.daemon.service import Service
+from visitwatch.daemon.store import from_ts, ts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except VisitwatchError as err:
+        # Errors written for people: no traceback, just what is wrong and how to fix it.
+        print(f"visitwatch: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visitwatch",
+        description="Watches home visits in calendars and escalates overruns.",
+    )
+    parser.add_argument("--version", action="version", version=f"visitwatch {__version__}")
+    parser.add_argument("--config", "-c", help="config file (default: $VISITWATCH_CONFIG)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def command(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    command("run", cmd_run, "run the daemon until stopped (SIGTERM/SIGINT)")
+    command("sync", cmd_sync, "read every calendar once, sweep, deliver, then exit")
+    p = command("status", cmd_status, "visits, source health and undelivered notifications")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="include resolved and cancelled visits")
+    command("check", cmd_check, "validate the config and try each source and channel once")
+    p = command("checkin", cmd_checkin, "check in from a visit (resolves it), or extend it")
+    p.add_argument("visit", help="visit id (or a unique prefix)")
+    p.add_argument("--extend", metavar="DURATION", help='more time instead, e.g. "30m"')
+    p.add_argument("--by", default="", help="who is checking in (default: the worker)")
+    p = command("ack", cmd_ack, "acknowledge an alert: stops repeats and records who")
+    p.add_argument("alert", help="visit id, or the number of an alert notification")
+    p.add_argument("--by", required=True, help="your name")
+    p.add_argument("--safe", action="store_true", help="the worker is confirmed safe: resolve")
+    p = command("help", cmd_help, "ask for help during a visit: alerts the whole ladder now")
+    p.add_argument("visit")
+    p.add_argument("--by", default="")
+    p = command("demo", cmd_demo, "run the daemon on a generated demo calendar")
+    p.add_argument("--dir", default=".visitwatch-demo", help="state folder (wiped each run)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="write the demo config and calendar, print how to run, exit")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(config_path(args.config))
+    logs.configure(args.log_level or config.daemon.log_level)
+    return config
+
+
+# ----------------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    service = Service(_load(args))
+    service.run()
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    service = Service(_load(args))
+    try:
+        reports, changed, delivered = service.run_once()
+    finally:
+        service.close()
+    for report in reports:
+        if report.ok:
+            extra = " (unchanged)" if report.skipped else ""
+            print(f"{report.source}: {report.visits} visits in {report.events} entries, "
+                  f"{report.new} new, {report.changed} changed, {report.ended} ended, "
+                  f"{len(report.problems)} unreadable{extra}")
+        else:
+            print(f"{report.source}: FAILED: {report.error}")
+    print(f"sweep: {changed} visits advanced; delivery: {delivered.sent} sent, "
+          f"{delivered.retried} to retry, {delivered.failed} failed")
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"config {config.path}: OK ({len(config.directory.members)} staff, "
+          f"{len(config.sources)} sources, {len(config.channels)} channels, "
+          f"policy {config.policy.name})")
+    service = Service(config)
+    failures = 0
+    try:
+        for name, error in service.source_errors.items():
+            print(f"FAIL source {name}: {error}")
+            failures += 1
+        for kind, connectors in (("source", service.sources), ("channel", service.channels)):
+            for name, connector in connectors.items():
+                try:
+                    print(f"ok   {kind} {name}: {connector.check()}")
+                except ConnectorError as err:
+                    print(f"FAIL {kind} {name}: {err}")
+                    failures += 1
+    finally:
+        service.close()
+    return 1 if failures else 0
+
+
+def cmd_checkin(args: argparse.Namespace) -> int:
+    service = Service(_load(args))
+    try:
+        extend = _duration(args.extend) if args.extend else None
+        row = service.store.one("SELECT * FROM visits WHERE id LIKE ?", (args.visit + "%",))
+        by = args.by or (row["worker_label"] if row else "") or "worker"
+        visit = service.watcher.check_in(args.visit, by=by, extend=extend)
+        if extend:
+            when = fmt_local(from_ts(visit["deadline"]), service.config.daemon.timezone)
+            print(f"visit {visit['id']} extended: now expected back {when}")
+        else:
+            print(f"visit {visit['id']} checked in: resolved, all clear sent to anyone alerted")
+        _deliver_now(service)
+    finally:
+        service.close()
+    return 0
+
+
+def cmd_ack(args: argparse.Namespace) -> int:
+    service = Service(_load(args))
+    try:
+        visit = service.watcher.acknowledge(args.alert, by=args.by, safe=args.safe)
+        if args.safe:
+            print(f"visit {visit['id']} resolved: confirmed safe by {args.by}; all clear sent")
+        else:
+            print(f"visit {visit['id']} acknowledged by {args.by}: repeats stopped. When the "
+                  f"worker is confirmed safe: visitwatch ack {visit['id']} --by ... --safe")
+        _deliver_now(service)
+    finally:
+        service.close()
+    return 0
+
+
+def cmd_help(args: argparse.Namespace) -> int:
+    service = Service(_load(args))
+    try:
+        visit = service.watcher.request_help(args.visit, by=args.by or "worker")
+        print(f"help requested for visit {visit['id']}: everyone on the ladder is being alerted")
+        _deliver_now(service)
+    finally:
+        service.close()
+    return 0
+
+
+def _deliver_now(service: Service) -> None:
+    """Send what the command queued, unless the daemon is running (it will, within seconds)."""
+    if service.lock.acquire():
+        try:
+            service.dispatch()
+        finally:
+            service.lock.release()
+    else:
+        print("(the running daemon delivers the notifications)")
+
+
+def _duration(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise VisitwatchError(str(err)) from None
+
+
+# ----------------------------------------------------------------------- status
+
+
+def status_data(service: Service, include_all: bool = False) -> dict[str, Any]:
+    now = service.clock.now()
+    daemon = service.config.daemon
+    window = TimeWindow.around(now, daemon.window_past, daemon.window_ahead)
+    where = "" if include_all else " AND state NOT IN ('resolved', 'cancelled', 'expired')"
+    visits = service.store.query(
+        f"SELECT * FROM visits WHERE start < ? AND \"end\" >= ?{where} ORDER BY start",
+        (ts(window.end), ts(window.start)),
+    )
+    return {
+        "now": ts(now),
+        "last_sweep_at": service.store.get_meta("last_sweep_at"),
+        "visits": [
+            {
+                "id": v["id"], "worker": v["worker_label"], "worker_id": v["worker_id"],
+                "state": v["state"], "start": v["start"], "deadline": v["deadline"],
+                "subject": "(private)" if v["private"] else v["subject"], "kind": v["kind"],
+                "findings": [f["rule"] for f in json.loads(v["findings"])],
+                "acknowledged_by": v["acknowledged_by"], "source": v["source"],
+            }
+            for v in visits
+        ],  # fmt: skip
+        "sources": service.store.query("SELECT * FROM sources ORDER BY name")
+        + [{"name": n, "last_error": e} for n, e in service.source_errors.items()],
+        "problems": service.store.query("SELECT source, uid, reason, last_seen FROM problems"),
+        "undelivered": service.store.query(
+            "SELECT id, visit_id, kind, channel, recipient_id, status, attempts, last_error,"
+            " next_attempt_at FROM notifications WHERE status = 'failed'"
+            " OR (status = 'pending' AND attempts > 0) ORDER BY id"
+        ),
+        "pending": service.store.one(
+            "SELECT COUNT(*) AS n FROM notifications WHERE status = 'pending'"
+        )["n"],
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    service = Service(_load(args))
+    try:
+        data = status_data(service, args.all)
+    finally:
+        service.close()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    tz = service.config.daemon.timezone
+    local = lambda text: fmt_local(from_ts(text), tz) if text else "-"  # noqa: E731
+    print(f"last sweep: {local(data['last_sweep_at'])}")
+    print(f"\nVISITS ({len(data['visits'])})")
+    for v in data["visits"]:
+        flags = ", ".join(v["findings"]) or "compliant"
+        print(f"  {v['id']}  {v['state']:<12} {v['worker'][:22]:<22} "
+              f"start {local(v['start'])}  back by {local(v['deadline'])}  [{flags}]")
+    print("\nSOURCES")
+    for s in data["sources"]:
+        health = f"ERROR: {s['last_error']}" if s.get("last_error") else "ok"
+        print(f"  {s['name']}: {health}; last success {local(s.get('last_success_at'))}")
+    if data["problems"]:
+        print(f"\nUNREADABLE ENTRIES ({len(data['problems'])})")
+        for p in data["problems"]:
+            print(f"  {p['source']} uid={p['uid'] or '(whole feed)'}: {p['reason']}")
+    print(f"\nNOTIFICATIONS: {data['pending']} pending")
+    for n in data["undelivered"]:
+        print(f"  #{n['id']} {n['kind']} via {n['channel']} to {n['recipient_id']}: {n['status']},"
+              f" {n['attempts']} attempts, last error: {n['last_error']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from visitwatch.daemon import demo
+
+    folder = Path(args.dir).resolve()
+    config_file = demo.prepare(folder)
+    print(demo.introduction(folder, config_file))
+    if args.prepare_only:
+        return 0
+    config = load_config(config_file)
+    logs.configure(args.log_level or "warning")
+    Service(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

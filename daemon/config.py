@@ -1,0 +1,361 @@
+"""The admin's TOML file, read into typed settings with every problem reported at once."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from visitwatch.connectors.base import Channel, Option, VisitwatchError
+from visitwatch.connectors.options import ConfigProblem, validate_options
+from visitwatch.connectors.registry import (
+    CHANNELS,
+    SOURCES,
+    UnknownConnectorType,
+    channel_class,
+    source_class,
+)
+from visitwatch.policies import parse_policy
+from visitwatch.policies.model import PolicySettings
+
+EXAMPLE = "examples/visitwatch.toml"
+CONFIG_ENV = "VISITWATCH_CONFIG"
+
+DAEMON_OPTIONS: dict[str, Option] = {
+    "database": Option("path", default="visitwatch.db", help="SQLite file; relative to this file"),
+    "state_dir": Option("path", default=".", help="folder for caches and the outbox"),
+    "timezone": Option("str", default="Europe/London", help="IANA zone, e.g. Europe/London"),
+    "poll_interval": Option("duration", default="5m", help="how often calendars are read"),
+    "sweep_interval": Option("duration", default="10s", help="how often deadlines are checked"),
+    "window_past": Option("duration", default="2d"),
+    "window_ahead": Option("duration", default="14d"),
+    "adopt_overdue_within": Option(
+        "duration",
+        default="12h",
+        help="a visit first seen longer than this after its deadline is recorded, not escalated",
+    ),
+    "public_base_url": Option("str", default="", help="where staff reach check-in links"),
+    "log_level": Option("str", default="info", choices=("debug", "info", "warning", "error")),
+}
+
+STAFF_OPTIONS: dict[str, Option] = {
+    "id": Option("str", required=True, help="usually the e-mail address"),
+    "name": Option("str", required=True),
+    "email": Option("str", default=""),
+    "mobile": Option("str", default=""),
+    "role": Option("str", default="worker", help="worker, manager, director, admin, ..."),
+    "manager": Option("str", default="", help="the id of this person's line manager"),
+}
+
+CHANNEL_COMMON: dict[str, Option] = {
+    "fallback": Option("str", default="", help="channel used when this one keeps failing"),
+    "kinds": Option("list", default=None, help="notification kinds sent here (default: all)"),
+}
+
+NOTIFICATION_KINDS = (
+    "compliance", "reminder", "overrun", "escalation", "help", "all_clear", "extended",
+    "ended", "admin",
+)  # fmt: skip
+
+
+class ConfigError(VisitwatchError):
+    def __init__(self, path: Path | None, problems: list[ConfigProblem]) -> None:
+        self.path = path
+        self.problems = problems
+        where = str(path) if path else "configuration"
+        lines = [f"{where}: {len(problems)} problem(s)"]
+        lines += [f"  - {p}" for p in problems]
+        lines.append(f"  (every setting is explained in {EXAMPLE})")
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class StaffMember:
+    id: str
+    name: str
+    email: str = ""
+    mobile: str = ""
+    role: str = "worker"
+    manager: str = ""
+
+
+@dataclass(frozen=True)
+class Directory:
+    """The staff directory: who works here, how to reach them, who their manager is."""
+
+    members: Mapping[str, StaffMember] = field(default_factory=dict)
+
+    def get(self, staff_id: str) -> StaffMember | None:
+        return self.members.get(staff_id.strip().lower())
+
+    def find(self, text: str) -> StaffMember | None:
+        """Match an id, e-mail address or display name, ignoring case."""
+        needle = text.strip().lower().removeprefix("mailto:")
+        if not needle:
+            return None
+        for member in self.members.values():
+            if needle in (member.id, member.email.lower(), member.name.lower()):
+                return member
+        return None
+
+    def with_role(self, role: str) -> list[StaffMember]:
+        return [m for m in self.members.values() if m.role == role]
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    name: str
+    type: str
+    cls: type
+    settings: Mapping[str, Any]
+    fallback: str = ""
+    kinds: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    database: Path
+    state_dir: Path
+    timezone: ZoneInfo
+    poll_interval: timedelta
+    sweep_interval: timedelta
+    window_past: timedelta
+    window_ahead: timedelta
+    adopt_overdue_within: timedelta
+    public_base_url: str
+    log_level: str
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    daemon: DaemonSettings
+    directory: Directory
+    sources: tuple[ConnectorConfig, ...]
+    channels: tuple[ConnectorConfig, ...]
+    policy: PolicySettings
+
+
+def config_path(explicit: str | None) -> Path:
+    chosen = explicit or os.environ.get(CONFIG_ENV)
+    if not chosen:
+        raise VisitwatchError(
+            f"no configuration given: pass --config PATH or set {CONFIG_ENV} "
+            f"(start from {EXAMPLE}, or try `visitwatch demo`)"
+        )
+    return Path(chosen)
+
+
+def load_config(path: Path) -> Config:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(path, [ConfigProblem("(file)", f"cannot read: {err.strerror}")]) from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(path, [ConfigProblem("(file)", f"not valid TOML: {err}")]) from err
+    return parse_config(raw, path.resolve().parent, path)
+
+
+def parse_config(raw: Mapping[str, Any], config_dir: Path, path: Path | None = None) -> Config:
+    problems: list[ConfigProblem] = []
+    known_sections = {"daemon", "staff", "sources", "channels", "policy"}
+    for key in raw:
+        if key not in known_sections:
+            problems.append(
+                ConfigProblem(key, "unknown section", "sections: " + ", ".join(sorted(known_sections)))
+            )
+
+    daemon = _parse_daemon(_table(raw, "daemon", problems), config_dir, problems)
+    directory = _parse_staff(_array(raw, "staff", problems), config_dir, problems)
+    sources = _parse_connectors(
+        _array(raw, "sources", problems), "sources", SOURCES, source_class, config_dir, problems
+    )
+    channels = _parse_connectors(
+        _array(raw, "channels", problems), "channels", CHANNELS, channel_class, config_dir, problems
+    )
+    policy, policy_problems = parse_policy(_table(raw, "policy", problems))
+    problems += policy_problems
+
+    _cross_check(directory, sources, channels, policy, problems)
+    if problems:
+        raise ConfigError(path, problems)
+    assert daemon is not None
+    return Config(path, daemon, directory, tuple(sources), tuple(channels), policy)
+
+
+def _table(raw: Mapping[str, Any], key: str, problems: list[ConfigProblem]) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, Mapping):
+        problems.append(ConfigProblem(key, f"expected a table [{key}]"))
+        return {}
+    return value
+
+
+def _array(raw: Mapping[str, Any], key: str, problems: list[ConfigProblem]) -> list[Any]:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        problems.append(ConfigProblem(key, f"expected an array of tables [[{key}]]"))
+        return []
+    return value
+
+
+def _parse_daemon(
+    table: Mapping[str, Any], config_dir: Path, problems: list[ConfigProblem]
+) -> DaemonSettings | None:
+    settings, found = validate_options(table, DAEMON_OPTIONS, "daemon", config_dir)
+    problems += found
+    zone = None
+    if isinstance(settings.get("timezone"), str):
+        try:
+            zone = ZoneInfo(settings["timezone"])
+        except (ZoneInfoNotFoundError, ValueError):
+            problems.append(
+                ConfigProblem("daemon.timezone", f"unknown time zone {settings['timezone']!r}",
+                              'use an IANA name such as "Europe/London"')
+            )
+    for key in ("poll_interval", "sweep_interval"):
+        value = settings.get(key)
+        if isinstance(value, timedelta) and value <= timedelta(0):
+            problems.append(ConfigProblem(f"daemon.{key}", "must be longer than zero"))
+    if found or zone is None:
+        return None
+    settings["timezone"] = zone
+    return DaemonSettings(**settings)
+
+
+def _parse_staff(
+    entries: list[Any], config_dir: Path, problems: list[ConfigProblem]
+) -> Directory:
+    members: dict[str, StaffMember] = {}
+    for index, entry in enumerate(entries):
+        prefix = f"staff[{index}]"
+        if not isinstance(entry, Mapping):
+            problems.append(ConfigProblem(prefix, "expected a table [[staff]]"))
+            continue
+        settings, found = validate_options(entry, STAFF_OPTIONS, prefix, config_dir)
+        problems += found
+        if found:
+            continue
+        settings["id"] = settings["id"].strip().lower()
+        settings["manager"] = settings["manager"].strip().lower()
+        if not settings["email"] and "@" in settings["id"]:
+            settings["email"] = settings["id"]
+        if settings["id"] in members:
+            problems.append(ConfigProblem(f"{prefix}.id", f"{settings['id']!r} appears twice"))
+        members[settings["id"]] = StaffMember(**settings)
+    for index, member in enumerate(members.values()):
+        if member.manager and member.manager not in members:
+            problems.append(
+                ConfigProblem(
+                    f"staff[{index}].manager",
+                    f"manager {member.manager!r} is not in the staff directory",
+                    "add them as a [[staff]] entry or correct the id",
+                )
+            )
+    return Directory(members)
+
+
+def _parse_connectors(
+    entries: list[Any],
+    section: str,
+    known: Mapping[str, str],
+    load: Any,
+    config_dir: Path,
+    problems: list[ConfigProblem],
+) -> list[ConnectorConfig]:
+    result: list[ConnectorConfig] = []
+    names: set[str] = set()
+    for index, entry in enumerate(entries):
+        prefix = f"{section}[{index}]"
+        if not isinstance(entry, Mapping):
+            problems.append(ConfigProblem(prefix, f"expected a table [[{section}]]"))
+            continue
+        name, type_name = entry.get("name"), entry.get("type")
+        if not isinstance(name, str) or not name:
+            problems.append(ConfigProblem(f"{prefix}.name", "is required (a short unique name)"))
+            name = f"{section}[{index}]"
+        elif name in names:
+            problems.append(ConfigProblem(f"{prefix}.name", f"{name!r} is used twice"))
+        names.add(name)
+        if not isinstance(type_name, str):
+            problems.append(
+                ConfigProblem(f"{prefix}.type", "is required", "known types: " + ", ".join(known))
+            )
+            continue
+        try:
+            cls = load(type_name)
+        except UnknownConnectorType as err:
+            problems.append(ConfigProblem(f"{prefix}.type", str(err)))
+            continue
+        options = dict(cls.options)
+        is_channel = issubclass(cls, Channel)
+        if is_channel:
+            options.update(CHANNEL_COMMON)
+        settings, found = validate_options(
+            entry, options, prefix, config_dir, ignore=frozenset({"name", "type"})
+        )
+        problems += found
+        if found:
+            continue
+        fallback, kinds = "", None
+        if is_channel:
+            fallback = settings.pop("fallback") or ""
+            kinds = settings.pop("kinds")
+            for kind in kinds or ():
+                if kind not in NOTIFICATION_KINDS:
+                    problems.append(
+                        ConfigProblem(f"{prefix}.kinds", f"unknown kind {kind!r}",
+                                      "known: " + ", ".join(NOTIFICATION_KINDS))
+                    )
+        result.append(
+            ConnectorConfig(name, type_name, cls, settings, fallback, tuple(kinds) if kinds else None)
+        )
+    return result
+
+
+def _cross_check(
+    directory: Directory,
+    sources: list[ConnectorConfig],
+    channels: list[ConnectorConfig],
+    policy: PolicySettings,
+    problems: list[ConfigProblem],
+) -> None:
+    for index, source in enumerate(sources):
+        owner = source.settings.get("owner") or ""
+        if owner and directory.get(owner) is None:
+            problems.append(
+                ConfigProblem(f"sources[{index}].owner", f"{owner!r} is not in the staff directory")
+            )
+    channel_names = {c.name for c in channels}
+    for index, channel in enumerate(channels):
+        if channel.fallback and channel.fallback not in channel_names:
+            problems.append(
+                ConfigProblem(f"channels[{index}].fallback", f"no channel is named {channel.fallback!r}",
+                              "channels: " + ", ".join(sorted(channel_names)))
+            )
+        if channel.fallback == channel.name:
+            problems.append(ConfigProblem(f"channels[{index}].fallback", "cannot be the channel itself"))
+    if not channels:
+        problems.append(
+            ConfigProblem("channels", "no alert channel configured",
+                          'add at least [[channels]] name = "outbox" type = "outbox"')
+        )
+    for index, step in enumerate(policy.escalation):
+        for target in step.to:
+            key = f"policy.escalation[{index}].to"
+            if target in ("worker", "manager"):
+                continue
+            if target.startswith("role:"):
+                role = target.removeprefix("role:")
+                if not directory.with_role(role):
+                    problems.append(ConfigProblem(key, f"nobody in the staff directory has role {role!r}"))
+            elif directory.get(target) is None:
+                problems.append(
+                    ConfigProblem(key, f"{target!r} is not in the staff directory",
+                                  'use "worker", "manager", "role:<role>" or a staff id')
+                )

@@ -1,0 +1,95 @@
+"""The demo: a generated calendar, a bundled config, short timings, real daemon.
+
+Everything is written to one folder (wiped each run): the config, the calendar, the SQLite
+record and the outbox. The calendar is made relative to now so that, within about a minute,
+the console shows a compliance notice, a worker's reminder and a manager's overrun alert.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from pathlib import Path
+
+from icalendar import Calendar, Event
+
+from visitwatch.daemon.sync import visit_id
+
+SOURCE = "demo-calendar"
+OVERRUN_UID = "overrun-visit@demo.visitwatch"
+SOON_UID = "unassessed-visit@demo.visitwatch"
+COMPLIANT_UID = "compliant-visit@demo.visitwatch"
+
+
+def calendar(now: datetime) -> bytes:
+    """Three visits, timed from ``now`` (aware UTC)."""
+    cal = Calendar()
+    cal.add("prodid", "-//visitwatch//demo//EN")
+    cal.add("version", "2.0")
+
+    def visit(uid: str, subject: str, start: datetime, end: datetime, description: str,
+              location: str, attendee: str) -> None:
+        event = Event()
+        event.add("uid", uid)
+        event.add("summary", subject)
+        event.add("dtstart", start)
+        event.add("dtend", end)
+        event.add("dtstamp", now)
+        event.add("last-modified", now - timedelta(days=1))
+        event.add("description", description)
+        event.add("location", location)
+        event.add("categories", ["Home Visit"])
+        event.add("attendee", f"mailto:{attendee}", parameters={"CN": attendee.split("@")[0]})
+        cal.add_component(event)
+
+    # Already past its expected return, nobody has checked in.
+    visit(OVERRUN_UID, "Home visit - Carter family", now - timedelta(hours=1, minutes=15),
+          now - timedelta(seconds=90),
+          "Risk assessment: complete (RA-0113)\nWorker mobile: 07700 900123\n"
+          "Purpose: review of child in need plan",
+          "14 Brook Street, Preston PR1 3XX", "asha.khan@demo.visitwatch")
+    # Starts soon, and the worker has not completed a risk assessment.
+    visit(SOON_UID, "HV: Patel family", now + timedelta(minutes=10), now + timedelta(hours=1),
+          "Purpose: first visit after referral", "22 Hill Road, Chorley PR7 1AA",
+          "ben.okafor@demo.visitwatch")
+    # Everything the policy asks for; ends in 45 seconds, so its reminder comes soon.
+    visit(COMPLIANT_UID, "Home visit - Nowak family", now - timedelta(minutes=40),
+          now + timedelta(seconds=45),
+          "Risk assessment: complete\nWorker mobile: 07700 900789\n",
+          "3 Mill Lane, Leyland PR25 2BB", "chloe.davies@demo.visitwatch")
+    return cal.to_ical()
+
+
+def prepare(folder: Path, now: datetime | None = None) -> Path:
+    """Write config and calendar into ``folder`` (wiping an earlier demo); return the config."""
+    now = now or datetime.now(UTC)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / "calendar.ics").write_bytes(calendar(now))
+    template = resources.files("visitwatch.daemon").joinpath("demo/visitwatch.toml").read_text()
+    config_file = folder / "visitwatch.toml"
+    config_file.write_text(template, encoding="utf-8")
+    return config_file
+
+
+def introduction(folder: Path, config_file: Path) -> str:
+    overrun = visit_id(SOURCE, OVERRUN_UID, "")
+    compliant = visit_id(SOURCE, COMPLIANT_UID, "")
+    cfg = f"--config {config_file}"
+    return f"""\
+visitwatch demo: state in {folder}
+  - Asha Khan's home visit ended 90 seconds ago; she has not checked in.
+  - Ben Okafor's visit starts in 10 minutes with no risk assessment recorded.
+  - Chloe Davies' visit is compliant and ends in 45 seconds.
+Within about a minute you will see the compliance notice, the reminders and the manager's
+overrun alert below; they are also appended to {folder / 'outbox.jsonl'}.
+
+From another terminal (with the virtual environment's bin/ on PATH):
+  visitwatch {cfg} status
+  visitwatch {cfg} checkin {overrun}          # Asha is safe: all clear
+  visitwatch {cfg} checkin {compliant} --extend 10m
+  visitwatch {cfg} ack {compliant} --by "Maria Jones"
+Stop with Ctrl-C.
+"""

@@ -1,0 +1,177 @@
+"""The words people receive. One function per notification kind; plain text.
+
+Alerts carry what a manager needs to act without opening anything else: who, where, since
+when, how to reach them, what the policy says to do, and how to acknowledge.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from visitwatch.daemon.store import from_ts
+from visitwatch.policies.model import PolicySettings
+
+KIND_LABEL = {
+    "compliance": "Before your visit",
+    "reminder": "Check in now",
+    "overrun": "OVERDUE",
+    "escalation": "ESCALATION",
+    "help": "HELP REQUESTED",
+    "all_clear": "All clear",
+    "extended": "Visit extended",
+    "ended": "Monitoring ended",
+    "admin": "visitwatch admin",
+}
+
+
+@dataclass(frozen=True)
+class VisitView:
+    """A stored visit, with its worker resolved, ready to be described."""
+
+    row: dict[str, Any]
+    worker_name: str
+    worker_mobile: str
+    tz: ZoneInfo
+    policy: PolicySettings
+
+    @property
+    def id(self) -> str:
+        return self.row["id"]
+
+    @property
+    def label(self) -> str:
+        return "lone-working session" if self.row["kind"] == "lone_working" else "home visit"
+
+    @property
+    def subject(self) -> str:
+        # Private entries: the subject may name the family; keep it out of alerts.
+        return "(private entry)" if self.row["private"] else (self.row["subject"] or "(no title)")
+
+    def local(self, column: str) -> str:
+        moment = from_ts(self.row.get(column))
+        return fmt_local(moment, self.tz) if moment else "not given"
+
+    def findings(self) -> list[dict[str, str]]:
+        return json.loads(self.row["findings"] or "[]")
+
+
+def fmt_local(moment: datetime, tz: ZoneInfo) -> str:
+    local = moment.astimezone(tz)
+    return f"{local:%a %d %b %H:%M} ({local.tzname()})"
+
+
+def minutes_between(later: datetime, earlier: datetime) -> int:
+    return max(0, int((later - earlier).total_seconds() // 60))
+
+
+def _facts(view: VisitView, now: datetime) -> list[str]:
+    row = view.row
+    deadline = from_ts(row["deadline"])
+    lines = [
+        f"Worker:           {view.worker_name}" + (f", mobile {view.worker_mobile}"
+                                                    if view.worker_mobile else ", no mobile on record"),
+        f"Visit:            {view.subject}",
+        f"Address:          {row['address'] or 'NOT RECORDED'}",
+        f"Started:          {view.local('start')}",
+        f"Expected return:  {view.local('deadline')}",
+    ]
+    if deadline and now > deadline:
+        lines.append(f"Overdue by:       {minutes_between(now, deadline)} minutes")
+    status = row["risk_assessment"] or "none recorded"
+    done = "complete" if row["risk_assessment_complete"] else "NOT complete"
+    lines.append(f"Risk assessment:  {status} ({done})")
+    if row["pair_required"]:
+        lines.append(f"Pair visit:       yes; second worker: {row['second_worker'] or 'none named'}")
+    if row["going_home_after"]:
+        lines.append("Going home after: yes (should notify on safe arrival)")
+    return lines
+
+
+def _policy_lines(view: VisitView, kind: str) -> list[str]:
+    lines = []
+    instruction = view.policy.instructions.get(kind)
+    if instruction:
+        lines += ["", f"What to do: {instruction}"]
+    clause = view.policy.clauses.get(kind)
+    if clause:
+        lines += ["", f"{view.policy.title}: {clause}"]
+    return lines
+
+
+def _how_to_ack(view: VisitView, notification_hint: str) -> list[str]:
+    return [
+        "",
+        "To acknowledge (stops the repeats, records that you are handling it):",
+        f"  visitwatch ack {view.id} --by \"Your Name\"",
+        "When the worker is confirmed safe:",
+        f"  visitwatch ack {view.id} --by \"Your Name\" --safe",
+        notification_hint,
+    ]
+
+
+def alert(view: VisitView, kind: str, now: datetime, relation: str) -> tuple[str, str]:
+    """Reminder to the worker, or overrun/escalation/help to a manager."""
+    deadline = from_ts(view.row["deadline"])
+    late = minutes_between(now, deadline) if deadline else 0
+    if kind == "reminder" and relation == "worker":
+        subject = f"Check in: your {view.label} was due to end at {view.local('deadline')}"
+        body = [
+            f"Your {view.label} \"{view.subject}\" was expected to end at {view.local('deadline')}.",
+            "If you are safe, check in now:",
+            f"  visitwatch checkin {view.id}",
+            f"Need longer? visitwatch checkin {view.id} --extend 30m",
+            f"Need help? visitwatch help {view.id}",
+            "If you do not check in, your manager will be alerted.",
+        ]
+        return subject, "\n".join(body + _policy_lines(view, "reminder"))
+    if kind == "help":
+        subject = f"HELP REQUESTED: {view.worker_name} on a {view.label}"
+        intro = f"{view.worker_name} has asked for help during a {view.label}. Act now."
+    elif kind == "escalation":
+        subject = f"ESCALATION: {view.worker_name} is {late} min overdue from a {view.label}"
+        intro = (f"{view.worker_name} has still not checked in and nobody has acknowledged "
+                 "the earlier alerts.")
+    else:
+        subject = f"OVERDUE: {view.worker_name} is {late} min past the expected return"
+        intro = f"{view.worker_name} has not checked in from a {view.label}."
+    body = [intro, "", *_facts(view, now), *_policy_lines(view, kind)]
+    body += _how_to_ack(view, f"Visit id: {view.id}")
+    return subject, "\n".join(body)
+
+
+def compliance(view: VisitView, now: datetime, relation: str, before_start: bool) -> tuple[str, str]:
+    findings = view.findings()
+    when = "starts soon" if before_start else "is booked"
+    who = "Your" if relation == "worker" else f"{view.worker_name}'s"
+    subject = f"{who} {view.label} on {view.local('start')} is missing what the policy requires"
+    body = [f"{who} {view.label} \"{view.subject}\" {when} ({view.local('start')}).", ""]
+    for finding in findings:
+        body.append(f"- {finding['message']}")
+        if finding.get("clause"):
+            body.append(f"    {view.policy.title}: {finding['clause']}")
+    body += ["", "Edit the calendar entry; visitwatch reads it again at the next sync.",
+             f"Visit id: {view.id}"]
+    return subject, "\n".join(body)
+
+
+def resolution(view: VisitView, kind: str, now: datetime, by: str) -> tuple[str, str]:
+    """All clear, extension or end of monitoring, to everyone who was alerted."""
+    if kind == "all_clear":
+        subject = f"All clear: {view.worker_name} is safe"
+        first = f"{view.worker_name} is confirmed safe ({by}) at {fmt_local(now, view.tz)}."
+    elif kind == "extended":
+        subject = f"Visit extended: {view.worker_name} now expected back {view.local('deadline')}"
+        first = (f"{view.worker_name} checked in and extended the {view.label}; "
+                 f"new expected return {view.local('deadline')}.")
+    else:
+        subject = f"Monitoring ended: {view.worker_name}'s {view.label} was {by}"
+        first = (f"The calendar entry for {view.worker_name}'s {view.label} was {by}, so "
+                 "visitwatch has stopped watching it. If you are not sure the worker is "
+                 "safe, contact them.")
+    body = [first, "", f"Visit:   {view.subject}", f"Address: {view.row['address'] or '-'}",
+            f"Visit id: {view.id}"]
+    return subject, "\n".join(body + _policy_lines(view, kind))

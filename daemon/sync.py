@@ -1,0 +1,346 @@
+"""Reading one calendar source into visits.
+
+fetch(window) -> recognise -> extract -> check -> upsert, one transaction per entry, so a
+broken entry is recorded as a problem and every other entry is still watched (principle 4).
+A source that cannot be read keeps its last good visits: they stay watched, and the
+failure is recorded on the source's health for ``visitwatch status``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from visitwatch.connectors.base import (
+    CalendarEvent,
+    CalendarSource,
+    ConnectorError,
+    EventProblem,
+    TimeWindow,
+)
+from visitwatch.daemon import lifecycle
+from visitwatch.daemon.clock import Clock
+from visitwatch.daemon.config import Config
+from visitwatch.daemon.escalation import Watcher
+from visitwatch.daemon.store import Store, from_ts, ts
+from visitwatch.policies import Policy
+from visitwatch.policies.model import Finding, VisitDetails
+
+log = structlog.get_logger(__name__)
+
+# An unchanged feed is not re-processed, except this often: the window moves with time, so
+# new occurrences of a recurring series enter it without the feed changing.
+REPROCESS_EVERY = timedelta(hours=1)
+
+
+@dataclass
+class SyncReport:
+    source: str
+    ok: bool
+    skipped: bool = False
+    events: int = 0
+    visits: int = 0
+    new: int = 0
+    changed: int = 0
+    ended: int = 0
+    problems: list[EventProblem] = field(default_factory=list)
+    error: str = ""
+
+
+def visit_id(source: str, uid: str, recurrence_id: str) -> str:
+    digest = hashlib.sha256(f"{source}\x1f{uid}\x1f{recurrence_id}".encode()).hexdigest()
+    return digest[:12]
+
+
+class Syncer:
+    def __init__(self, store: Store, config: Config, policy: Policy, watcher: Watcher,
+                 clock: Clock) -> None:
+        self.store = store
+        self.config = config
+        self.policy = policy
+        self.watcher = watcher
+        self.clock = clock
+        self.tz = config.daemon.timezone
+        self.directory = config.directory
+
+    def window(self, now: datetime) -> TimeWindow:
+        return TimeWindow.around(now, self.config.daemon.window_past, self.config.daemon.window_ahead)
+
+    def sync(self, source: CalendarSource) -> SyncReport:
+        now = self.clock.now()
+        window = self.window(now)
+        self._source_row(source, now)
+        try:
+            result = source.fetch(window)
+        except ConnectorError as err:
+            return self._failed(source, now, str(err))
+        except Exception as err:  # a connector bug must not stop the other sources
+            log.exception("source_crashed", source=source.name)
+            return self._failed(source, now, f"unexpected {type(err).__name__}: {err}")
+
+        state = self.store.one("SELECT * FROM sources WHERE name = ?", (source.name,)) or {}
+        processed = from_ts(state.get("processed_at"))
+        if (result.fingerprint and result.fingerprint == state.get("fingerprint")
+                and processed and now - processed < REPROCESS_EVERY):
+            self._succeeded(source, now, result.fingerprint, None)
+            return SyncReport(source.name, ok=True, skipped=True, events=len(result.events))
+
+        report = SyncReport(source.name, ok=True, events=len(result.events))
+        report.problems = list(result.problems)
+        existing = {
+            (r["uid"], r["recurrence_id"]): r
+            for r in self.store.query("SELECT * FROM visits WHERE source = ?", (source.name,))
+        }
+        seen: set[tuple[str, str]] = set()
+        for event in result.events:
+            seen.add((event.uid, event.recurrence_id))
+            try:
+                self._process(event, existing.get((event.uid, event.recurrence_id)), now, report)
+            except Exception as err:
+                log.exception("event_failed", source=source.name, uid=event.uid)
+                report.problems.append(
+                    EventProblem(source.name, event.uid, f"could not be processed: {err}")
+                )
+        if result.complete:
+            report.ended += self._end_removed(existing, seen, window, now)
+        self._record_problems(source.name, report.problems, now)
+        self._succeeded(source, now, result.fingerprint, report)
+        log.info("source_synced", source=source.name, events=report.events, visits=report.visits,
+                 new=report.new, changed=report.changed, ended=report.ended,
+                 problems=len(report.problems))
+        return report
+
+    # ------------------------------------------------------------------ one entry
+
+    def _process(self, event: CalendarEvent, row: dict[str, Any] | None, now: datetime,
+                 report: SyncReport) -> None:
+        kind = self.policy.recognise(event)
+        if kind is None:
+            if row and row["state"] not in lifecycle.TERMINAL:
+                with self.store.transaction() as conn:
+                    self.watcher.end_monitoring(conn, row, now, "no longer marked as a visit")
+                report.ended += 1
+            return
+        report.visits += 1
+        details = self.policy.extract(event, kind, self.tz)
+        findings = self.policy.check(event, details)
+        fields = self._fields(event, kind, details, findings)
+        fingerprint = _fingerprint(fields, details)
+
+        if row is None:
+            self._insert(event, fields, fingerprint, now)
+            report.new += 1
+            row = self.store.one("SELECT * FROM visits WHERE id = ?", (fields["id"],))
+        elif row["event_fingerprint"] != fingerprint:
+            self._update(row, fields, fingerprint, now)
+            report.changed += 1
+            row = self.store.one("SELECT * FROM visits WHERE id = ?", (row["id"],))
+        assert row is not None
+        if row["state"] in lifecycle.TERMINAL:
+            return
+        if event.cancelled:
+            with self.store.transaction() as conn:
+                self.watcher.end_monitoring(conn, row, now, "cancelled in the calendar")
+            report.ended += 1
+            return
+        if self._honour_category(event, row, now):
+            if details.checked_in:
+                self.watcher.check_in(row["id"], by=row["worker_label"] or "worker", via="calendar")
+            elif details.help_requested and not row["help_requested_at"]:
+                self.watcher.request_help(row["id"], by=row["worker_label"] or "worker",
+                                          via="calendar")
+
+    def _honour_category(self, event: CalendarEvent, row: dict[str, Any], now: datetime) -> bool:
+        # A "Safe" category only counts once the visit has begun and was set after it was
+        # booked: a category copied onto a whole series in advance must not silence it.
+        start = from_ts(row["start"])
+        if now < start - timedelta(minutes=15):
+            return False
+        return event.last_modified is None or event.last_modified >= start - timedelta(minutes=15)
+
+    def _fields(self, event: CalendarEvent, kind: str, details: VisitDetails,
+                findings: list[Finding]) -> dict[str, Any]:
+        worker_id, worker_label, known = self._worker(event, details)
+        if not known:
+            findings = [*findings, Finding(
+                "worker_unknown", "warning",
+                "visitwatch could not tell who is making this visit: add a line "
+                '"Worker: <name or e-mail>" or invite the worker.',
+                self.config.policy.clauses.get("worker_unknown", ""),
+            )]  # fmt: skip
+        end = event.end or event.start + self.config.policy.default_duration
+        expected = details.expected_return
+        return {
+            "id": visit_id(event.source, event.uid, event.recurrence_id),
+            "source": event.source,
+            "uid": event.uid,
+            "recurrence_id": event.recurrence_id,
+            "kind": kind,
+            "worker_id": worker_id,
+            "worker_label": worker_label,
+            "worker_known": int(known),
+            "subject": event.subject,
+            "address": details.address,
+            "private": int(event.private),
+            "start": ts(event.start),
+            "end": ts(end),
+            # Watched even when the entry gives no return time: the end stands in, and a
+            # finding tells the worker to add one.
+            "expected_return": ts(expected or end),
+            "expected_return_from": details.expected_return_from if expected else "event_end",
+            "risk_assessment": details.risk_assessment,
+            "risk_assessment_complete": int(details.risk_assessment_complete),
+            "worker_mobile": details.worker_mobile,
+            "second_worker": details.second_worker,
+            "pair_required": int(details.pair_required),
+            "going_home_after": int(details.going_home_after),
+            "findings": json.dumps([asdict(f) for f in findings]),
+        }
+
+    def _worker(self, event: CalendarEvent, details: VisitDetails) -> tuple[str, str, bool]:
+        """Whose visit is this? The calendar's owner, a Worker: line, an attendee, the organiser."""
+        candidates = [event.owner, details.worker_hint]
+        candidates += [a.email for a in event.attendees if a.email != event.organizer]
+        candidates.append(event.organizer)
+        for candidate in candidates:
+            member = self.directory.find(candidate) if candidate else None
+            if member:
+                return member.id, member.name, True
+        label = details.worker_hint or next((a.name or a.email for a in event.attendees), "")
+        label = label or event.organizer
+        return (label.lower() if "@" in label else label), label, False
+
+    def _insert(self, event: CalendarEvent, fields: dict[str, Any], fingerprint: str,
+                now: datetime) -> None:
+        deadline = from_ts(fields["expected_return"])
+        start = event.start
+        state = lifecycle.BOOKED if now < start else lifecycle.IN_PROGRESS
+        cause = "first seen in calendar"
+        next_action: datetime | None = now
+        if deadline < now - self.config.daemon.adopt_overdue_within:
+            # Long over before visitwatch ever saw it: keep it in the record, raise nothing.
+            state, next_action = lifecycle.EXPIRED, None
+            cause = "first seen long after its expected return; recorded, not escalated"
+        if event.cancelled:
+            state, next_action, cause = lifecycle.CANCELLED, None, "first seen cancelled"
+        has_errors = any(f["severity"] == "error" for f in json.loads(fields["findings"]))
+        prestart_due = start - self.config.policy.notice_before_start
+        row = {
+            **fields,
+            "deadline": fields["expected_return"],
+            "state": state,
+            "next_action_at": ts(next_action),
+            # Seen for the first time inside the pre-start window: the first notice is enough.
+            "prestart_notice_sent": int(not has_errors or now >= prestart_due),
+            "event_fingerprint": fingerprint,
+            "first_seen": ts(now),
+            "last_seen": ts(now),
+            "updated": ts(now),
+        }
+        with self.store.transaction() as conn:
+            columns = ", ".join(f'"{k}"' for k in row)
+            conn.execute(
+                f"INSERT INTO visits ({columns}) VALUES ({', '.join('?' * len(row))})",
+                tuple(row.values()),
+            )
+            self.store.audit(conn, row["id"], now, cause, "calendar", None, state,
+                             source=event.source)
+            if has_errors and state not in lifecycle.TERMINAL and deadline > now:
+                full = self.store.one("SELECT * FROM visits WHERE id = ?", (row["id"],))
+                self.watcher._compliance_notice(conn, full, now, "first")
+
+    def _update(self, row: dict[str, Any], fields: dict[str, Any], fingerprint: str,
+                now: datetime) -> None:
+        changes = {k: v for k, v in fields.items() if row.get(k) != v}
+        changes["event_fingerprint"] = fingerprint
+        changes["last_seen"] = ts(now)
+        extended = row["extended_until"]
+        deadline = max(fields["expected_return"], extended) if extended else fields["expected_return"]
+        cause = "calendar entry changed"
+        if deadline != row["deadline"] and row["state"] not in lifecycle.TERMINAL:
+            changes["deadline"] = deadline
+            cause = "deadline moved by a calendar edit"
+            if from_ts(deadline) > now and row["step"] > 0:
+                # The worker (or office) moved the return time: start the ladder afresh.
+                changes.update(step=0, repeats=0, acknowledged_at=None, acknowledged_by=None)
+                changes["state"] = lifecycle.IN_PROGRESS
+        if row["state"] not in lifecycle.TERMINAL:
+            changes["next_action_at"] = ts(now)  # the sweep recomputes what is due
+        with self.store.transaction():
+            self.watcher._change(row, now, cause, "calendar", changes)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _end_removed(self, existing: dict[tuple[str, str], dict[str, Any]],
+                     seen: set[tuple[str, str]], window: TimeWindow, now: datetime) -> int:
+        ended = 0
+        for key, row in existing.items():
+            if key in seen or row["state"] in lifecycle.TERMINAL:
+                continue
+            start, end = from_ts(row["start"]), from_ts(row["end"])
+            # Only entries the window fully covers can be known to be gone; one that merely
+            # slid out of the window has not been removed.
+            if not (window.start <= start and end <= window.end):
+                continue
+            with self.store.transaction() as conn:
+                self.watcher.end_monitoring(conn, row, now, "removed from the calendar")
+            ended += 1
+        return ended
+
+    def _source_row(self, source: CalendarSource, now: datetime) -> None:
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO sources (name, type, last_attempt_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET last_attempt_at = excluded.last_attempt_at",
+                (source.name, source.type_name, ts(now)),
+            )
+
+    def _failed(self, source: CalendarSource, now: datetime, error: str) -> SyncReport:
+        log.warning("source_failed", source=source.name, error=error)
+        with self.store.transaction() as conn:
+            conn.execute(
+                "UPDATE sources SET last_error = ?, failures = failures + 1 WHERE name = ?",
+                (error, source.name),
+            )
+        return SyncReport(source.name, ok=False, error=error)
+
+    def _succeeded(self, source: CalendarSource, now: datetime, fingerprint: str | None,
+                   report: SyncReport | None) -> None:
+        with self.store.transaction() as conn:
+            if report is None:
+                conn.execute(
+                    "UPDATE sources SET last_success_at = ?, last_error = NULL, failures = 0"
+                    " WHERE name = ?",
+                    (ts(now), source.name),
+                )
+            else:
+                conn.execute(
+                    "UPDATE sources SET last_success_at = ?, last_error = NULL, failures = 0,"
+                    " fingerprint = ?, processed_at = ?, events = ?, visits = ? WHERE name = ?",
+                    (ts(now), fingerprint, ts(now), report.events, report.visits, source.name),
+                )
+
+    def _record_problems(self, source: str, problems: list[EventProblem], now: datetime) -> None:
+        with self.store.transaction() as conn:
+            for problem in problems:
+                log.warning("entry_unreadable", source=source, uid=problem.uid,
+                            reason=problem.reason)
+                conn.execute(
+                    "INSERT INTO problems (source, uid, reason, first_seen, last_seen)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (source, uid, reason)"
+                    " DO UPDATE SET last_seen = excluded.last_seen",
+                    (source, problem.uid, problem.reason, ts(now), ts(now)),
+                )
+            # What this read did not report any more has been fixed.
+            conn.execute("DELETE FROM problems WHERE source = ? AND last_seen < ?",
+                         (source, ts(now)))
+
+
+def _fingerprint(fields: dict[str, Any], details: VisitDetails) -> str:
+    material = {**fields, "checked_in": details.checked_in, "help": details.help_requested}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
