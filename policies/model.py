@@ -75,3 +75,7 @@ class PolicySettings:
     help_categories: tuple[str, ...] = ("Help", "Need help")
     clauses: dict[str, str] = field(default_factory=dict)  # rule or alert kind -> clause
     instructions: dict[str, str] = field(default_factory=dict)  # alert kind -> what to do
+    # Added for the rules: lone-working sessions in the building carry no risk assessment
+    # line unless the organisation asks for one ([policy.requirements]
+    # lone_working_risk_assessment). Defaulted, so existing constructors keep working.
+    require_lone_working_risk_assessment: bool = False
