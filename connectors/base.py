@@ -165,7 +165,8 @@ class FetchResult:
     """What one fetch produced.
 
     ``complete`` is true when the source returned everything in the window, so an entry
-    that is missing has really been removed. ``fingerprint`` is a hash of the content:
+    that is missing has really been removed, unless its uid is named in ``problems`` (an
+    entry that could not be read is not a removed one). ``fingerprint`` is a hash of the content:
     the same fingerprint for the same window means the same events.
     """
 

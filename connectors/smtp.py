@@ -27,6 +27,7 @@ from email.utils import format_datetime, make_msgid, parseaddr
 from typing import Any, ClassVar
 
 import structlog
+
 from visitwatch.connectors.base import (
     Channel,
     ConnectorContext,

@@ -69,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="")
     p = command("demo", cmd_demo, "run the daemon on a generated demo calendar")
     p.add_argument("--dir", default=".visitwatch-demo", help="state folder (wiped each run)")
-    p.add_argument("--prepare-only", action="store_true",
-                   help="write the demo config and calendar, print how to run, exit")
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="write the demo config and calendar, print how to run, exit",
+    )
     return parser
 
 
@@ -98,21 +101,27 @@ def cmd_sync(args: argparse.Namespace) -> int:
     for report in reports:
         if report.ok:
             extra = " (unchanged)" if report.skipped else ""
-            print(f"{report.source}: {report.visits} visits in {report.events} entries, "
-                  f"{report.new} new, {report.changed} changed, {report.ended} ended, "
-                  f"{len(report.problems)} unreadable{extra}")
+            print(
+                f"{report.source}: {report.visits} visits in {report.events} entries, "
+                f"{report.new} new, {report.changed} changed, {report.ended} ended, "
+                f"{len(report.problems)} unreadable{extra}"
+            )
         else:
             print(f"{report.source}: FAILED: {report.error}")
-    print(f"sweep: {changed} visits advanced; delivery: {delivered.sent} sent, "
-          f"{delivered.retried} to retry, {delivered.failed} failed")
+    print(
+        f"sweep: {changed} visits advanced; delivery: {delivered.sent} sent, "
+        f"{delivered.retried} to retry, {delivered.failed} failed"
+    )
     return 0 if all(r.ok for r in reports) else 1
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
-    print(f"config {config.path}: OK ({len(config.directory.members)} staff, "
-          f"{len(config.sources)} sources, {len(config.channels)} channels, "
-          f"policy {config.policy.name})")
+    print(
+        f"config {config.path}: OK ({len(config.directory.members)} staff, "
+        f"{len(config.sources)} sources, {len(config.channels)} channels, "
+        f"policy {config.policy.name})"
+    )
     service = Service(config)
     failures = 0
     try:
@@ -156,8 +165,10 @@ def cmd_ack(args: argparse.Namespace) -> int:
         if args.safe:
             print(f"visit {visit['id']} resolved: confirmed safe by {args.by}; all clear sent")
         else:
-            print(f"visit {visit['id']} acknowledged by {args.by}: repeats stopped. When the "
-                  f"worker is confirmed safe: visitwatch ack {visit['id']} --by ... --safe")
+            print(
+                f"visit {visit['id']} acknowledged by {args.by}: repeats stopped. When the "
+                f"worker is confirmed safe: visitwatch ack {visit['id']} --by ... --safe"
+            )
         _deliver_now(service)
     finally:
         service.close()
@@ -202,7 +213,7 @@ def status_data(service: Service, include_all: bool = False) -> dict[str, Any]:
     window = TimeWindow.around(now, daemon.window_past, daemon.window_ahead)
     where = "" if include_all else " AND state NOT IN ('resolved', 'cancelled', 'expired')"
     visits = service.store.query(
-        f"SELECT * FROM visits WHERE start < ? AND \"end\" >= ?{where} ORDER BY start",
+        f'SELECT * FROM visits WHERE start < ? AND "end" >= ?{where} ORDER BY start',
         (ts(window.end), ts(window.start)),
     )
     return {
@@ -210,14 +221,20 @@ def status_data(service: Service, include_all: bool = False) -> dict[str, Any]:
         "last_sweep_at": service.store.get_meta("last_sweep_at"),
         "visits": [
             {
-                "id": v["id"], "worker": v["worker_label"], "worker_id": v["worker_id"],
-                "state": v["state"], "start": v["start"], "deadline": v["deadline"],
-                "subject": "(private)" if v["private"] else v["subject"], "kind": v["kind"],
+                "id": v["id"],
+                "worker": v["worker_label"],
+                "worker_id": v["worker_id"],
+                "state": v["state"],
+                "start": v["start"],
+                "deadline": v["deadline"],
+                "subject": "(private)" if v["private"] else v["subject"],
+                "kind": v["kind"],
                 "findings": [f["rule"] for f in json.loads(v["findings"])],
-                "acknowledged_by": v["acknowledged_by"], "source": v["source"],
+                "acknowledged_by": v["acknowledged_by"],
+                "source": v["source"],
             }
             for v in visits
-        ],  # fmt: skip
+        ],
         "sources": service.store.query("SELECT * FROM sources ORDER BY name")
         + [{"name": n, "last_error": e} for n, e in service.source_errors.items()],
         "problems": service.store.query("SELECT source, uid, reason, last_seen FROM problems"),
@@ -247,8 +264,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"\nVISITS ({len(data['visits'])})")
     for v in data["visits"]:
         flags = ", ".join(v["findings"]) or "compliant"
-        print(f"  {v['id']}  {v['state']:<12} {v['worker'][:22]:<22} "
-              f"start {local(v['start'])}  back by {local(v['deadline'])}  [{flags}]")
+        print(
+            f"  {v['id']}  {v['state']:<12} {v['worker'][:22]:<22} "
+            f"start {local(v['start'])}  back by {local(v['deadline'])}  [{flags}]"
+        )
     print("\nSOURCES")
     for s in data["sources"]:
         health = f"ERROR: {s['last_error']}" if s.get("last_error") else "ok"
@@ -259,8 +278,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  {p['source']} uid={p['uid'] or '(whole feed)'}: {p['reason']}")
     print(f"\nNOTIFICATIONS: {data['pending']} pending")
     for n in data["undelivered"]:
-        print(f"  #{n['id']} {n['kind']} via {n['channel']} to {n['recipient_id']}: {n['status']},"
-              f" {n['attempts']} attempts, last error: {n['last_error']}")
+        print(
+            f"  #{n['id']} {n['kind']} via {n['channel']} to {n['recipient_id']}: {n['status']},"
+            f" {n['attempts']} attempts, last error: {n['last_error']}"
+        )
     return 0
 
 

@@ -58,9 +58,16 @@ CHANNEL_COMMON: dict[str, Option] = {
 }
 
 NOTIFICATION_KINDS = (
-    "compliance", "reminder", "overrun", "escalation", "help", "all_clear", "extended",
-    "ended", "admin",
-)  # fmt: skip
+    "compliance",
+    "reminder",
+    "overrun",
+    "escalation",
+    "help",
+    "all_clear",
+    "extended",
+    "ended",
+    "admin",
+)
 
 
 class ConfigError(VisitwatchError):
@@ -167,7 +174,9 @@ def parse_config(raw: Mapping[str, Any], config_dir: Path, path: Path | None = N
     for key in raw:
         if key not in known_sections:
             problems.append(
-                ConfigProblem(key, "unknown section", "sections: " + ", ".join(sorted(known_sections)))
+                ConfigProblem(
+                    key, "unknown section", "sections: " + ", ".join(sorted(known_sections))
+                )
             )
 
     daemon = _parse_daemon(_table(raw, "daemon", problems), config_dir, problems)
@@ -215,8 +224,11 @@ def _parse_daemon(
             zone = ZoneInfo(settings["timezone"])
         except (ZoneInfoNotFoundError, ValueError):
             problems.append(
-                ConfigProblem("daemon.timezone", f"unknown time zone {settings['timezone']!r}",
-                              'use an IANA name such as "Europe/London"')
+                ConfigProblem(
+                    "daemon.timezone",
+                    f"unknown time zone {settings['timezone']!r}",
+                    'use an IANA name such as "Europe/London"',
+                )
             )
     for key in ("poll_interval", "sweep_interval"):
         value = settings.get(key)
@@ -228,9 +240,7 @@ def _parse_daemon(
     return DaemonSettings(**settings)
 
 
-def _parse_staff(
-    entries: list[Any], config_dir: Path, problems: list[ConfigProblem]
-) -> Directory:
+def _parse_staff(entries: list[Any], config_dir: Path, problems: list[ConfigProblem]) -> Directory:
     members: dict[str, StaffMember] = {}
     for index, entry in enumerate(entries):
         prefix = f"staff[{index}]"
@@ -309,11 +319,16 @@ def _parse_connectors(
             for kind in kinds or ():
                 if kind not in NOTIFICATION_KINDS:
                     problems.append(
-                        ConfigProblem(f"{prefix}.kinds", f"unknown kind {kind!r}",
-                                      "known: " + ", ".join(NOTIFICATION_KINDS))
+                        ConfigProblem(
+                            f"{prefix}.kinds",
+                            f"unknown kind {kind!r}",
+                            "known: " + ", ".join(NOTIFICATION_KINDS),
+                        )
                     )
         result.append(
-            ConnectorConfig(name, type_name, cls, settings, fallback, tuple(kinds) if kinds else None)
+            ConnectorConfig(
+                name, type_name, cls, settings, fallback, tuple(kinds) if kinds else None
+            )
         )
     return result
 
@@ -335,15 +350,23 @@ def _cross_check(
     for index, channel in enumerate(channels):
         if channel.fallback and channel.fallback not in channel_names:
             problems.append(
-                ConfigProblem(f"channels[{index}].fallback", f"no channel is named {channel.fallback!r}",
-                              "channels: " + ", ".join(sorted(channel_names)))
+                ConfigProblem(
+                    f"channels[{index}].fallback",
+                    f"no channel is named {channel.fallback!r}",
+                    "channels: " + ", ".join(sorted(channel_names)),
+                )
             )
         if channel.fallback == channel.name:
-            problems.append(ConfigProblem(f"channels[{index}].fallback", "cannot be the channel itself"))
+            problems.append(
+                ConfigProblem(f"channels[{index}].fallback", "cannot be the channel itself")
+            )
     if not channels:
         problems.append(
-            ConfigProblem("channels", "no alert channel configured",
-                          'add at least [[channels]] name = "outbox" type = "outbox"')
+            ConfigProblem(
+                "channels",
+                "no alert channel configured",
+                'add at least [[channels]] name = "outbox" type = "outbox"',
+            )
         )
     for index, step in enumerate(policy.escalation):
         for target in step.to:
@@ -353,9 +376,14 @@ def _cross_check(
             if target.startswith("role:"):
                 role = target.removeprefix("role:")
                 if not directory.with_role(role):
-                    problems.append(ConfigProblem(key, f"nobody in the staff directory has role {role!r}"))
+                    problems.append(
+                        ConfigProblem(key, f"nobody in the staff directory has role {role!r}")
+                    )
             elif directory.get(target) is None:
                 problems.append(
-                    ConfigProblem(key, f"{target!r} is not in the staff directory",
-                                  'use "worker", "manager", "role:<role>" or a staff id')
+                    ConfigProblem(
+                        key,
+                        f"{target!r} is not in the staff directory",
+                        'use "worker", "manager", "role:<role>" or a staff id',
+                    )
                 )

@@ -28,8 +28,15 @@ def calendar(now: datetime) -> bytes:
     cal.add("prodid", "-//visitwatch//demo//EN")
     cal.add("version", "2.0")
 
-    def visit(uid: str, subject: str, start: datetime, end: datetime, description: str,
-              location: str, attendee: str) -> None:
+    def visit(
+        uid: str,
+        subject: str,
+        start: datetime,
+        end: datetime,
+        description: str,
+        location: str,
+        attendee: str,
+    ) -> None:
         event = Event()
         event.add("uid", uid)
         event.add("summary", subject)
@@ -44,20 +51,36 @@ def calendar(now: datetime) -> bytes:
         cal.add_component(event)
 
     # Already past its expected return, nobody has checked in.
-    visit(OVERRUN_UID, "Home visit - Carter family", now - timedelta(hours=1, minutes=15),
-          now - timedelta(seconds=90),
-          "Risk assessment: complete (RA-0113)\nWorker mobile: 07700 900123\n"
-          "Purpose: review of child in need plan",
-          "14 Brook Street, Preston PR1 3XX", "asha.khan@demo.visitwatch")
+    visit(
+        OVERRUN_UID,
+        "Home visit - Carter family",
+        now - timedelta(hours=1, minutes=15),
+        now - timedelta(seconds=90),
+        "Risk assessment: complete (RA-0113)\nWorker mobile: 07700 900123\n"
+        "Purpose: review of child in need plan",
+        "14 Brook Street, Preston PR1 3XX",
+        "asha.khan@demo.visitwatch",
+    )
     # Starts soon, and the worker has not completed a risk assessment.
-    visit(SOON_UID, "HV: Patel family", now + timedelta(minutes=10), now + timedelta(hours=1),
-          "Purpose: first visit after referral", "22 Hill Road, Chorley PR7 1AA",
-          "ben.okafor@demo.visitwatch")
+    visit(
+        SOON_UID,
+        "HV: Patel family",
+        now + timedelta(minutes=10),
+        now + timedelta(hours=1),
+        "Purpose: first visit after referral",
+        "22 Hill Road, Chorley PR7 1AA",
+        "ben.okafor@demo.visitwatch",
+    )
     # Everything the policy asks for; ends in 45 seconds, so its reminder comes soon.
-    visit(COMPLIANT_UID, "Home visit - Nowak family", now - timedelta(minutes=40),
-          now + timedelta(seconds=45),
-          "Risk assessment: complete\nWorker mobile: 07700 900789\n",
-          "3 Mill Lane, Leyland PR25 2BB", "chloe.davies@demo.visitwatch")
+    visit(
+        COMPLIANT_UID,
+        "Home visit - Nowak family",
+        now - timedelta(minutes=40),
+        now + timedelta(seconds=45),
+        "Risk assessment: complete\nWorker mobile: 07700 900789\n",
+        "3 Mill Lane, Leyland PR25 2BB",
+        "chloe.davies@demo.visitwatch",
+    )
     return cal.to_ical()
 
 
@@ -84,7 +107,7 @@ visitwatch demo: state in {folder}
   - Ben Okafor's visit starts in 10 minutes with no risk assessment recorded.
   - Chloe Davies' visit is compliant and ends in 45 seconds.
 Within about a minute you will see the compliance notice, the reminders and the manager's
-overrun alert below; they are also appended to {folder / 'outbox.jsonl'}.
+overrun alert below; they are also appended to {folder / "outbox.jsonl"}.
 
 From another terminal (with the virtual environment's bin/ on PATH):
   visitwatch {cfg} status

@@ -43,8 +43,13 @@ class DispatchReport:
 
 
 class Dispatcher:
-    def __init__(self, store: Store, channels: Mapping[str, Channel],
-                 configs: Mapping[str, ConnectorConfig], clock: Clock) -> None:
+    def __init__(
+        self,
+        store: Store,
+        channels: Mapping[str, Channel],
+        configs: Mapping[str, ConnectorConfig],
+        clock: Clock,
+    ) -> None:
         self.store = store
         self.channels = channels
         self.configs = configs
@@ -66,8 +71,12 @@ class Dispatcher:
         channel = self.channels.get(row["channel"])
         if channel is None:
             # The channel was removed from the config since this row was written.
-            self._failed(row, f"channel {row['channel']!r} is not configured any more",
-                         permanent=True, report=report)
+            self._failed(
+                row,
+                f"channel {row['channel']!r} is not configured any more",
+                permanent=True,
+                report=report,
+            )
             return
         message = to_message(row)
         try:
@@ -77,8 +86,9 @@ class Dispatcher:
             return
         except Exception as err:  # a channel bug is a delivery failure, not a daemon crash
             log.exception("channel_crashed", channel=row["channel"], notification=row["id"])
-            self._failed(row, f"unexpected {type(err).__name__}: {err}", permanent=False,
-                         report=report)
+            self._failed(
+                row, f"unexpected {type(err).__name__}: {err}", permanent=False, report=report
+            )
             return
         now = self.clock.now()
         with self.store.transaction() as conn:
@@ -88,11 +98,17 @@ class Dispatcher:
                 (ts(now), row["id"]),
             )
         report.sent += 1
-        log.info("notification_sent", notification=row["id"], kind=row["kind"],
-                 channel=row["channel"], visit_id=row["visit_id"])
+        log.info(
+            "notification_sent",
+            notification=row["id"],
+            kind=row["kind"],
+            channel=row["channel"],
+            visit_id=row["visit_id"],
+        )
 
-    def _failed(self, row: dict[str, Any], error: str, *, permanent: bool,
-                report: DispatchReport) -> None:
+    def _failed(
+        self, row: dict[str, Any], error: str, *, permanent: bool, report: DispatchReport
+    ) -> None:
         now = self.clock.now()
         attempts = row["attempts"] + 1
         with self.store.transaction() as conn:
@@ -112,8 +128,14 @@ class Dispatcher:
                 report.retried += 1
             if permanent or attempts >= FALLBACK_AFTER_ATTEMPTS:
                 report.fallbacks += self._fallback(conn, row, now)
-        log.warning("notification_failed", notification=row["id"], channel=row["channel"],
-                    attempts=attempts, permanent=permanent, error=error)
+        log.warning(
+            "notification_failed",
+            notification=row["id"],
+            channel=row["channel"],
+            attempts=attempts,
+            permanent=permanent,
+            error=error,
+        )
 
     def _fallback(self, conn: Any, row: dict[str, Any], now: datetime) -> int:
         config = self.configs.get(row["channel"])
@@ -135,8 +157,12 @@ def to_message(row: dict[str, Any]) -> Message:
         id=row["id"],
         kind=row["kind"],
         visit_id=row["visit_id"],
-        recipient=Recipient(row["recipient_id"], row["recipient_name"], row["recipient_email"],
-                            row["recipient_mobile"]),
+        recipient=Recipient(
+            row["recipient_id"],
+            row["recipient_name"],
+            row["recipient_email"],
+            row["recipient_mobile"],
+        ),
         channel=row["channel"],
         subject=row["subject"],
         text=row["text"],

@@ -46,8 +46,8 @@ class Watcher:
         self.config = config
         self.clock = clock
         self.directory = config.directory
-        self.ladder: tuple[EscalationStep, ...] = config.policy.escalation or lifecycle.default_ladder(
-            config.policy.grace
+        self.ladder: tuple[EscalationStep, ...] = (
+            config.policy.escalation or lifecycle.default_ladder(config.policy.grace)
         )
         self.tz = config.daemon.timezone
 
@@ -98,23 +98,47 @@ class Watcher:
                 "UPDATE visits SET state = ?, step = ?, repeats = ?, next_action_at = ?,"
                 " prestart_notice_sent = prestart_notice_sent OR ?, version = version + 1,"
                 " updated = ? WHERE id = ? AND version = ?",
-                (plan.state, plan.step, plan.repeats, ts(plan.next_action_at),
-                 int(plan.prestart_notice), ts(now), row["id"], row["version"]),
-            ).rowcount  # fmt: skip
+                (
+                    plan.state,
+                    plan.step,
+                    plan.repeats,
+                    ts(plan.next_action_at),
+                    int(plan.prestart_notice),
+                    ts(now),
+                    row["id"],
+                    row["version"],
+                ),
+            ).rowcount
             if not claimed:
                 return 0  # changed under us; the next sweep sees the new version
             if plan.state != row["state"]:
-                self.store.audit(conn, row["id"], now, "deadline passed" if plan.alerts else "time",
-                                 "visitwatch", row["state"], plan.state)
+                self.store.audit(
+                    conn,
+                    row["id"],
+                    now,
+                    "deadline passed" if plan.alerts else "time",
+                    "visitwatch",
+                    row["state"],
+                    plan.state,
+                )
             fresh = {**row, "state": plan.state, "step": plan.step, "repeats": plan.repeats}
             for alert in plan.alerts:
                 token = f"{row['deadline']}:{alert.step_index}:{alert.repeat}:{int(alert.help)}"
                 skip_worker = alert.help  # the worker asked for help; do not remind them
-                addressees = [a for a in self.addressees(alert.step.to, fresh)
-                              if not (skip_worker and a.relation == "worker")]
+                addressees = [
+                    a
+                    for a in self.addressees(alert.step.to, fresh)
+                    if not (skip_worker and a.relation == "worker")
+                ]
                 self.notify(conn, fresh, alert.kind, addressees, now, token)
-                log.info("alert_raised", visit_id=row["id"], kind=alert.kind,
-                         step=alert.step_index, repeat=alert.repeat, recipients=len(addressees))
+                log.info(
+                    "alert_raised",
+                    visit_id=row["id"],
+                    kind=alert.kind,
+                    step=alert.step_index,
+                    repeat=alert.repeat,
+                    recipients=len(addressees),
+                )
             if plan.prestart_notice:
                 self._compliance_notice(conn, fresh, now, "prestart")
         return 1 if plan.differs_from(self.clock_of(row)) else 0
@@ -165,8 +189,12 @@ class Watcher:
             mobile = member.mobile or row["worker_mobile"]
             return Recipient(member.id, member.name, member.email, mobile)
         email = row["worker_id"] if "@" in row["worker_id"] else ""
-        return Recipient(row["worker_id"] or "unknown-worker", row["worker_label"] or "Unknown worker",
-                         email, row["worker_mobile"])
+        return Recipient(
+            row["worker_id"] or "unknown-worker",
+            row["worker_label"] or "Unknown worker",
+            email,
+            row["worker_mobile"],
+        )
 
     def view(self, row: dict[str, Any]) -> messages.VisitView:
         worker = self.worker_recipient(row)
@@ -196,8 +224,17 @@ class Watcher:
             else:
                 subject, text = messages.resolution(view, kind, now, by)
             for channel in self.channels_for(kind, addressee.recipient):
-                written += enqueue(conn, row["id"], kind, addressee, channel.name, subject, text,
-                                   now, f"{row['id']}|{kind}|{token}")
+                written += enqueue(
+                    conn,
+                    row["id"],
+                    kind,
+                    addressee,
+                    channel.name,
+                    subject,
+                    text,
+                    now,
+                    f"{row['id']}|{kind}|{token}",
+                )
         return written
 
     def channels_for(self, kind: str, recipient: Recipient) -> list[ConnectorConfig]:
@@ -225,9 +262,12 @@ class Watcher:
     def _has_errors(self, row: dict[str, Any]) -> bool:
         return any(f.get("severity") == "error" for f in json.loads(row["findings"] or "[]"))
 
-    def _compliance_notice(self, conn: sqlite3.Connection, row: dict[str, Any], now: datetime,
-                           token: str) -> None:
-        targets = ["worker", "manager"] if self.config.policy.notify_manager_of_findings else ["worker"]
+    def _compliance_notice(
+        self, conn: sqlite3.Connection, row: dict[str, Any], now: datetime, token: str
+    ) -> None:
+        targets = (
+            ["worker", "manager"] if self.config.policy.notify_manager_of_findings else ["worker"]
+        )
         self.notify(conn, row, "compliance", self.addressees(targets, row), now, token)
         log.info("compliance_notice", visit_id=row["id"], when=token)
 
@@ -247,8 +287,9 @@ class Watcher:
             raise ActionError(f"{ref!r} matches more than one visit; give more of the id")
         return rows[0]
 
-    def _change(self, row: dict[str, Any], now: datetime, cause: str, actor: str,
-                fields: dict[str, Any]) -> sqlite3.Connection:
+    def _change(
+        self, row: dict[str, Any], now: datetime, cause: str, actor: str, fields: dict[str, Any]
+    ) -> sqlite3.Connection:
         """Claim ``row`` and apply ``fields`` inside the caller's open transaction."""
         conn = self.store.db.conn
         assignments = ", ".join(f'"{k}" = ?' for k in fields)
@@ -259,12 +300,14 @@ class Watcher:
         ).rowcount
         if not claimed:
             raise ActionError(f"visit {row['id']} changed at the same moment; try again")
-        self.store.audit(conn, row["id"], now, cause, actor, row["state"],
-                         fields.get("state", row["state"]))
+        self.store.audit(
+            conn, row["id"], now, cause, actor, row["state"], fields.get("state", row["state"])
+        )
         return conn
 
-    def check_in(self, ref: str, by: str, via: str = "cli",
-                 extend: timedelta | None = None) -> dict[str, Any]:
+    def check_in(
+        self, ref: str, by: str, via: str = "cli", extend: timedelta | None = None
+    ) -> dict[str, Any]:
         row = self.find_visit(ref)
         now = self.clock.now()
         if row["state"] in TERMINAL:
@@ -274,47 +317,108 @@ class Watcher:
                 if extend <= timedelta(0):
                     raise ActionError("--extend needs a positive duration such as 30m")
                 until = max(from_ts(row["deadline"]), now) + extend
-                conn = self._change(row, now, f"extended by {extend}", by, {
-                    "state": lifecycle.IN_PROGRESS if now >= from_ts(row["start"]) else row["state"],
-                    "extended_until": ts(until), "deadline": ts(until), "step": 0, "repeats": 0,
-                    "acknowledged_at": None, "acknowledged_by": None, "help_requested_at": None,
-                    "next_action_at": ts(now),
-                })  # fmt: skip
+                conn = self._change(
+                    row,
+                    now,
+                    f"extended by {extend}",
+                    by,
+                    {
+                        "state": lifecycle.IN_PROGRESS
+                        if now >= from_ts(row["start"])
+                        else row["state"],
+                        "extended_until": ts(until),
+                        "deadline": ts(until),
+                        "step": 0,
+                        "repeats": 0,
+                        "acknowledged_at": None,
+                        "acknowledged_by": None,
+                        "help_requested_at": None,
+                        "next_action_at": ts(now),
+                    },
+                )
                 self._record_checkin(conn, row["id"], now, "extend", by, via, minutes=extend)
                 fresh = {**row, "deadline": ts(until)}
-                self.notify(conn, fresh, "extended", self.alerted(conn, row["id"]), now,
-                            f"extend:{ts(until)}", by)
+                self.notify(
+                    conn,
+                    fresh,
+                    "extended",
+                    self.alerted(conn, row["id"]),
+                    now,
+                    f"extend:{ts(until)}",
+                    by,
+                )
             else:
-                conn = self._change(row, now, "checked in", by, {
-                    "state": lifecycle.RESOLVED, "checked_in_at": ts(now), "checked_in_by": by,
-                    "ended_at": ts(now), "next_action_at": None,
-                })  # fmt: skip
+                conn = self._change(
+                    row,
+                    now,
+                    "checked in",
+                    by,
+                    {
+                        "state": lifecycle.RESOLVED,
+                        "checked_in_at": ts(now),
+                        "checked_in_by": by,
+                        "ended_at": ts(now),
+                        "next_action_at": None,
+                    },
+                )
                 self._record_checkin(conn, row["id"], now, "checkin", by, via)
-                self.notify(conn, row, "all_clear", self.alerted(conn, row["id"]), now,
-                            "resolved", f"checked in by {by} via {via}")
+                self.notify(
+                    conn,
+                    row,
+                    "all_clear",
+                    self.alerted(conn, row["id"]),
+                    now,
+                    "resolved",
+                    f"checked in by {by} via {via}",
+                )
         log.info("checked_in", visit_id=row["id"], via=via, extended=bool(extend))
         return self.find_visit(row["id"])
 
-    def acknowledge(self, ref: str, by: str, safe: bool = False, via: str = "cli") -> dict[str, Any]:
+    def acknowledge(
+        self, ref: str, by: str, safe: bool = False, via: str = "cli"
+    ) -> dict[str, Any]:
         row = self.find_visit(ref)
         now = self.clock.now()
         if row["state"] in TERMINAL:
             raise ActionError(f"visit {row['id']} is already {row['state']}")
         with self.store.transaction():
             if safe:
-                conn = self._change(row, now, "acknowledged and confirmed safe", by, {
-                    "state": lifecycle.RESOLVED, "acknowledged_at": row["acknowledged_at"] or ts(now),
-                    "acknowledged_by": row["acknowledged_by"] or by, "ended_at": ts(now),
-                    "next_action_at": None,
-                })  # fmt: skip
+                conn = self._change(
+                    row,
+                    now,
+                    "acknowledged and confirmed safe",
+                    by,
+                    {
+                        "state": lifecycle.RESOLVED,
+                        "acknowledged_at": row["acknowledged_at"] or ts(now),
+                        "acknowledged_by": row["acknowledged_by"] or by,
+                        "ended_at": ts(now),
+                        "next_action_at": None,
+                    },
+                )
                 self._record_checkin(conn, row["id"], now, "confirmed_safe", by, via)
-                self.notify(conn, row, "all_clear", self.alerted(conn, row["id"]), now,
-                            "resolved", f"confirmed safe by {by}")
+                self.notify(
+                    conn,
+                    row,
+                    "all_clear",
+                    self.alerted(conn, row["id"]),
+                    now,
+                    "resolved",
+                    f"confirmed safe by {by}",
+                )
             else:
-                conn = self._change(row, now, "acknowledged", by, {
-                    "state": lifecycle.ACKNOWLEDGED, "acknowledged_at": ts(now),
-                    "acknowledged_by": by, "next_action_at": ts(now),
-                })  # fmt: skip
+                conn = self._change(
+                    row,
+                    now,
+                    "acknowledged",
+                    by,
+                    {
+                        "state": lifecycle.ACKNOWLEDGED,
+                        "acknowledged_at": ts(now),
+                        "acknowledged_by": by,
+                        "next_action_at": ts(now),
+                    },
+                )
                 self._record_checkin(conn, row["id"], now, "ack", by, via)
         log.info("acknowledged", visit_id=row["id"], safe=safe)
         return self.find_visit(row["id"])
@@ -326,41 +430,94 @@ class Watcher:
             raise ActionError(f"visit {row['id']} is already {row['state']}")
         with self.store.transaction():
             # Every rung fires again at once, as "help", from the bottom of the ladder.
-            conn = self._change(row, now, "help requested", by, {
-                "state": lifecycle.ESCALATED, "help_requested_at": ts(now), "step": 0,
-                "repeats": 0, "acknowledged_at": None, "acknowledged_by": None,
-                "next_action_at": ts(now),
-            })  # fmt: skip
+            conn = self._change(
+                row,
+                now,
+                "help requested",
+                by,
+                {
+                    "state": lifecycle.ESCALATED,
+                    "help_requested_at": ts(now),
+                    "step": 0,
+                    "repeats": 0,
+                    "acknowledged_at": None,
+                    "acknowledged_by": None,
+                    "next_action_at": ts(now),
+                },
+            )
             self._record_checkin(conn, row["id"], now, "help", by, via)
         log.warning("help_requested", visit_id=row["id"], via=via)
         self.sweep()
         return self.find_visit(row["id"])
 
-    def end_monitoring(self, conn: sqlite3.Connection, row: dict[str, Any], now: datetime,
-                       reason: str, state: str = lifecycle.CANCELLED) -> None:
+    def end_monitoring(
+        self,
+        conn: sqlite3.Connection,
+        row: dict[str, Any],
+        now: datetime,
+        reason: str,
+        state: str = lifecycle.CANCELLED,
+    ) -> None:
         """Cancelled or removed from the calendar: stop, and tell anyone who was alerted."""
-        self._change(row, now, reason, "calendar", {
-            "state": state, "ended_at": ts(now), "next_action_at": None,
-        })  # fmt: skip
+        self._change(
+            row,
+            now,
+            reason,
+            "calendar",
+            {
+                "state": state,
+                "ended_at": ts(now),
+                "next_action_at": None,
+            },
+        )
         self.notify(conn, row, "ended", self.alerted(conn, row["id"]), now, "ended", reason)
 
     @staticmethod
-    def _record_checkin(conn: sqlite3.Connection, visit_id: str, now: datetime, action: str,
-                        by: str, via: str, **detail: Any) -> None:
+    def _record_checkin(
+        conn: sqlite3.Connection,
+        visit_id: str,
+        now: datetime,
+        action: str,
+        by: str,
+        via: str,
+        **detail: Any,
+    ) -> None:
         conn.execute(
             "INSERT INTO checkins (visit_id, at, action, actor, via, detail) VALUES (?,?,?,?,?,?)",
             (visit_id, ts(now), action, by, via, json.dumps(detail, default=str)),
         )
 
 
-def enqueue(conn: sqlite3.Connection, visit_id: str | None, kind: str, addressee: Addressee,
-            channel: str, subject: str, text: str, now: datetime, key_base: str) -> int:
+def enqueue(
+    conn: sqlite3.Connection,
+    visit_id: str | None,
+    kind: str,
+    addressee: Addressee,
+    channel: str,
+    subject: str,
+    text: str,
+    now: datetime,
+    key_base: str,
+) -> int:
     """Insert one notification unless the same one exists (idempotency key)."""
     r = addressee.recipient
     return conn.execute(
         "INSERT OR IGNORE INTO notifications (key, visit_id, kind, recipient_id, recipient_name,"
         " recipient_email, recipient_mobile, recipient_relation, channel, subject, text, created,"
         " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        (f"{key_base}|{r.id}|{channel}", visit_id, kind, r.id, r.name, r.email, r.mobile,
-         addressee.relation, channel, subject, text, ts(now), ts(now)),
-    ).rowcount  # fmt: skip
+        (
+            f"{key_base}|{r.id}|{channel}",
+            visit_id,
+            kind,
+            r.id,
+            r.name,
+            r.email,
+            r.mobile,
+            addressee.relation,
+            channel,
+            subject,
+            text,
+            ts(now),
+            ts(now),
+        ),
+    ).rowcount

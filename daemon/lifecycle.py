@@ -152,6 +152,10 @@ def default_ladder(grace: timedelta) -> tuple[EscalationStep, ...]:
     return (
         EscalationStep(timedelta(0), ("worker",), "reminder"),
         EscalationStep(grace, ("manager",), "overrun"),
-        EscalationStep(grace + timedelta(minutes=30), ("role:director",), "escalation",
-                       repeat=timedelta(minutes=15)),
-    )  # fmt: skip
+        EscalationStep(
+            grace + timedelta(minutes=30),
+            ("role:director",),
+            "escalation",
+            repeat=timedelta(minutes=15),
+        ),
+    )

@@ -14,14 +14,36 @@ import structlog
 
 # Keys that may hold personal data or secrets. At debug level they pass (an admin chasing a
 # parsing bug on their own machine needs them); above it they are replaced.
-PERSONAL_KEYS = frozenset({
-    "name", "worker", "worker_name", "recipient", "recipient_name", "email", "mobile",
-    "address", "location", "subject", "summary", "description", "text", "attendees", "by",
-    "url", "password", "secret", "token",
-})  # fmt: skip
+PERSONAL_KEYS = frozenset(
+    {
+        "name",
+        "worker",
+        "worker_name",
+        "recipient",
+        "recipient_name",
+        "email",
+        "mobile",
+        "address",
+        "location",
+        "subject",
+        "summary",
+        "description",
+        "text",
+        "attendees",
+        "by",
+        "url",
+        "password",
+        "secret",
+        "token",
+    }
+)
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}  # fmt: skip
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def redact_personal_data(_logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:

@@ -64,6 +64,10 @@ def fmt_local(moment: datetime, tz: ZoneInfo) -> str:
     return f"{local:%a %d %b %H:%M} ({local.tzname()})"
 
 
+def plural(count: int, unit: str) -> str:
+    return f"{count} {unit}" if count == 1 else f"{count} {unit}s"
+
+
 def minutes_between(later: datetime, earlier: datetime) -> int:
     return max(0, int((later - earlier).total_seconds() // 60))
 
@@ -72,20 +76,25 @@ def _facts(view: VisitView, now: datetime) -> list[str]:
     row = view.row
     deadline = from_ts(row["deadline"])
     lines = [
-        f"Worker:           {view.worker_name}" + (f", mobile {view.worker_mobile}"
-                                                    if view.worker_mobile else ", no mobile on record"),
+        f"Worker:           {view.worker_name}"
+        + (f", mobile {view.worker_mobile}" if view.worker_mobile else ", no mobile on record"),
         f"Visit:            {view.subject}",
         f"Address:          {row['address'] or 'NOT RECORDED'}",
         f"Started:          {view.local('start')}",
         f"Expected return:  {view.local('deadline')}",
     ]
     if deadline and now > deadline:
-        lines.append(f"Overdue by:       {minutes_between(now, deadline)} minutes")
+        lines.append(f"Overdue by:       {plural(minutes_between(now, deadline), 'minute')}")
     status = row["risk_assessment"] or "none recorded"
-    done = "complete" if row["risk_assessment_complete"] else "NOT complete"
-    lines.append(f"Risk assessment:  {status} ({done})")
+    if not row["risk_assessment_complete"]:
+        status += " (NOT complete)"
+    elif "complete" not in status.lower():
+        status += " (complete)"
+    lines.append(f"Risk assessment:  {status}")
     if row["pair_required"]:
-        lines.append(f"Pair visit:       yes; second worker: {row['second_worker'] or 'none named'}")
+        lines.append(
+            f"Pair visit:       yes; second worker: {row['second_worker'] or 'none named'}"
+        )
     if row["going_home_after"]:
         lines.append("Going home after: yes (should notify on safe arrival)")
     return lines
@@ -106,9 +115,9 @@ def _how_to_ack(view: VisitView, notification_hint: str) -> list[str]:
     return [
         "",
         "To acknowledge (stops the repeats, records that you are handling it):",
-        f"  visitwatch ack {view.id} --by \"Your Name\"",
+        f'  visitwatch ack {view.id} --by "Your Name"',
         "When the worker is confirmed safe:",
-        f"  visitwatch ack {view.id} --by \"Your Name\" --safe",
+        f'  visitwatch ack {view.id} --by "Your Name" --safe',
         notification_hint,
     ]
 
@@ -120,7 +129,7 @@ def alert(view: VisitView, kind: str, now: datetime, relation: str) -> tuple[str
     if kind == "reminder" and relation == "worker":
         subject = f"Check in: your {view.label} was due to end at {view.local('deadline')}"
         body = [
-            f"Your {view.label} \"{view.subject}\" was expected to end at {view.local('deadline')}.",
+            f'Your {view.label} "{view.subject}" was expected to end at {view.local("deadline")}.',
             "If you are safe, check in now:",
             f"  visitwatch checkin {view.id}",
             f"Need longer? visitwatch checkin {view.id} --extend 30m",
@@ -133,8 +142,10 @@ def alert(view: VisitView, kind: str, now: datetime, relation: str) -> tuple[str
         intro = f"{view.worker_name} has asked for help during a {view.label}. Act now."
     elif kind == "escalation":
         subject = f"ESCALATION: {view.worker_name} is {late} min overdue from a {view.label}"
-        intro = (f"{view.worker_name} has still not checked in and nobody has acknowledged "
-                 "the earlier alerts.")
+        intro = (
+            f"{view.worker_name} has still not checked in and nobody has acknowledged "
+            "the earlier alerts."
+        )
     else:
         subject = f"OVERDUE: {view.worker_name} is {late} min past the expected return"
         intro = f"{view.worker_name} has not checked in from a {view.label}."
@@ -143,18 +154,23 @@ def alert(view: VisitView, kind: str, now: datetime, relation: str) -> tuple[str
     return subject, "\n".join(body)
 
 
-def compliance(view: VisitView, now: datetime, relation: str, before_start: bool) -> tuple[str, str]:
+def compliance(
+    view: VisitView, now: datetime, relation: str, before_start: bool
+) -> tuple[str, str]:
     findings = view.findings()
     when = "starts soon" if before_start else "is booked"
     who = "Your" if relation == "worker" else f"{view.worker_name}'s"
     subject = f"{who} {view.label} on {view.local('start')} is missing what the policy requires"
-    body = [f"{who} {view.label} \"{view.subject}\" {when} ({view.local('start')}).", ""]
+    body = [f'{who} {view.label} "{view.subject}" {when} ({view.local("start")}).', ""]
     for finding in findings:
         body.append(f"- {finding['message']}")
         if finding.get("clause"):
             body.append(f"    {view.policy.title}: {finding['clause']}")
-    body += ["", "Edit the calendar entry; visitwatch reads it again at the next sync.",
-             f"Visit id: {view.id}"]
+    body += [
+        "",
+        "Edit the calendar entry; visitwatch reads it again at the next sync.",
+        f"Visit id: {view.id}",
+    ]
     return subject, "\n".join(body)
 
 
@@ -165,13 +181,22 @@ def resolution(view: VisitView, kind: str, now: datetime, by: str) -> tuple[str,
         first = f"{view.worker_name} is confirmed safe ({by}) at {fmt_local(now, view.tz)}."
     elif kind == "extended":
         subject = f"Visit extended: {view.worker_name} now expected back {view.local('deadline')}"
-        first = (f"{view.worker_name} checked in and extended the {view.label}; "
-                 f"new expected return {view.local('deadline')}.")
+        first = (
+            f"{view.worker_name} checked in and extended the {view.label}; "
+            f"new expected return {view.local('deadline')}."
+        )
     else:
         subject = f"Monitoring ended: {view.worker_name}'s {view.label} was {by}"
-        first = (f"The calendar entry for {view.worker_name}'s {view.label} was {by}, so "
-                 "visitwatch has stopped watching it. If you are not sure the worker is "
-                 "safe, contact them.")
-    body = [first, "", f"Visit:   {view.subject}", f"Address: {view.row['address'] or '-'}",
-            f"Visit id: {view.id}"]
+        first = (
+            f"The calendar entry for {view.worker_name}'s {view.label} was {by}, so "
+            "visitwatch has stopped watching it. If you are not sure the worker is "
+            "safe, contact them."
+        )
+    body = [
+        first,
+        "",
+        f"Visit:   {view.subject}",
+        f"Address: {view.row['address'] or '-'}",
+        f"Visit id: {view.id}",
+    ]
     return subject, "\n".join(body + _policy_lines(view, kind))

@@ -32,10 +32,10 @@ from visitwatch.connectors.base import (
 from visitwatch.daemon import __version__
 from visitwatch.daemon.clock import Clock, SystemClock
 from visitwatch.daemon.config import Config, ConnectorConfig
-from visitwatch.daemon.dispatch import DispatchReport, Dispatcher
+from visitwatch.daemon.dispatch import Dispatcher, DispatchReport
 from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.store import DaemonLock, Store, ts
-from visitwatch.daemon.sync import SyncReport, Syncer
+from visitwatch.daemon.sync import Syncer, SyncReport
 from visitwatch.policies import Policy
 
 log = structlog.get_logger(__name__)
@@ -89,8 +89,9 @@ class Service:
 
     def sync_all(self) -> list[SyncReport]:
         reports = [self.sync(name) for name in self.sources]
-        reports += [SyncReport(name, ok=False, error=error)
-                    for name, error in self.source_errors.items()]
+        reports += [
+            SyncReport(name, ok=False, error=error) for name, error in self.source_errors.items()
+        ]
         return reports
 
     def sweep(self) -> int:
@@ -127,8 +128,13 @@ class Service:
                 signal.signal(signal.SIGTERM, self._on_signal)
                 signal.signal(signal.SIGINT, self._on_signal)
             self.start_scheduler()
-            log.info("daemon_started", version=__version__, sources=len(self.sources),
-                     channels=len(self.channels), database=str(self.config.daemon.database))
+            log.info(
+                "daemon_started",
+                version=__version__,
+                sources=len(self.sources),
+                channels=len(self.channels),
+                database=str(self.config.daemon.database),
+            )
             _sd_notify("READY=1")
             self._stop.wait()
             log.info("daemon_stopping")
@@ -161,22 +167,36 @@ class Service:
         sweep_seconds = daemon.sweep_interval.total_seconds()
         for index, name in enumerate(self.sources):
             scheduler.add_job(
-                self._guarded, "interval", args=("sync", self.sync, name), id=f"sync:{name}",
-                seconds=daemon.poll_interval.total_seconds(), executor="sync",
+                self._guarded,
+                "interval",
+                args=("sync", self.sync, name),
+                id=f"sync:{name}",
+                seconds=daemon.poll_interval.total_seconds(),
+                executor="sync",
                 # A missed poll is simply done late; the next one is never skipped twice.
                 misfire_grace_time=int(daemon.poll_interval.total_seconds()),
                 next_run_time=now + timedelta(milliseconds=100 * index),
-            )  # fmt: skip
+            )
         scheduler.add_job(
-            self._guarded, "interval", args=("sweep", self._sweep_and_wake), id="sweep",
-            seconds=sweep_seconds, executor="sweep", misfire_grace_time=max(1, int(sweep_seconds)),
+            self._guarded,
+            "interval",
+            args=("sweep", self._sweep_and_wake),
+            id="sweep",
+            seconds=sweep_seconds,
+            executor="sweep",
+            misfire_grace_time=max(1, int(sweep_seconds)),
             next_run_time=now + timedelta(seconds=1),
-        )  # fmt: skip
+        )
         scheduler.add_job(
-            self._guarded, "interval", args=("dispatch", self.dispatch), id="dispatch",
-            seconds=sweep_seconds, executor="dispatch",
-            misfire_grace_time=max(1, int(sweep_seconds)), next_run_time=now,
-        )  # fmt: skip
+            self._guarded,
+            "interval",
+            args=("dispatch", self.dispatch),
+            id="dispatch",
+            seconds=sweep_seconds,
+            executor="dispatch",
+            misfire_grace_time=max(1, int(sweep_seconds)),
+            next_run_time=now,
+        )
         scheduler.start()
         self._scheduler = scheduler
         return scheduler

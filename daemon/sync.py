@@ -58,8 +58,9 @@ def visit_id(source: str, uid: str, recurrence_id: str) -> str:
 
 
 class Syncer:
-    def __init__(self, store: Store, config: Config, policy: Policy, watcher: Watcher,
-                 clock: Clock) -> None:
+    def __init__(
+        self, store: Store, config: Config, policy: Policy, watcher: Watcher, clock: Clock
+    ) -> None:
         self.store = store
         self.config = config
         self.policy = policy
@@ -69,7 +70,9 @@ class Syncer:
         self.directory = config.directory
 
     def window(self, now: datetime) -> TimeWindow:
-        return TimeWindow.around(now, self.config.daemon.window_past, self.config.daemon.window_ahead)
+        return TimeWindow.around(
+            now, self.config.daemon.window_past, self.config.daemon.window_ahead
+        )
 
     def sync(self, source: CalendarSource) -> SyncReport:
         now = self.clock.now()
@@ -85,8 +88,12 @@ class Syncer:
 
         state = self.store.one("SELECT * FROM sources WHERE name = ?", (source.name,)) or {}
         processed = from_ts(state.get("processed_at"))
-        if (result.fingerprint and result.fingerprint == state.get("fingerprint")
-                and processed and now - processed < REPROCESS_EVERY):
+        if (
+            result.fingerprint
+            and result.fingerprint == state.get("fingerprint")
+            and processed
+            and now - processed < REPROCESS_EVERY
+        ):
             self._succeeded(source, now, result.fingerprint, None)
             return SyncReport(source.name, ok=True, skipped=True, events=len(result.events))
 
@@ -107,18 +114,28 @@ class Syncer:
                     EventProblem(source.name, event.uid, f"could not be processed: {err}")
                 )
         if result.complete:
+            # An entry that could not be read is not a removed one: keep watching it.
+            seen |= {key for key in existing if key[0] in {p.uid for p in report.problems}}
             report.ended += self._end_removed(existing, seen, window, now)
         self._record_problems(source.name, report.problems, now)
         self._succeeded(source, now, result.fingerprint, report)
-        log.info("source_synced", source=source.name, events=report.events, visits=report.visits,
-                 new=report.new, changed=report.changed, ended=report.ended,
-                 problems=len(report.problems))
+        log.info(
+            "source_synced",
+            source=source.name,
+            events=report.events,
+            visits=report.visits,
+            new=report.new,
+            changed=report.changed,
+            ended=report.ended,
+            problems=len(report.problems),
+        )
         return report
 
     # ------------------------------------------------------------------ one entry
 
-    def _process(self, event: CalendarEvent, row: dict[str, Any] | None, now: datetime,
-                 report: SyncReport) -> None:
+    def _process(
+        self, event: CalendarEvent, row: dict[str, Any] | None, now: datetime, report: SyncReport
+    ) -> None:
         kind = self.policy.recognise(event)
         if kind is None:
             if row and row["state"] not in lifecycle.TERMINAL:
@@ -152,8 +169,9 @@ class Syncer:
             if details.checked_in:
                 self.watcher.check_in(row["id"], by=row["worker_label"] or "worker", via="calendar")
             elif details.help_requested and not row["help_requested_at"]:
-                self.watcher.request_help(row["id"], by=row["worker_label"] or "worker",
-                                          via="calendar")
+                self.watcher.request_help(
+                    row["id"], by=row["worker_label"] or "worker", via="calendar"
+                )
 
     def _honour_category(self, event: CalendarEvent, row: dict[str, Any], now: datetime) -> bool:
         # A "Safe" category only counts once the visit has begun and was set after it was
@@ -163,16 +181,21 @@ class Syncer:
             return False
         return event.last_modified is None or event.last_modified >= start - timedelta(minutes=15)
 
-    def _fields(self, event: CalendarEvent, kind: str, details: VisitDetails,
-                findings: list[Finding]) -> dict[str, Any]:
+    def _fields(
+        self, event: CalendarEvent, kind: str, details: VisitDetails, findings: list[Finding]
+    ) -> dict[str, Any]:
         worker_id, worker_label, known = self._worker(event, details)
         if not known:
-            findings = [*findings, Finding(
-                "worker_unknown", "warning",
-                "visitwatch could not tell who is making this visit: add a line "
-                '"Worker: <name or e-mail>" or invite the worker.',
-                self.config.policy.clauses.get("worker_unknown", ""),
-            )]  # fmt: skip
+            findings = [
+                *findings,
+                Finding(
+                    "worker_unknown",
+                    "warning",
+                    "visitwatch could not tell who is making this visit: add a line "
+                    '"Worker: <name or e-mail>" or invite the worker.',
+                    self.config.policy.clauses.get("worker_unknown", ""),
+                ),
+            ]
         end = event.end or event.start + self.config.policy.default_duration
         expected = details.expected_return
         return {
@@ -215,8 +238,9 @@ class Syncer:
         label = label or event.organizer
         return (label.lower() if "@" in label else label), label, False
 
-    def _insert(self, event: CalendarEvent, fields: dict[str, Any], fingerprint: str,
-                now: datetime) -> None:
+    def _insert(
+        self, event: CalendarEvent, fields: dict[str, Any], fingerprint: str, now: datetime
+    ) -> None:
         deadline = from_ts(fields["expected_return"])
         start = event.start
         state = lifecycle.BOOKED if now < start else lifecycle.IN_PROGRESS
@@ -248,19 +272,23 @@ class Syncer:
                 f"INSERT INTO visits ({columns}) VALUES ({', '.join('?' * len(row))})",
                 tuple(row.values()),
             )
-            self.store.audit(conn, row["id"], now, cause, "calendar", None, state,
-                             source=event.source)
+            self.store.audit(
+                conn, row["id"], now, cause, "calendar", None, state, source=event.source
+            )
             if has_errors and state not in lifecycle.TERMINAL and deadline > now:
                 full = self.store.one("SELECT * FROM visits WHERE id = ?", (row["id"],))
                 self.watcher._compliance_notice(conn, full, now, "first")
 
-    def _update(self, row: dict[str, Any], fields: dict[str, Any], fingerprint: str,
-                now: datetime) -> None:
+    def _update(
+        self, row: dict[str, Any], fields: dict[str, Any], fingerprint: str, now: datetime
+    ) -> None:
         changes = {k: v for k, v in fields.items() if row.get(k) != v}
         changes["event_fingerprint"] = fingerprint
         changes["last_seen"] = ts(now)
         extended = row["extended_until"]
-        deadline = max(fields["expected_return"], extended) if extended else fields["expected_return"]
+        deadline = (
+            max(fields["expected_return"], extended) if extended else fields["expected_return"]
+        )
         cause = "calendar entry changed"
         if deadline != row["deadline"] and row["state"] not in lifecycle.TERMINAL:
             changes["deadline"] = deadline
@@ -276,8 +304,13 @@ class Syncer:
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def _end_removed(self, existing: dict[tuple[str, str], dict[str, Any]],
-                     seen: set[tuple[str, str]], window: TimeWindow, now: datetime) -> int:
+    def _end_removed(
+        self,
+        existing: dict[tuple[str, str], dict[str, Any]],
+        seen: set[tuple[str, str]],
+        window: TimeWindow,
+        now: datetime,
+    ) -> int:
         ended = 0
         for key, row in existing.items():
             if key in seen or row["state"] in lifecycle.TERMINAL:
@@ -309,8 +342,13 @@ class Syncer:
             )
         return SyncReport(source.name, ok=False, error=error)
 
-    def _succeeded(self, source: CalendarSource, now: datetime, fingerprint: str | None,
-                   report: SyncReport | None) -> None:
+    def _succeeded(
+        self,
+        source: CalendarSource,
+        now: datetime,
+        fingerprint: str | None,
+        report: SyncReport | None,
+    ) -> None:
         with self.store.transaction() as conn:
             if report is None:
                 conn.execute(
@@ -328,8 +366,9 @@ class Syncer:
     def _record_problems(self, source: str, problems: list[EventProblem], now: datetime) -> None:
         with self.store.transaction() as conn:
             for problem in problems:
-                log.warning("entry_unreadable", source=source, uid=problem.uid,
-                            reason=problem.reason)
+                log.warning(
+                    "entry_unreadable", source=source, uid=problem.uid, reason=problem.reason
+                )
                 conn.execute(
                     "INSERT INTO problems (source, uid, reason, first_seen, last_seen)"
                     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (source, uid, reason)"
@@ -337,8 +376,9 @@ class Syncer:
                     (source, problem.uid, problem.reason, ts(now), ts(now)),
                 )
             # What this read did not report any more has been fixed.
-            conn.execute("DELETE FROM problems WHERE source = ? AND last_seen < ?",
-                         (source, ts(now)))
+            conn.execute(
+                "DELETE FROM problems WHERE source = ? AND last_seen < ?", (source, ts(now))
+            )
 
 
 def _fingerprint(fields: dict[str, Any], details: VisitDetails) -> str:

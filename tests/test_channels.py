@@ -28,6 +28,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from structlog.testing import capture_logs
+
 from visitwatch.connectors.base import (
     Channel,
     ConnectorContext,

@@ -16,22 +16,31 @@ MINUTE = timedelta(minutes=1)
 LADDER = (
     EscalationStep(timedelta(0), ("worker",), "reminder"),
     EscalationStep(timedelta(minutes=15), ("manager",), "overrun"),
-    EscalationStep(timedelta(minutes=45), ("role:director",), "escalation",
-                   repeat=timedelta(minutes=15)),
-)  # fmt: skip
+    EscalationStep(
+        timedelta(minutes=45), ("role:director",), "escalation", repeat=timedelta(minutes=15)
+    ),
+)
 
 
 def advance(clock: VisitClock, now: datetime) -> tuple[VisitClock, lifecycle.Plan]:
     """Apply a plan the way the sweep stores it."""
     result = plan(clock, LADDER, now)
-    stored = VisitClock(result.state, clock.start, clock.deadline, result.step, result.repeats,
-                        clock.acknowledged, clock.help_requested_at)
+    stored = VisitClock(
+        result.state,
+        clock.start,
+        clock.deadline,
+        result.step,
+        result.repeats,
+        clock.acknowledged,
+        clock.help_requested_at,
+    )
     return stored, result
 
 
 def fresh(**changes: object) -> VisitClock:
-    return VisitClock(**{"state": lifecycle.BOOKED, "start": START, "deadline": DEADLINE,
-                         **changes})  # type: ignore[arg-type]
+    return VisitClock(
+        **{"state": lifecycle.BOOKED, "start": START, "deadline": DEADLINE, **changes}
+    )  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -90,7 +99,10 @@ def test_outage_sends_each_missed_rung_once_and_only_the_latest_repeat():
     """After two hours without sweeps, one sweep raises every rung and one repeat, not six."""
     result = plan(fresh(state=lifecycle.IN_PROGRESS), LADDER, DEADLINE + timedelta(minutes=120))
     assert [(a.kind, a.repeat) for a in result.alerts] == [
-        ("reminder", 0), ("overrun", 0), ("escalation", 0), ("escalation", 5)
+        ("reminder", 0),
+        ("overrun", 0),
+        ("escalation", 0),
+        ("escalation", 5),
     ]
     assert result.repeats == 5
 

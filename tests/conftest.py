@@ -1,0 +1,204 @@
+"""Shared fixtures: a small organisation, calendars written as real ICS, a movable clock."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from visitwatch.connectors.outbox import read_outbox
+from visitwatch.daemon.clock import FrozenClock
+from visitwatch.daemon.config import load_config
+from visitwatch.daemon.service import Service
+
+# Monday 23 November 2026: Europe/London is on GMT, so local time equals UTC.
+T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+STAFF = """
+[[staff]]
+id = "asha.khan@example.org"
+name = "Asha Khan"
+mobile = "07700 900123"
+manager = "maria.jones@example.org"
+
+[[staff]]
+id = "ben.okafor@example.org"
+name = "Ben Okafor"
+manager = "maria.jones@example.org"
+
+[[staff]]
+id = "maria.jones@example.org"
+name = "Maria Jones"
+mobile = "07700 900321"
+role = "manager"
+manager = "sam.webster@example.org"
+
+[[staff]]
+id = "sam.webster@example.org"
+name = "Sam Webster"
+role = "director"
+"""
+
+
+def ics_event(
+    uid: str,
+    summary: str,
+    start: datetime,
+    end: datetime | None,
+    *,
+    description: str = "",
+    location: str = "",
+    categories: tuple[str, ...] = ("Home Visit",),
+    attendees: tuple[str, ...] = (),
+    status: str = "",
+    extra: str = "",
+    last_modified: datetime | None = None,
+) -> str:
+    fmt = "%Y%m%dT%H%M%SZ"
+    lines = [
+        "BEGIN:VEVENT",
+        f"UID:{uid}",
+        f"DTSTAMP:{T0:{fmt}}",
+        f"SUMMARY:{summary}",
+        f"DTSTART:{start.astimezone(UTC):{fmt}}",
+    ]
+    if end is not None:
+        lines.append(f"DTEND:{end.astimezone(UTC):{fmt}}")
+    if description:
+        lines.append("DESCRIPTION:" + description.replace("\n", "\\n"))
+    if location:
+        lines.append("LOCATION:" + location.replace(",", "\\,"))
+    if categories:
+        lines.append("CATEGORIES:" + ",".join(categories))
+    for email in attendees:
+        lines.append(f"ATTENDEE;CN={email.split('@')[0]}:mailto:{email}")
+    if status:
+        lines.append(f"STATUS:{status}")
+    if last_modified:
+        lines.append(f"LAST-MODIFIED:{last_modified.astimezone(UTC):{fmt}}")
+    if extra:
+        lines.append(extra)
+    lines.append("END:VEVENT")
+    return "\r\n".join(lines)
+
+
+def ics_calendar(*events: str) -> str:
+    body = "\r\n".join(events)
+    return f"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//visitwatch tests//EN\r\n{body}\r\nEND:VCALENDAR\r\n"
+
+
+def home_visit(
+    uid: str = "visit-1",
+    *,
+    start: datetime = T0 + timedelta(hours=1),
+    end: datetime = T0 + timedelta(hours=2),
+    description: str | None = None,
+    **kwargs: Any,
+) -> str:
+    """A compliant home visit by Asha Khan: 13:00 to 14:00, return by the end."""
+    if description is None:
+        description = "Risk assessment: complete\nMobile: 07700 900123"
+    kwargs.setdefault("location", "14 Brook Street, Preston PR1 3XX")
+    return ics_event(
+        uid, "Home visit - Carter family", start, end, description=description, **kwargs
+    )
+
+
+@dataclass
+class World:
+    """One organisation on disk: config, calendar file, database, outbox."""
+
+    folder: Path
+    clock: FrozenClock
+    policy: str = ""
+    channels: str = ""
+    sources: str = ""
+    services: list[Service] = field(default_factory=list)
+
+    @property
+    def calendar(self) -> Path:
+        return self.folder / "calendar.ics"
+
+    @property
+    def outbox(self) -> Path:
+        return self.folder / "outbox.jsonl"
+
+    @property
+    def config_file(self) -> Path:
+        return self.folder / "visitwatch.toml"
+
+    def write_calendar(self, *events: str) -> None:
+        self.calendar.write_text(ics_calendar(*events), encoding="utf-8")
+
+    def write_config(self) -> Path:
+        sources = self.sources or textwrap.dedent("""
+            [[sources]]
+            name = "team"
+            type = "ics"
+            path = "calendar.ics"
+            owner = "asha.khan@example.org"
+        """)
+        channels = self.channels or textwrap.dedent("""
+            [[channels]]
+            name = "outbox"
+            type = "outbox"
+            path = "outbox.jsonl"
+        """)
+        self.config_file.write_text(
+            textwrap.dedent("""
+                [daemon]
+                database = "visitwatch.db"
+                timezone = "Europe/London"
+            """)
+            + STAFF
+            + sources
+            + channels
+            + '\n[policy]\npreset = "pan-lancashire"\n'
+            + self.policy,
+            encoding="utf-8",
+        )
+        return self.config_file
+
+    def service(self) -> Service:
+        service = Service(load_config(self.write_config()), clock=self.clock)
+        self.services.append(service)
+        return service
+
+    def at(self, moment: datetime) -> None:
+        self.clock.set(moment)
+
+    def messages(self, kind: str | None = None) -> list[dict[str, Any]]:
+        records = read_outbox(self.outbox)
+        return [r for r in records if kind is None or r["kind"] == kind]
+
+    def close(self) -> None:
+        for service in self.services:
+            service.close()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path, FrozenClock(T0))
+    yield w
+    w.close()
+
+
+def tick(service: Service) -> None:
+    """What the daemon does on every timer: sync, sweep, deliver."""
+    service.sync_all()
+    service.sweep()
+    service.dispatch()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    structlog.reset_defaults()
+    structlog.configure(cache_logger_on_first_use=False)
+    yield
+    structlog.reset_defaults()
