@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 import structlog
+from aiosmtpd.controller import Controller
 
+from tests.mailserver import Recorder, free_port
 from visitwatch.connectors.outbox import read_outbox
 from visitwatch.daemon.clock import FrozenClock
 from visitwatch.daemon.config import load_config
@@ -202,3 +204,21 @@ def _fresh_structlog() -> Iterator[None]:
     structlog.configure(cache_logger_on_first_use=False)
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[Callable[..., tuple[Recorder, int]]]:
+    """Start aiosmtpd servers on free ports; stop them all afterwards."""
+    controllers: list[Controller] = []
+
+    def start(**kwargs: Any) -> tuple[Recorder, int]:
+        handler = Recorder()
+        port = kwargs.pop("port", None) or free_port()
+        controller = Controller(handler, hostname="127.0.0.1", port=port, **kwargs)
+        controller.start()
+        controllers.append(controller)
+        return handler, port
+
+    yield start
+    for controller in controllers:
+        controller.stop()

@@ -6,8 +6,6 @@ made here with ``cryptography``.
 
 from __future__ import annotations
 
-import email
-import email.policy
 import io
 import json
 import socket
@@ -15,20 +13,19 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from structlog.testing import capture_logs
 
+from tests.mailserver import Recorder, free_port
 from visitwatch.connectors.base import (
     Channel,
     ConnectorContext,
@@ -83,47 +80,6 @@ def make_channel(cls: type[Channel], table: dict[str, Any], context: ConnectorCo
     return cls("test", settings, context)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Recorder:
-    """An aiosmtpd handler that keeps what it received and answers as told."""
-
-    envelopes: list[Envelope] = field(default_factory=list)
-    data_reply: str = "250 Message accepted for delivery"
-    rcpt_reply: str | None = None
-
-    async def handle_RCPT(
-        self,
-        server: SMTPServer,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        rcpt_options: list[str],
-    ) -> str:
-        if self.rcpt_reply:
-            return self.rcpt_reply
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
-        if self.data_reply.startswith("250"):
-            self.envelopes.append(envelope)
-        return self.data_reply
-
-    def received(self) -> EmailMessage:
-        assert len(self.envelopes) == 1
-        content = self.envelopes[0].original_content or self.envelopes[0].content
-        assert isinstance(content, bytes)
-        parsed = email.message_from_bytes(content, policy=email.policy.default)
-        assert isinstance(parsed, EmailMessage)
-        return parsed
-
-
 def authenticator(
     server: SMTPServer, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
 ) -> AuthResult:
@@ -132,24 +88,6 @@ def authenticator(
     )
     # handled=False: the server must still send its 535 reply itself.
     return AuthResult(success=ok, handled=False)
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[Callable[..., tuple[Recorder, int]]]:
-    """Start aiosmtpd servers on free ports; stop them all afterwards."""
-    controllers: list[Controller] = []
-
-    def start(**kwargs: Any) -> tuple[Recorder, int]:
-        handler = Recorder()
-        port = free_port()
-        controller = Controller(handler, hostname="127.0.0.1", port=port, **kwargs)
-        controller.start()
-        controllers.append(controller)
-        return handler, port
-
-    yield start
-    for controller in controllers:
-        controller.stop()
 
 
 @dataclass(frozen=True)
