@@ -167,13 +167,16 @@ class FetchResult:
     ``complete`` is true when the source returned everything in the window, so an entry
     that is missing has really been removed, unless its uid is named in ``problems`` (an
     entry that could not be read is not a removed one). ``fingerprint`` is a hash of the content:
-    the same fingerprint for the same window means the same events.
+    the same fingerprint for the same window means the same events. ``unchanged`` is true
+    when the content matched the fingerprint the caller already knew: ``events`` is then
+    empty and the caller keeps what it has.
     """
 
     events: list[CalendarEvent] = field(default_factory=list)
     problems: list[EventProblem] = field(default_factory=list)
     complete: bool = True
     fingerprint: str | None = None
+    unchanged: bool = False
 
 
 class Connector(ABC):
@@ -197,11 +200,14 @@ class Connector(ABC):
 
 class CalendarSource(Connector):
     @abstractmethod
-    def fetch(self, window: TimeWindow) -> FetchResult:
+    def fetch(self, window: TimeWindow, known: str | None = None) -> FetchResult:
         """Return the occurrences overlapping ``window``.
 
-        Raises :class:`ConnectorError` when the source cannot be read at all. Problems
-        with single entries go into ``FetchResult.problems``; they never raise.
+        ``known`` is the fingerprint of content the caller has already processed for this
+        window; a source that can tell its content is the same returns
+        ``FetchResult(unchanged=True)`` without parsing. Raises :class:`ConnectorError` when
+        the source cannot be read at all. Problems with single entries go into
+        ``FetchResult.problems``; they never raise.
         """
 
 

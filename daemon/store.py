@@ -227,8 +227,26 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: everything inside commits together or not at all."""
+        """A write transaction: everything inside commits together or not at all.
+
+        Nested inside another, it is a savepoint: it rolls back alone on error, and commits
+        with the outer one.
+        """
         conn = self.db.conn
+        if conn.in_transaction:
+            self._local.depth = depth = getattr(self._local, "depth", 0) + 1
+            name = f"nested_{depth}"
+            conn.execute(f"SAVEPOINT {name}")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute(f"ROLLBACK TO {name}")
+                conn.execute(f"RELEASE {name}")
+                raise
+            finally:
+                self._local.depth = depth - 1
+            conn.execute(f"RELEASE {name}")
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn

@@ -36,6 +36,7 @@ log = structlog.get_logger(__name__)
 # An unchanged feed is not re-processed, except this often: the window moves with time, so
 # new occurrences of a recurring series enter it without the feed changing.
 REPROCESS_EVERY = timedelta(hours=1)
+BATCH = 200
 
 
 @dataclass
@@ -78,24 +79,22 @@ class Syncer:
         now = self.clock.now()
         window = self.window(now)
         self._source_row(source, now)
+        state = self.store.one("SELECT * FROM sources WHERE name = ?", (source.name,)) or {}
+        processed = from_ts(state.get("processed_at"))
+        known = None
+        if processed and now - processed < REPROCESS_EVERY:
+            known = state.get("fingerprint")
         try:
-            result = source.fetch(window)
+            result = source.fetch(window, known)
         except ConnectorError as err:
             return self._failed(source, now, str(err))
         except Exception as err:  # a connector bug must not stop the other sources
             log.exception("source_crashed", source=source.name)
             return self._failed(source, now, f"unexpected {type(err).__name__}: {err}")
 
-        state = self.store.one("SELECT * FROM sources WHERE name = ?", (source.name,)) or {}
-        processed = from_ts(state.get("processed_at"))
-        if (
-            result.fingerprint
-            and result.fingerprint == state.get("fingerprint")
-            and processed
-            and now - processed < REPROCESS_EVERY
-        ):
+        if result.unchanged or (known and result.fingerprint == known):
             self._succeeded(source, now, result.fingerprint, None)
-            return SyncReport(source.name, ok=True, skipped=True, events=len(result.events))
+            return SyncReport(source.name, ok=True, skipped=True, events=state.get("events", 0))
 
         report = SyncReport(source.name, ok=True, events=len(result.events))
         report.problems = list(result.problems)
@@ -104,15 +103,13 @@ class Syncer:
             for r in self.store.query("SELECT * FROM visits WHERE source = ?", (source.name,))
         }
         seen: set[tuple[str, str]] = set()
-        for event in result.events:
-            seen.add((event.uid, event.recurrence_id))
-            try:
-                self._process(event, existing.get((event.uid, event.recurrence_id)), now, report)
-            except Exception as err:
-                log.exception("event_failed", source=source.name, uid=event.uid)
-                report.problems.append(
-                    EventProblem(source.name, event.uid, f"could not be processed: {err}")
-                )
+        for chunk_start in range(0, len(result.events), BATCH):
+            # One commit per batch (a commit is an fsync), one savepoint per entry: a broken
+            # entry rolls back alone, and the sweep never waits long for the write lock.
+            with self.store.transaction():
+                for event in result.events[chunk_start : chunk_start + BATCH]:
+                    seen.add((event.uid, event.recurrence_id))
+                    self._process_safely(event, existing, now, report)
         if result.complete:
             # An entry that could not be read is not a removed one: keep watching it.
             seen |= {key for key in existing if key[0] in {p.uid for p in report.problems}}
@@ -132,6 +129,22 @@ class Syncer:
         return report
 
     # ------------------------------------------------------------------ one entry
+
+    def _process_safely(
+        self,
+        event: CalendarEvent,
+        existing: dict[tuple[str, str], Any],
+        now: datetime,
+        report: SyncReport,
+    ) -> None:
+        try:
+            with self.store.transaction():
+                self._process(event, existing.get((event.uid, event.recurrence_id)), now, report)
+        except Exception as err:
+            log.exception("event_failed", source=event.source, uid=event.uid)
+            report.problems.append(
+                EventProblem(event.source, event.uid, f"could not be processed: {err}")
+            )
 
     def _process(
         self, event: CalendarEvent, row: dict[str, Any] | None, now: datetime, report: SyncReport

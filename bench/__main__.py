@@ -1,0 +1,8 @@
+"""Run every benchmark and print its figures."""
+
+from bench import sweep, sync
+from visitwatch.daemon import logs
+
+logs.configure("warning")  # as the daemon runs; debug output would dominate the timings
+sweep.main()
+sync.main()

@@ -1,0 +1,104 @@
+"""Does the sweep's cost stay flat as the lone-working record grows?
+
+The sweep runs every few seconds for years. It asks SQLite for the visits whose next action
+is due, through a partial index on ``next_action_at``. The obvious alternative is to load
+every visit and let the pure lifecycle function decide; both are timed here on the same
+database, with 20 active visits and a growing history of resolved ones.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from visitwatch.daemon import lifecycle
+from visitwatch.daemon.clock import FrozenClock
+from visitwatch.daemon.config import parse_config
+from visitwatch.daemon.escalation import Watcher
+from visitwatch.daemon.store import Store, ts
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+ACTIVE = 20
+HISTORY_SIZES = (1_000, 10_000, 100_000)
+REPEATS = 30
+
+CONFIG = {
+    "staff": [
+        {"id": "w@example.org", "name": "W", "manager": "m@example.org"},
+        {"id": "m@example.org", "name": "M", "role": "manager"},
+        {"id": "d@example.org", "name": "D", "role": "director"},
+    ],
+    "channels": [{"name": "outbox", "type": "outbox"}],
+}
+
+
+def visit_row(index: int, start: datetime, state: str, next_action: datetime | None) -> dict:
+    end = start + timedelta(hours=1)
+    return {
+        "id": f"{index:012x}", "source": "bench", "uid": f"uid-{index}", "recurrence_id": "",
+        "kind": "home_visit", "worker_id": "w@example.org", "worker_label": "W",
+        "worker_known": 1, "subject": "Home visit", "address": "1 Road", "private": 0,
+        "start": ts(start), "end": ts(end), "expected_return": ts(end), "deadline": ts(end),
+        "state": state, "findings": json.dumps([]), "next_action_at": ts(next_action),
+        "first_seen": ts(start), "last_seen": ts(start), "updated": ts(start),
+    }  # fmt: skip
+
+
+def build(folder: Path, history: int) -> Store:
+    store = Store(folder / f"bench-{history}.db")
+    rows = [visit_row(i, NOW - timedelta(days=1 + i // 20), lifecycle.RESOLVED, None)
+            for i in range(history)]  # fmt: skip
+    # Active visits: in progress, next action (their deadline) an hour away.
+    rows += [visit_row(history + i, NOW - timedelta(minutes=30), lifecycle.IN_PROGRESS,
+                       NOW + timedelta(hours=1)) for i in range(ACTIVE)]  # fmt: skip
+    with store.transaction() as conn:
+        columns = list(rows[0])
+        conn.executemany(
+            f"INSERT INTO visits ({', '.join(repr(c) for c in columns)})"
+            f" VALUES ({', '.join('?' * len(columns))})",
+            [tuple(r[c] for c in columns) for r in rows],
+        )
+    store.db.conn.execute("ANALYZE")
+    return store
+
+
+def full_scan(store: Store, watcher: Watcher, now: datetime) -> int:
+    """The obvious alternative: read every visit and ask the lifecycle what is due."""
+    due = 0
+    for row in store.query("SELECT * FROM visits"):
+        if row["state"] in lifecycle.TERMINAL:
+            continue
+        plan = lifecycle.plan(watcher.clock_of(row), watcher.ladder, now)
+        due += plan.differs_from(watcher.clock_of(row))
+    return due
+
+
+def timed(func, repeats: int = REPEATS) -> float:
+    samples = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        func()
+        samples.append(time.perf_counter() - began)
+    return statistics.median(samples) * 1000
+
+
+def main() -> None:
+    config = parse_config(CONFIG, Path("."))
+    print(f"sweep with {ACTIVE} active visits, none due (the common case every few seconds)")
+    print(f"{'history':>10} {'indexed sweep':>15} {'full scan':>12} {'ratio':>7}")
+    with tempfile.TemporaryDirectory() as folder:
+        for history in HISTORY_SIZES:
+            store = build(Path(folder), history)
+            watcher = Watcher(store, config, FrozenClock(NOW))
+            indexed = timed(watcher.sweep)
+            scan = timed(lambda s=store, w=watcher: full_scan(s, w, NOW), repeats=5)
+            print(f"{history:>10,} {indexed:>12.2f} ms {scan:>9.2f} ms {scan / indexed:>6.0f}x")
+            store.close()
+
+
+if __name__ == "__main__":
+    main()
