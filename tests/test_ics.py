@@ -827,6 +827,21 @@ def test_etag_round_trip(server: Server, tmp_path: Path) -> None:
     source.close()
 
 
+def test_known_fingerprint_skips_parsing(server: Server, tmp_path: Path) -> None:
+    """Given the fingerprint it already processed, a 304 or same body comes back as unchanged."""
+    server.feed.body = calendar(event("e", "DTSTART:20260701T100000Z", "DURATION:PT1H"))
+    server.feed.etag = '"v1"'
+    source = make_source(tmp_path, {"url": server.url()})
+    first = source.fetch(WIDE)
+    again = source.fetch(WIDE, known=first.fingerprint)
+    assert again.unchanged and again.events == [] and again.fingerprint == first.fingerprint
+    server.feed.body = calendar(event("e2", "DTSTART:20260702T100000Z"))
+    server.feed.etag = '"v2"'
+    changed = source.fetch(WIDE, known=first.fingerprint)
+    assert not changed.unchanged and [e.uid for e in changed.events] == ["e2"]
+    source.close()
+
+
 def test_last_modified_round_trip(server: Server, tmp_path: Path) -> None:
     """Without an ETag, If-Modified-Since is sent and a 304 reuses the cached body."""
     server.feed.body = calendar(event("lm", "DTSTART:20260701T100000Z"))
