@@ -12,12 +12,14 @@ from visitwatch.connectors.base import CalendarSource, Channel, VisitwatchError
 
 SOURCES: dict[str, str] = {
     "ics": "visitwatch.connectors.ics:IcsSource",
+    "graph": "visitwatch.connectors.graph:GraphCalendarSource",
 }
 
 CHANNELS: dict[str, str] = {
     "outbox": "visitwatch.connectors.outbox:OutboxChannel",
     "console": "visitwatch.connectors.console:ConsoleChannel",
     "smtp": "visitwatch.connectors.smtp:SmtpChannel",
+    "graph_mail": "visitwatch.connectors.graph_mail:GraphMailChannel",
 }
 
 

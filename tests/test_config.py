@@ -76,7 +76,7 @@ def test_every_problem_is_reported_at_once_with_its_key(tmp_path: Path):
     assert "daemon.poll_interval" in by_key
     assert "unknown time zone" in by_key["daemon.timezone"].message
     assert "not in the staff directory" in by_key["staff[0].manager"].message
-    assert "known types: ics" in by_key["sources[0].type"].message
+    assert "known types: graph, ics" in by_key["sources[0].type"].message
     assert "whole number" in by_key["channels[0].port"].message
     assert "cannot be written in the config" in by_key["channels[0].password"].message
     assert "policy.escalation[0].to" in by_key
@@ -146,7 +146,7 @@ def test_cli_shows_config_errors_without_a_traceback(tmp_path: Path):
     )
     assert result.returncode == 2
     assert "channels[0].type: unknown channel type 'pigeon'" in result.stderr
-    assert "known types: console, outbox, smtp" in result.stderr
+    assert "known types: console, graph_mail, outbox, smtp" in result.stderr
     assert "Traceback" not in result.stderr
 
 
