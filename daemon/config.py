@@ -6,7 +6,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -346,6 +346,20 @@ def _cross_check(
             problems.append(
                 ConfigProblem(f"sources[{index}].owner", f"{owner!r} is not in the staff directory")
             )
+    for section, connectors in (("sources", sources), ("channels", channels)):
+        for index, connector in enumerate(connectors):
+            expires = connector.settings.get("secret_expires")
+            if expires:
+                try:
+                    date.fromisoformat(expires)
+                except ValueError:
+                    problems.append(
+                        ConfigProblem(
+                            f"{section}[{index}].secret_expires",
+                            f"{expires!r} is not a date",
+                            "write YYYY-MM-DD",
+                        )
+                    )
     channel_names = {c.name for c in channels}
     for index, channel in enumerate(channels):
         if channel.fallback and channel.fallback not in channel_names:

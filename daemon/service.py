@@ -34,6 +34,7 @@ from visitwatch.daemon.clock import Clock, SystemClock
 from visitwatch.daemon.config import Config, ConnectorConfig
 from visitwatch.daemon.dispatch import Dispatcher, DispatchReport
 from visitwatch.daemon.escalation import Watcher
+from visitwatch.daemon.health import HealthMonitor
 from visitwatch.daemon.store import DaemonLock, Store, ts
 from visitwatch.daemon.sync import Syncer, SyncReport
 from visitwatch.policies import Policy
@@ -78,6 +79,7 @@ class Service:
         self.watcher = Watcher(self.store, config, self.clock)
         self.syncer = Syncer(self.store, config, self.policy, self.watcher, self.clock)
         self.dispatcher = Dispatcher(self.store, self.channels, self.channel_configs, self.clock)
+        self.health = HealthMonitor(self.store, config, self.watcher, self.clock)
         self.lock = DaemonLock(config.daemon.database)
         self._stop = threading.Event()
         self._scheduler: BackgroundScheduler | None = None
@@ -96,6 +98,10 @@ class Service:
 
     def sweep(self) -> int:
         changed = self.watcher.sweep()
+        try:
+            self.health.check()
+        except Exception:  # a health check must never stop the sweep that raises alerts
+            log.exception("health_check_failed")
         _sd_notify("WATCHDOG=1")  # the sweep is alive; systemd restarts us if this stops
         return changed
 

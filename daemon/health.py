@@ -1,0 +1,161 @@
+"""The watcher is watched: problems with visitwatch itself reach an admin (principle 5).
+
+Checked after every sweep, each a cheap query:
+
+- a calendar source that keeps failing: visits booked there are not being seen;
+- an alert that could not be delivered on any channel;
+- a Graph client secret or certificate about to expire (it would silently stop monitoring).
+
+Each notice is a notification row of kind ``admin`` with an idempotency key per episode,
+so it is sent once per outage, per failed alert, per expiry threshold.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import date, datetime
+
+import structlog
+
+from visitwatch.connectors.base import Recipient
+from visitwatch.daemon.clock import Clock
+from visitwatch.daemon.config import Config, StaffMember
+from visitwatch.daemon.escalation import Addressee, Watcher, enqueue
+from visitwatch.daemon.messages import fmt_local
+from visitwatch.daemon.store import Store, from_ts
+
+log = structlog.get_logger(__name__)
+
+SOURCE_FAILURES_BEFORE_NOTICE = 3
+EXPIRY_WARNINGS_DAYS = (30, 14, 7)
+
+
+class HealthMonitor:
+    def __init__(self, store: Store, config: Config, watcher: Watcher, clock: Clock) -> None:
+        self.store = store
+        self.config = config
+        self.watcher = watcher
+        self.clock = clock
+
+    def admins(self) -> list[Addressee]:
+        for role in ("admin", "director", "manager"):
+            people = self.watcher.directory.with_role(role)
+            if people:
+                return [Addressee(_recipient(p), f"role:{role}") for p in people]
+        return []
+
+    def check(self) -> int:
+        now = self.clock.now()
+        with self.store.transaction() as conn:
+            written = self._sources(conn, now)
+            written += self._undelivered(conn, now)
+            written += self._expiring_secrets(conn, now)
+        return written
+
+    def _notify(
+        self,
+        conn: sqlite3.Connection,
+        key: str,
+        subject: str,
+        text: str,
+        now: datetime,
+        avoid_channel: str = "",
+    ) -> int:
+        written = 0
+        for addressee in self.admins():
+            for channel in self.watcher.channels_for("admin", addressee.recipient):
+                if channel.name == avoid_channel:
+                    continue
+                written += enqueue(
+                    conn, None, "admin", addressee, channel.name, subject, text, now, f"admin|{key}"
+                )
+        if written:
+            log.warning("admin_notice", key=key)
+        return written
+
+    def _sources(self, conn: sqlite3.Connection, now: datetime) -> int:
+        written = 0
+        poll = self.config.daemon.poll_interval
+        for source in conn.execute(
+            "SELECT * FROM sources WHERE failures >= ?", (SOURCE_FAILURES_BEFORE_NOTICE,)
+        ).fetchall():
+            last_ok = from_ts(source["last_success_at"])
+            since = fmt_local(last_ok, self.config.daemon.timezone) if last_ok else "never"
+            text = (
+                f"The calendar source {source['name']!r} has failed {source['failures']} times "
+                f"in a row (polled every {int(poll.total_seconds() // 60) or 1} min).\n"
+                f"Last error: {source['last_error']}\n"
+                f"Last successful read: {since}.\n\n"
+                "Visits already known from it are still watched, but new bookings, edits and "
+                "cancellations there are not seen until it is fixed. Run `visitwatch check`."
+            )
+            # One notice per outage: the key carries the last success that the outage follows.
+            written += self._notify(
+                conn,
+                f"source:{source['name']}:{source['last_success_at']}",
+                f"visitwatch: calendar {source['name']!r} cannot be read",
+                text,
+                now,
+            )
+        return written
+
+    def _undelivered(self, conn: sqlite3.Connection, now: datetime) -> int:
+        written = 0
+        # A failed alert whose fallback (if any) did not get through either.
+        rows = conn.execute(
+            "SELECT n.* FROM notifications n WHERE n.status = 'failed' AND n.kind != 'admin'"
+            " AND NOT EXISTS (SELECT 1 FROM notifications f WHERE f.fallback_of = n.id"
+            " AND f.status = 'sent')"
+        ).fetchall()
+        for row in rows:
+            text = (
+                f"A {row['kind']} notification (#{row['id']}) for visit {row['visit_id']} could "
+                f"not be delivered to {row['recipient_name']} via {row['channel']}.\n"
+                f"Error: {row['last_error']}\n\n"
+                "Make sure the recipient has been told. `visitwatch status` lists every "
+                "undelivered notification."
+            )
+            written += self._notify(
+                conn,
+                f"undelivered:{row['id']}",
+                f"visitwatch: a {row['kind']} alert was not delivered",
+                text,
+                now,
+                avoid_channel=row["channel"],
+            )
+        return written
+
+    def _expiring_secrets(self, conn: sqlite3.Connection, now: datetime) -> int:
+        written = 0
+        today = now.astimezone(self.config.daemon.timezone).date()
+        for connector in (*self.config.sources, *self.config.channels):
+            expires_text = connector.settings.get("secret_expires") or ""
+            if not expires_text:
+                continue
+            expires = date.fromisoformat(expires_text)
+            left = (expires - today).days
+            due = [d for d in EXPIRY_WARNINGS_DAYS if left <= d]
+            if not due:
+                continue
+            # Each threshold once; once expired, every day.
+            step = f"expired:{today}" if left < 0 else f"{min(due)}d"
+            when = "has expired" if left < 0 else f"expires in {left} days ({expires})"
+            text = (
+                f"The Microsoft 365 credential used by {connector.name!r} {when}. When it "
+                "expires visitwatch can no longer read calendars or send mail, and visits "
+                "stop being watched. Create a new secret or certificate for the app "
+                "registration in Entra, update it where the config reads it, and set "
+                "secret_expires to the new date."
+            )
+            written += self._notify(
+                conn,
+                f"expiry:{connector.name}:{expires}:{step}",
+                f"visitwatch: credential for {connector.name!r} {when}",
+                text,
+                now,
+            )
+        return written
+
+
+def _recipient(member: StaffMember) -> Recipient:
+    return Recipient(member.id, member.name, member.email, member.mobile)

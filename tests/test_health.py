@@ -1,0 +1,77 @@
+"""Problems with visitwatch itself reach a human: a failing calendar, an undelivered alert."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+from tests.conftest import T0, World, home_visit, tick
+from tests.mailserver import Recorder
+
+DEADLINE = T0 + timedelta(hours=2)
+
+
+def admin_notices(world: World) -> list[dict]:
+    return world.messages("admin")
+
+
+def test_failing_calendar_is_reported_to_an_admin_once_per_outage(world: World):
+    """After three failed reads the director (no admin on staff) hears once; again next outage."""
+    world.write_calendar(home_visit())
+    service = world.service()
+    tick(service)
+    world.calendar.rename(world.folder / "moved.ics")
+    for _ in range(2):
+        world.clock.advance(timedelta(minutes=5))
+        tick(service)
+    assert admin_notices(world) == []
+    for _ in range(3):
+        world.clock.advance(timedelta(minutes=5))
+        tick(service)
+    [notice] = admin_notices(world)
+    assert notice["recipient"]["id"] == "sam.webster@example.org"
+    assert "'team'" in notice["subject"] and "calendar.ics" in notice["text"]
+
+    (world.folder / "moved.ics").rename(world.calendar)  # fixed ...
+    world.clock.advance(timedelta(minutes=5))
+    tick(service)
+    world.calendar.unlink()  # ... and broken again: a new outage, a new notice
+    for _ in range(3):
+        world.clock.advance(timedelta(minutes=5))
+        tick(service)
+    assert len(admin_notices(world)) == 2
+
+
+def test_undeliverable_alert_is_reported_on_another_channel(
+    world: World, smtp_server: Callable[..., tuple[Recorder, int]]
+):
+    """A manager alert the mail server refuses for good is reported to an admin via the outbox."""
+    recorder, port = smtp_server()
+    recorder.data_reply = "550 5.1.1 mailbox unavailable"
+    world.channels = f"""
+[[channels]]
+name = "email"
+type = "smtp"
+host = "127.0.0.1"
+port = {port}
+security = "none"
+sender = "visitwatch@example.org"
+kinds = ["reminder", "overrun", "escalation", "all_clear"]
+
+[[channels]]
+name = "outbox"
+type = "outbox"
+path = "outbox.jsonl"
+kinds = ["admin"]
+"""
+    world.write_calendar(home_visit())
+    service = world.service()
+    world.at(DEADLINE + timedelta(minutes=16))
+    tick(service)  # the alert fails permanently in this pass ...
+    tick(service)  # ... and the health check after the next sweep reports it
+    notices = admin_notices(world)
+    assert {n["recipient"]["id"] for n in notices} == {"sam.webster@example.org"}
+    overrun = [n for n in notices if "overrun" in n["subject"]]
+    assert overrun and "Maria Jones" in overrun[0]["text"] and "550" in overrun[0]["text"]
+    tick(service)
+    assert len(admin_notices(world)) == len(notices)  # once per failed alert
