@@ -128,13 +128,22 @@ def cmd_check(args: argparse.Namespace) -> int:
         for name, error in service.source_errors.items():
             print(f"FAIL source {name}: {error}")
             failures += 1
-        for kind, connectors in (("source", service.sources), ("channel", service.channels)):
-            for name, connector in connectors.items():
-                try:
-                    print(f"ok   {kind} {name}: {connector.check()}")
-                except ConnectorError as err:
-                    print(f"FAIL {kind} {name}: {err}")
-                    failures += 1
+        window = service.syncer.window(service.clock.now())
+        for name, source in service.sources.items():
+            try:
+                summary = source.check()
+                events = source.fetch(window).events
+                visits = sum(1 for e in events if service.policy.recognise(e))
+                print(f"ok   source {name}: {summary}; {visits} visits in the sync window")
+            except ConnectorError as err:
+                print(f"FAIL source {name}: {err}")
+                failures += 1
+        for name, channel in service.channels.items():
+            try:
+                print(f"ok   channel {name}: {channel.check()}")
+            except ConnectorError as err:
+                print(f"FAIL channel {name}: {err}")
+                failures += 1
     finally:
         service.close()
     return 1 if failures else 0

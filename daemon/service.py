@@ -106,7 +106,43 @@ class Service:
         return changed
 
     def dispatch(self) -> DispatchReport:
-        return self.dispatcher.dispatch()
+        report = self.dispatcher.dispatch()
+        self.write_back()
+        return report
+
+    def write_back(self) -> int:
+        """Mirror state changes onto calendar entries, for sources that can and are asked to.
+
+        Driven by the audit table (a change is written there in the same transaction as the
+        change itself), so a restart resumes where it stopped. Best effort: this is a
+        courtesy for office staff watching Outlook, never a substitute for an alert.
+        """
+        writers = {
+            name: source
+            for name, source in self.sources.items()
+            if source.settings.get("write_back") and hasattr(source, "write_back")
+        }
+        if not writers:
+            return 0
+        last = int(self.store.get_meta("write_back_audit_id") or 0)
+        rows = self.store.query(
+            "SELECT a.id, a.to_state, v.source, v.uid, v.recurrence_id FROM audit a"
+            " JOIN visits v ON v.id = a.visit_id WHERE a.id > ? AND a.to_state IN"
+            " ('overdue', 'escalated', 'resolved', 'acknowledged') ORDER BY a.id LIMIT 200",
+            (last,),
+        )
+        done = 0
+        for row in rows:
+            source = writers.get(row["source"])
+            if source is not None:
+                try:
+                    source.write_back(row["uid"], row["recurrence_id"], row["to_state"])
+                    done += 1
+                except ConnectorError as err:
+                    log.warning("write_back_failed", source=row["source"], error=str(err))
+            last = row["id"]
+        self.store.set_meta("write_back_audit_id", str(last))
+        return done
 
     def run_once(self) -> tuple[list[SyncReport], int, DispatchReport]:
         """One sync of every source, one sweep, one delivery pass (``visitwatch sync``)."""

@@ -207,11 +207,14 @@ security = "none"
 sender = "visitwatch@example.org"
 timeout = "3s"
 """
-    world.write_calendar(home_visit())
+    world.write_calendar(
+        home_visit(start=_now() + timedelta(hours=1), end=_now() + timedelta(hours=2))
+    )
     world.write_config()
     result = run_cli("--config", str(world.config_file), "check")
     assert result.returncode == 1
     assert "ok   source team: feed read: 1 entries in window" in result.stdout
+    assert "1 visits in the sync window" in result.stdout
     assert "ok   channel outbox" in result.stdout
     assert "FAIL channel email" in result.stdout
 
