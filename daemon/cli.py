@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -150,8 +151,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_checkin(args: argparse.Namespace) -> int:
-    service = Service(_load(args))
-    try:
+    with _acting(args) as service:
         extend = _duration(args.extend) if args.extend else None
         row = service.store.one("SELECT * FROM visits WHERE id LIKE ?", (args.visit + "%",))
         by = args.by or (row["worker_label"] if row else "") or "worker"
@@ -161,15 +161,11 @@ def cmd_checkin(args: argparse.Namespace) -> int:
             print(f"visit {visit['id']} extended: now expected back {when}")
         else:
             print(f"visit {visit['id']} checked in: resolved, all clear sent to anyone alerted")
-        _deliver_now(service)
-    finally:
-        service.close()
     return 0
 
 
 def cmd_ack(args: argparse.Namespace) -> int:
-    service = Service(_load(args))
-    try:
+    with _acting(args) as service:
         visit = service.watcher.acknowledge(args.alert, by=args.by, safe=args.safe)
         if args.safe:
             print(f"visit {visit['id']} resolved: confirmed safe by {args.by}; all clear sent")
@@ -178,21 +174,25 @@ def cmd_ack(args: argparse.Namespace) -> int:
                 f"visit {visit['id']} acknowledged by {args.by}: repeats stopped. When the "
                 f"worker is confirmed safe: visitwatch ack {visit['id']} --by ... --safe"
             )
-        _deliver_now(service)
-    finally:
-        service.close()
     return 0
 
 
 def cmd_help(args: argparse.Namespace) -> int:
-    service = Service(_load(args))
-    try:
+    with _acting(args) as service:
         visit = service.watcher.request_help(args.visit, by=args.by or "worker")
         print(f"help requested for visit {visit['id']}: everyone on the ladder is being alerted")
+    return 0
+
+
+@contextmanager
+def _acting(args: argparse.Namespace) -> Iterator[Service]:
+    """A service for one action; what the action queued is delivered before closing."""
+    service = Service(_load(args))
+    try:
+        yield service
         _deliver_now(service)
     finally:
         service.close()
-    return 0
 
 
 def _deliver_now(service: Service) -> None:

@@ -348,31 +348,36 @@ class Watcher:
                     by,
                 )
             else:
-                conn = self._change(
+                self._resolve(
                     row,
                     now,
-                    "checked in",
                     by,
-                    {
-                        "state": lifecycle.RESOLVED,
-                        "checked_in_at": ts(now),
-                        "checked_in_by": by,
-                        "ended_at": ts(now),
-                        "next_action_at": None,
-                    },
-                )
-                self._record_checkin(conn, row["id"], now, "checkin", by, via)
-                self.notify(
-                    conn,
-                    row,
-                    "all_clear",
-                    self.alerted(conn, row["id"]),
-                    now,
-                    "resolved",
+                    via,
+                    "checkin",
+                    "checked in",
                     f"checked in by {by} via {via}",
+                    {"checked_in_at": ts(now), "checked_in_by": by},
                 )
         log.info("checked_in", visit_id=row["id"], via=via, extended=bool(extend))
         return self.find_visit(row["id"])
+
+    def _resolve(
+        self,
+        row: dict[str, Any],
+        now: datetime,
+        by: str,
+        via: str,
+        action: str,
+        cause: str,
+        how: str,
+        fields: dict[str, Any],
+    ) -> None:
+        """End the visit as safe, record who and how, and tell everyone who was alerted."""
+        conn = self._change(row, now, cause, by, {
+            "state": lifecycle.RESOLVED, "ended_at": ts(now), "next_action_at": None, **fields,
+        })  # fmt: skip
+        self._record_checkin(conn, row["id"], now, action, by, via)
+        self.notify(conn, row, "all_clear", self.alerted(conn, row["id"]), now, "resolved", how)
 
     def acknowledge(
         self, ref: str, by: str, safe: bool = False, via: str = "cli"
@@ -383,28 +388,18 @@ class Watcher:
             raise ActionError(f"visit {row['id']} is already {row['state']}")
         with self.store.transaction():
             if safe:
-                conn = self._change(
+                self._resolve(
                     row,
                     now,
-                    "acknowledged and confirmed safe",
                     by,
+                    via,
+                    "confirmed_safe",
+                    "acknowledged and confirmed safe",
+                    f"confirmed safe by {by}",
                     {
-                        "state": lifecycle.RESOLVED,
                         "acknowledged_at": row["acknowledged_at"] or ts(now),
                         "acknowledged_by": row["acknowledged_by"] or by,
-                        "ended_at": ts(now),
-                        "next_action_at": None,
                     },
-                )
-                self._record_checkin(conn, row["id"], now, "confirmed_safe", by, via)
-                self.notify(
-                    conn,
-                    row,
-                    "all_clear",
-                    self.alerted(conn, row["id"]),
-                    now,
-                    "resolved",
-                    f"confirmed safe by {by}",
                 )
             else:
                 conn = self._change(
