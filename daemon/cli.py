@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extend", metavar="DURATION", help='more time instead, e.g. "30m"')
     p.add_argument("--by", default="", help="who is checking in (default: the worker)")
     p = command("ack", cmd_ack, "acknowledge an alert: stops repeats and records who")
-    p.add_argument("alert", help="visit id, or the number of an alert notification")
+    p.add_argument("alert", help="visit id (or a unique prefix), or #N for alert number N")
     p.add_argument("--by", required=True, help="your name")
     p.add_argument("--safe", action="store_true", help="the worker is confirmed safe: resolve")
     p = command("help", cmd_help, "ask for help during a visit: alerts the whole ladder now")
@@ -153,8 +153,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_checkin(args: argparse.Namespace) -> int:
     with _acting(args) as service:
         extend = _duration(args.extend) if args.extend else None
-        row = service.store.one("SELECT * FROM visits WHERE id LIKE ?", (args.visit + "%",))
-        by = args.by or (row["worker_label"] if row else "") or "worker"
+        by = args.by or service.watcher.find_visit(args.visit)["worker_label"] or "worker"
         visit = service.watcher.check_in(args.visit, by=by, extend=extend)
         if extend:
             when = fmt_local(from_ts(visit["deadline"]), service.config.daemon.timezone)

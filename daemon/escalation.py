@@ -274,15 +274,24 @@ class Watcher:
     # ------------------------------------------------------------------ actions
 
     def find_visit(self, ref: str) -> dict[str, Any]:
-        """A visit by id, unique id prefix, or the id of one of its notifications."""
-        ref = ref.strip()
-        if ref.isdigit():
-            note = self.store.one("SELECT visit_id FROM notifications WHERE id = ?", (int(ref),))
-            if note and note["visit_id"]:
-                ref = note["visit_id"]
-        rows = self.store.query("SELECT * FROM visits WHERE id LIKE ? LIMIT 2", (ref + "%",))
+        """A visit by id or unique id prefix, or ``#N`` for the visit of alert number N."""
+        ref = ref.strip().lower()
+        if ref.startswith("#"):
+            number = ref[1:]
+            note = self.store.one(
+                "SELECT visit_id FROM notifications WHERE id = ?",
+                (int(number) if number.isdigit() else -1,),
+            )
+            if not note or not note["visit_id"]:
+                raise ActionError(f"no alert {ref}; `visitwatch status` lists the visits")
+            ref = note["visit_id"]
+        if len(ref) < 4:
+            raise ActionError(f"give at least 4 characters of the visit id, not {ref!r}")
+        rows = self.store.query(
+            "SELECT * FROM visits WHERE substr(id, 1, ?) = ? LIMIT 2", (len(ref), ref)
+        )
         if not rows:
-            raise ActionError(f"no visit or alert {ref!r}; `visitwatch status` lists them")
+            raise ActionError(f"no visit {ref!r}; `visitwatch status` lists them")
         if len(rows) > 1:
             raise ActionError(f"{ref!r} matches more than one visit; give more of the id")
         return rows[0]

@@ -138,7 +138,7 @@ def test_acknowledgement_stops_repeats_and_records_who(world: World):
     world.at(DEADLINE + timedelta(minutes=46))
     tick(service)
     [alert] = world.messages("escalation")
-    service.watcher.acknowledge(str(alert["id"]), by="Maria Jones")  # by alert number
+    service.watcher.acknowledge(f"#{alert['id']}", by="Maria Jones")  # by alert number
     world.at(DEADLINE + timedelta(hours=4))
     tick(service)
     assert len(world.messages("escalation")) == 1
@@ -306,6 +306,10 @@ def test_check_in_of_a_resolved_visit_is_refused_clearly(world: World):
         service.watcher.check_in(VISIT, by="Asha Khan")
     with pytest.raises(ActionError, match="no visit"):
         service.watcher.check_in("ffffffffffff", by="Asha Khan")
+    with pytest.raises(ActionError, match="no alert #999"):
+        service.watcher.acknowledge("#999", by="Maria Jones")
+    with pytest.raises(ActionError, match="at least 4 characters"):
+        service.watcher.check_in("%", by="Asha Khan")
 
 
 def test_every_transition_is_in_the_append_only_audit(world: World):
