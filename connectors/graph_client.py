@@ -288,7 +288,7 @@ class GraphClient:
             yield page
 
     def batch(self, requests_: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Run requests through ``$batch``, 20 at a time; inner 429s are retried.
+        """Run requests through ``$batch``, 20 at a time; inner 429/503/504s are retried.
 
         Each request is ``{"id", "method", "url" (relative, e.g. "/users/x/calendarView?..."),
         optional "headers", "body"}``. Returns the inner responses by id
@@ -304,7 +304,7 @@ class GraphClient:
                 answer = self.request("POST", "$batch", json={"requests": chunk}).json()
                 by_id = {r["id"]: r for r in chunk}
                 for inner in answer.get("responses", []):
-                    if inner.get("status") == 429 and attempt < MAX_ATTEMPTS:
+                    if inner.get("status") in (429, 503, 504) and attempt < MAX_ATTEMPTS:
                         throttled.append(by_id[inner["id"]])
                         header = (inner.get("headers") or {}).get("Retry-After")
                         retry_after.append(float(header) if header else 2.0**attempt)
