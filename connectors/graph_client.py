@@ -130,7 +130,10 @@ class GraphClient:
         self.session.headers["User-Agent"] = user_agent
         if settings.get("ca_file"):
             self.session.verify = str(settings["ca_file"])
-        self._app = self._new_app()
+        # Built on first use: msal asks the authority for its OpenID configuration in the
+        # constructor, and an unreachable Entra at start-up must not stop the daemon (the
+        # other sources and channels keep working; this one reports its error when used).
+        self._app: msal.ConfidentialClientApplication | None = None
 
     def _new_app(self) -> msal.ConfidentialClientApplication:
         authority = f"{self.settings['authority_host'].rstrip('/')}/{self.settings['tenant_id']}"
@@ -150,6 +153,8 @@ class GraphClient:
     def token(self) -> str:
         with self._lock:
             try:
+                if self._app is None:
+                    self._app = self._new_app()
                 result = self._app.acquire_token_for_client(scopes=SCOPE)
             except (requests.RequestException, ValueError) as err:
                 raise GraphError(
@@ -174,7 +179,7 @@ class GraphClient:
 
     def _refresh(self) -> None:
         with self._lock:
-            self._app = self._new_app()  # a fresh cache: the next token() asks Entra again
+            self._app = None  # a fresh cache: the next token() asks Entra again
 
     # ------------------------------------------------------------------ requests
 

@@ -72,10 +72,11 @@ class Service:
                 self.sources[source_config.name] = source_config.cls(
                     source_config.name, source_config.settings, self.context
                 )
-            except VisitwatchError as err:
-                # One misconfigured source must not stop the others from being watched.
-                self.source_errors[source_config.name] = str(err)
-                log.error("source_unusable", source=source_config.name, error=str(err))
+            except Exception as err:
+                # One broken source must not stop the others from being watched.
+                text = str(err) if isinstance(err, VisitwatchError) else repr(err)
+                self.source_errors[source_config.name] = text
+                log.error("source_unusable", source=source_config.name, error=text)
         self.watcher = Watcher(self.store, config, self.clock)
         self.syncer = Syncer(self.store, config, self.policy, self.watcher, self.clock)
         self.dispatcher = Dispatcher(self.store, self.channels, self.channel_configs, self.clock)

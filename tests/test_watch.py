@@ -362,3 +362,39 @@ def test_findings_are_stored_with_their_policy_clause(world: World):
     rules = {f["rule"] for f in findings}
     assert {"risk_assessment_missing", "address_missing"} <= rules
     assert all(f["clause"] for f in findings if f["rule"] in rules)
+
+
+def test_unreachable_microsoft_365_does_not_stop_other_calendars(
+    world: World, monkeypatch: pytest.MonkeyPatch
+):
+    """A Graph source whose Entra cannot be reached fails on its own; ICS visits still escalate."""
+    from tests.mailserver import free_port
+
+    monkeypatch.setenv("GRAPH_SECRET", "not-a-real-secret")
+    port = free_port()
+    world.sources = f"""
+[[sources]]
+name = "team"
+type = "ics"
+path = "calendar.ics"
+owner = "asha.khan@example.org"
+
+[[sources]]
+name = "outlook"
+type = "graph"
+tenant_id = "contoso"
+client_id = "visitwatch"
+client_secret = {{ env = "GRAPH_SECRET" }}
+authority_host = "https://127.0.0.1:{port}"
+graph_url = "https://127.0.0.1:{port}/v1.0"
+mailboxes = ["asha.khan@example.org"]
+timeout = "2s"
+"""
+    world.write_calendar(home_visit())
+    service = world.service()
+    world.at(DEADLINE + timedelta(minutes=16))
+    tick(service)
+    assert recipients(world, "overrun") == ["maria.jones@example.org"]
+    outlook = service.store.one("SELECT last_error FROM sources WHERE name = 'outlook'")
+    assert "cannot reach the Entra token endpoint" in outlook["last_error"]
+    assert "not-a-real-secret" not in outlook["last_error"]
