@@ -99,6 +99,20 @@ def load_certificate(path: Path, password: Secret | None) -> dict[str, Any]:
     return credential
 
 
+class _PinnedSession(requests.Session):
+    """A session whose own ``verify`` wins over REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE.
+
+    requests lets those variables override ``session.verify`` (psf/requests#3829), which
+    would silently ignore a configured ``ca_file``.
+    """
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if self.verify is not True and verify in (None, True):
+            settings["verify"] = self.verify
+        return settings
+
+
 class GraphClient:
     """Authenticated, retrying access to Graph for one app registration."""
 
@@ -126,7 +140,7 @@ class GraphClient:
             secret.reveal() if secret
             else load_certificate(certificate, settings.get("certificate_password"))
         )  # fmt: skip
-        self.session = requests.Session()
+        self.session = _PinnedSession()
         self.session.headers["User-Agent"] = user_agent
         if settings.get("ca_file"):
             self.session.verify = str(settings["ca_file"])
@@ -156,10 +170,17 @@ class GraphClient:
                 if self._app is None:
                     self._app = self._new_app()
                 result = self._app.acquire_token_for_client(scopes=SCOPE)
-            except (requests.RequestException, ValueError) as err:
+            except requests.RequestException as err:
                 raise GraphError(
                     f"cannot reach the Entra token endpoint "
-                    f"({self.settings['authority_host']}): {err}"
+                    f"({self.settings['authority_host']}): {type(err).__name__}"
+                ) from err
+            except ValueError as err:
+                # msal's tenant discovery refused the authority: a configuration mistake.
+                raise GraphError(
+                    f"Entra does not know the tenant {self.settings['tenant_id']!r} at "
+                    f"{self.settings['authority_host']}: check tenant_id ({err})",
+                    permanent=True,
                 ) from err
         if "access_token" in result:
             return result["access_token"]

@@ -1,0 +1,295 @@
+"""The Graph mail channel: notifications sent as Outlook mail through Microsoft Graph.
+
+``POST /users/{sender}/sendMail`` as the app itself (application permission ``Mail.Send``),
+from a mailbox of the organisation: a shared mailbox such as ``visitwatch@contoso.org``
+needs no licence. Graph answers 202 when Exchange has accepted the message.
+
+Error classes, which decide whether the dispatcher retries:
+
+* temporary: throttling (429) and Graph or Exchange being unavailable (5xx), which the shared
+  client has already retried with backoff; the network failing; Entra not answering;
+* permanent: access denied (no ``Mail.Send`` permission, or the sender mailbox outside the
+  app's RBAC scope or application access policy), an unknown sender mailbox, a recipient
+  without (or with an invalid) e-mail address, a refused client secret or certificate.
+
+Privacy: recipient names, addresses and subjects are logged at debug level only; error
+texts that echo an address have it replaced before they can reach a warning.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import html
+import json
+from typing import Any, ClassVar
+
+import structlog
+
+from visitwatch.connectors.base import (
+    Channel,
+    ConnectorContext,
+    ConnectorError,
+    Message,
+    Option,
+)
+from visitwatch.connectors.graph_client import (
+    GRAPH_OPTIONS,
+    GraphClient,
+    GraphError,
+    mailbox_path,
+    shared_client,
+)
+
+log = structlog.get_logger(__name__)
+
+# Kinds that need someone to act now: Outlook flags them and sorts them to the top.
+URGENT_KINDS = frozenset({"overrun", "escalation", "help"})
+
+# Outlook desktop renders HTML with Word, which ignores much CSS (white-space among it), so
+# the text goes into plain paragraphs with <br> line breaks and inline styles only.
+_PARAGRAPH_STYLE = (
+    "margin:0 0 12px 0;font-family:'Segoe UI',Calibri,Arial,sans-serif;"
+    "font-size:11pt;line-height:1.4;color:#201f1e"
+)
+
+_ACCESS_HINT = (
+    "The app needs the Microsoft Graph application permission Mail.Send with admin consent, "
+    "and the sender mailbox must be inside its Exchange RBAC for Applications scope "
+    '("Application Mail.Send" role assignment) or its application access policy'
+)
+
+
+class GraphMailChannel(Channel):
+    """Sends each message as Outlook mail from ``sender`` to ``recipient.email``."""
+
+    type_name: ClassVar[str] = "graph_mail"
+    address_field: ClassVar[str | None] = "email"
+    options: ClassVar[dict[str, Option]] = {
+        **GRAPH_OPTIONS,
+        "sender": Option(
+            "str",
+            required=True,
+            help="mailbox that sends, e.g. visitwatch@contoso.org (a shared mailbox works)",
+        ),
+        "save_to_sent_items": Option("bool", default=False),
+        "html": Option("bool", default=True),
+    }
+
+    def __init__(self, name: str, settings: dict[str, Any], context: ConnectorContext) -> None:
+        super().__init__(name, settings, context)
+        self.sender: str = str(self.settings["sender"]).strip()
+        self.save_to_sent_items: bool = self.settings.get("save_to_sent_items") is True
+        self.html: bool = self.settings.get("html", True) is not False
+        if "@" not in self.sender or " " in self.sender or "<" in self.sender:
+            # Graph addresses the mailbox by its address alone; a display name cannot be set.
+            raise ConnectorError(
+                f"channel {name!r}: sender {self.sender!r} must be the sending mailbox's "
+                "address alone, e.g. visitwatch@contoso.org",
+                permanent=True,
+            )
+        # Shared with the calendar source when both use one app registration: one token
+        # cache, one connection pool. Building it does no network I/O (msal is created on
+        # first use), so an unreachable Entra at boot cannot stop the daemon.
+        self.client: GraphClient = shared_client(
+            {k: self.settings.get(k) for k in GRAPH_OPTIONS}, context.user_agent
+        )
+
+    @property
+    def where(self) -> str:
+        return f"Graph sendMail as {self.sender}"
+
+    # ------------------------------------------------------------------ public API
+
+    def send(self, message: Message) -> None:
+        recipient = message.recipient
+        if not recipient.email:
+            raise ConnectorError(
+                f"recipient {recipient.id} has no e-mail address in the staff directory",
+                permanent=True,
+            )
+        payload = self.payload(message)
+        log.debug(
+            "graph_mail.sending",
+            channel=self.name,
+            message_id=message.id,
+            visit_id=message.visit_id,
+            to=recipient.email,
+            subject=message.subject,
+        )
+        try:
+            response = self.client.request(
+                "POST",
+                f"{mailbox_path(self.sender)}/sendMail",
+                json=payload,
+                mailbox=self.sender,
+            )
+        except ConnectorError as err:
+            problem = self._translate(err, hide=(recipient.email, recipient.name))
+            log.warning(
+                "graph_mail.send_failed",
+                channel=self.name,
+                message_id=message.id,
+                visit_id=message.visit_id,
+                permanent=problem.permanent,
+                status=getattr(err, "status", 0),
+                code=getattr(err, "code", ""),
+            )
+            raise problem from err
+        if response.status_code != 202:
+            # Graph documents 202 only; any other 2xx still means Exchange took it.
+            log.info("graph_mail.unexpected_status", status=response.status_code)
+        log.info(
+            "graph_mail.sent",
+            channel=self.name,
+            sender=self.sender,
+            message_id=message.id,
+            visit_id=message.visit_id,
+            request_id=response.headers.get("request-id", ""),
+        )
+
+    def check(self) -> str:
+        client = self.client
+        token = client.token()
+        roles = _token_roles(token)
+        if roles is None:
+            permission = "token ok (its permissions could not be read)"
+        elif "Mail.Send" in roles:
+            permission = "token ok (Mail.Send granted)"
+        else:
+            granted = ", ".join(sorted(roles)) or "none"
+            raise ConnectorError(
+                f"the app registration lacks the Microsoft Graph application permission "
+                f"Mail.Send, or admin consent has not been granted for it (the token's roles: "
+                f"{granted}); add it under API permissions as an application (not delegated) "
+                "permission and grant admin consent",
+                permanent=True,
+            )
+        try:
+            client.request(
+                "GET",
+                mailbox_path(self.sender),
+                params={"$select": "id,mail"},
+                mailbox=self.sender,
+            )
+        except GraphError as err:
+            if err.status == 403:
+                # Looking users up needs User.Read.All, which sending does not: not a fault.
+                return (
+                    f"{permission}; sender {self.sender} could not be looked up "
+                    "(no User.Read.All), so it is checked by the first message"
+                )
+            if err.status == 404:
+                raise ConnectorError(
+                    f"the sender mailbox {self.sender} does not exist in the tenant; set sender "
+                    "to an existing user or shared mailbox",
+                    permanent=True,
+                ) from err
+            raise
+        return f"{permission}; sender {self.sender} found"
+
+    def close(self) -> None:
+        """Nothing to release: the Graph client is shared and outlives this channel."""
+
+    # ------------------------------------------------------------------ internals
+
+    def payload(self, message: Message) -> dict[str, Any]:
+        """The ``sendMail`` request body for ``message``."""
+        recipient = message.recipient
+        address: dict[str, str] = {"address": recipient.email}
+        if recipient.name:
+            address["name"] = recipient.name
+        headers = [
+            {"name": "X-Visitwatch-Notification", "value": str(message.id)},
+            # Exchange's own header: no out-of-office or delivery-report replies to a robot.
+            {"name": "X-Auto-Response-Suppress", "value": "All"},
+        ]
+        if message.visit_id is not None:
+            headers.insert(1, {"name": "X-Visitwatch-Visit", "value": message.visit_id})
+        mail: dict[str, Any] = {
+            "subject": message.subject,
+            "body": (
+                {"contentType": "HTML", "content": render_html(message.text)}
+                if self.html
+                else {"contentType": "Text", "content": message.text}
+            ),
+            "toRecipients": [{"emailAddress": address}],
+            "internetMessageHeaders": headers,
+        }
+        if message.kind in URGENT_KINDS:
+            mail["importance"] = "high"
+        return {"message": mail, "saveToSentItems": self.save_to_sent_items}
+
+    def _translate(self, err: ConnectorError, hide: tuple[str, ...]) -> ConnectorError:
+        status = getattr(err, "status", 0)
+        code = getattr(err, "code", "")
+        detail = _scrub(str(err), tuple(h for h in hide if h))
+        if status == 429 or status >= 500:
+            # The client has already waited and retried; the dispatcher retries much later.
+            return ConnectorError(
+                f"{self.where}: Graph is busy or unavailable ({status}); will retry: {detail}",
+                permanent=False,
+            )
+        if status == 403 or code == "ErrorAccessDenied":
+            return ConnectorError(
+                f"{self.where}: access denied ({code or status}). {_ACCESS_HINT}",
+                permanent=True,
+            )
+        if status == 404:
+            return ConnectorError(
+                f"{self.where}: the sender mailbox was not found, or has no Exchange Online "
+                f"mailbox ({code or status}); check the sender setting",
+                permanent=True,
+            )
+        if code == "ErrorInvalidRecipients":
+            return ConnectorError(
+                f"{self.where}: Exchange refused the recipient address ({code}); check the "
+                "e-mail address in the staff directory",
+                permanent=True,
+            )
+        if 400 <= status < 500:
+            return ConnectorError(f"{self.where}: {detail}", permanent=status not in (408, 409))
+        # status 0: no HTTP answer (network, or Entra refusing the token): keep its verdict.
+        return ConnectorError(f"{self.where}: {detail}", permanent=err.permanent)
+
+
+def render_html(text: str) -> str:
+    """``text`` as HTML that reads like the plain text in Outlook, escaped throughout.
+
+    Blank lines separate paragraphs; single line breaks stay line breaks.
+    """
+    paragraphs = [p for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    body = "".join(
+        f'<p style="{_PARAGRAPH_STYLE}">'
+        + "<br>".join(html.escape(line) for line in paragraph.strip("\n").split("\n"))
+        + "</p>"
+        for paragraph in paragraphs
+    )
+    return f'<html><head><meta charset="utf-8"></head><body>{body}</body></html>'
+
+
+def _token_roles(token: str) -> set[str] | None:
+    """The ``roles`` claim of an access token, or None when it is not a readable JWT.
+
+    Read only to explain a missing permission: the signature is not checked (Graph does
+    that), and Microsoft may make tokens opaque, hence None rather than an error.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    roles = claims.get("roles", []) if isinstance(claims, dict) else None
+    if not isinstance(roles, list):
+        return None
+    return {str(r) for r in roles}
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    # Graph echoes addresses ("Recipient 'maria@...' is not resolved"); error texts end up
+    # in warning-level logs, where names and addresses must not appear.
+    for secret in secrets:
+        text = text.replace(secret, "<redacted>")
+    return text
