@@ -177,6 +177,11 @@ class GraphCalendarSource(CalendarSource):
             default=False,
             help='mark entries "Checked in", "Overdue", "Escalated" (needs Calendars.ReadWrite)',
         ),
+        "directory": Option(
+            "bool",
+            default=False,
+            help="read names, mobiles and line managers from Microsoft 365 (User.Read.All)",
+        ),
     }
 
     def __init__(self, name: str, settings: Mapping[str, Any], context: ConnectorContext) -> None:

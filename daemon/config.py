@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -112,6 +112,24 @@ class Directory:
 
     def with_role(self, role: str) -> list[StaffMember]:
         return [m for m in self.members.values() if m.role == role]
+
+    def filled_from(self, people: Iterable[StaffMember]) -> Directory:
+        """This directory, with gaps filled from another (Microsoft 365): ours always wins."""
+        members = dict(self.members)
+        for person in people:
+            known = members.get(person.id)
+            if known is None:
+                members[person.id] = person
+                continue
+            members[person.id] = StaffMember(
+                known.id,
+                known.name or person.name,
+                known.email or person.email,
+                known.mobile or person.mobile,
+                known.role,
+                known.manager or person.manager,
+            )
+        return Directory(members)
 
 
 @dataclass(frozen=True)

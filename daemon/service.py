@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -31,7 +31,7 @@ from visitwatch.connectors.base import (
 )
 from visitwatch.daemon import __version__
 from visitwatch.daemon.clock import Clock, SystemClock
-from visitwatch.daemon.config import Config, ConnectorConfig
+from visitwatch.daemon.config import Config, ConnectorConfig, StaffMember
 from visitwatch.daemon.dispatch import Dispatcher, DispatchReport
 from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.health import HealthMonitor
@@ -81,9 +81,55 @@ class Service:
         self.syncer = Syncer(self.store, config, self.policy, self.watcher, self.clock)
         self.dispatcher = Dispatcher(self.store, self.channels, self.channel_configs, self.clock)
         self.health = HealthMonitor(self.store, config, self.watcher, self.clock)
+        self._directories: dict[str, Any] = {}
+        self._not_in_directory: dict[str, datetime] = {}
+        self.syncer.learn = self.learn_people
         self.lock = DaemonLock(config.daemon.database)
         self._stop = threading.Event()
         self._scheduler: BackgroundScheduler | None = None
+
+    # ------------------------------------------------------------------ people
+
+    def learn_people(self, source: CalendarSource, ids: set[str]) -> None:
+        """Fill the staff directory from the source's Microsoft 365 tenant, if it offers one.
+
+        Config values always win; people and managers only Graph knows are added. Ids Graph
+        does not know (a family's address on an invitation) are not asked about again for a
+        day.
+        """
+        if not source.settings.get("directory") or not hasattr(source, "client"):
+            return
+        from visitwatch.connectors.graph_directory import GraphDirectory
+
+        now = self.clock.now()
+        ids = {
+            i
+            for i in ids
+            if now - self._not_in_directory.get(i, datetime.min.replace(tzinfo=UTC))
+            > timedelta(days=1)
+        }
+        if not ids:
+            return
+        directory = self._directories.get(source.name)
+        if directory is None:
+            directory = GraphDirectory(source.client, self.config.daemon.state_dir, self.clock.now)
+            self._directories[source.name] = directory
+        try:
+            people = directory.lookup(ids)
+            managers = {p.manager_id for p in people.values() if p.manager_id}
+            people.update(directory.lookup(managers - set(people)))
+        except Exception:  # the directory is a convenience; visits are watched without it
+            log.exception("directory_lookup_failed", source=source.name)
+            return
+        for missing in ids - set(people):
+            self._not_in_directory[missing] = now
+        merged = self.watcher.directory.filled_from(
+            StaffMember(p.id.lower(), p.name, p.email, p.mobile, "worker",
+                        (p.manager_id or "").lower())
+            for p in people.values()
+        )  # fmt: skip
+        self.watcher.directory = self.syncer.directory = merged
+        log.info("directory_updated", source=source.name, people=len(people))
 
     # ------------------------------------------------------------------ one pass
 

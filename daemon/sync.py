@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -69,6 +70,7 @@ class Syncer:
         self.clock = clock
         self.tz = config.daemon.timezone
         self.directory = config.directory
+        self.learn: Callable[[CalendarSource, set[str]], None] | None = None
 
     def window(self, now: datetime) -> TimeWindow:
         return TimeWindow.around(
@@ -96,6 +98,14 @@ class Syncer:
             self._succeeded(source, now, result.fingerprint, None)
             return SyncReport(source.name, ok=True, skipped=True, events=state.get("events", 0))
 
+        if self.learn is not None:
+            # Let the source's directory (Microsoft 365) introduce the people these entries
+            # name before they are matched to workers.
+            named = {e.owner for e in result.events} | {e.organizer for e in result.events}
+            named |= {a.email for e in result.events for a in e.attendees}
+            unknown = {n for n in named if n and self.directory.get(n) is None}
+            if unknown:
+                self.learn(source, unknown)
         report = SyncReport(source.name, ok=True, events=len(result.events))
         report.problems = list(result.problems)
         existing = {
