@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 
+import pytest
+
 from tests.conftest import T0, World, home_visit, tick
 from tests.mailserver import Recorder
 
@@ -75,3 +77,40 @@ kinds = ["admin"]
     assert overrun and "Maria Jones" in overrun[0]["text"] and "550" in overrun[0]["text"]
     tick(service)
     assert len(admin_notices(world)) == len(notices)  # once per failed alert
+
+
+def test_graph_credential_expiry_is_announced_at_30_14_and_7_days(
+    world: World, monkeypatch: pytest.MonkeyPatch
+):
+    """secret_expires warns admins at 30, 14 and 7 days, once each, then daily once expired."""
+    monkeypatch.setenv("GRAPH_SECRET", "s")
+    expires = (T0 + timedelta(days=40)).date()
+    world.channels = f"""
+[[channels]]
+name = "outbox"
+type = "outbox"
+path = "outbox.jsonl"
+
+[[channels]]
+name = "outlook"
+type = "graph_mail"
+tenant_id = "contoso"
+client_id = "visitwatch"
+client_secret = {{ env = "GRAPH_SECRET" }}
+sender = "visitwatch@example.org"
+secret_expires = "{expires}"
+kinds = ["overrun"]
+"""
+    world.write_calendar()
+    service = world.service()
+    seen = []
+    for day in range(0, 44):
+        world.at(T0 + timedelta(days=day))
+        service.sweep()
+        service.dispatch()
+        seen.append(len(admin_notices(world)))
+    # Day 10 (30 left), day 26 (14 left), day 33 (7 left), then days 41, 42, 43 (expired).
+    changes = [day for day in range(1, 44) if seen[day] != seen[day - 1]]
+    assert seen[0] == 0 and changes == [10, 26, 33, 41, 42, 43]
+    last = admin_notices(world)[-1]
+    assert "has expired" in last["subject"] and "Entra" in last["text"]
