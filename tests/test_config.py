@@ -26,8 +26,12 @@ def test_the_documented_example_loads(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("VISITWATCH_ASHA_ICS_URL", "https://calendar.example.org/secret-token.ics")
     monkeypatch.setenv("VISITWATCH_SMTP_PASSWORD", "correct horse")
     config = load_config(REPO / "examples" / "visitwatch.toml")
-    assert [s.name for s in config.sources] == ["asha-calendar", "team-home-visits"]
-    assert [c.name for c in config.channels] == ["outbox", "console", "email"]
+    assert [s.name for s in config.sources] == [
+        "asha-calendar",
+        "team-home-visits",
+        "outlook-home-visits",
+    ]
+    assert [c.name for c in config.channels] == ["outbox", "console", "email", "outlook"]
     assert isinstance(config.channels[2].settings["password"], Secret)
     assert "correct horse" not in repr(config.channels[2].settings)
     assert config.directory.get("ASHA.KHAN@example.org").manager == "maria.jones@example.org"

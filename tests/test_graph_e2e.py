@@ -35,7 +35,7 @@ def graph() -> Iterator[FakeGraph]:
                    enforce_roles=True) as fake:  # fmt: skip
         fake.add_person(ASHA, "Asha Khan", manager=MARIA, mobile="+44 7700 900123")
         fake.add_person(MARIA, "Maria Jones", mobile="+44 7700 900321")
-        fake.mailboxes.add(SENDER)
+        fake.add_person(SENDER, "visitwatch")  # a shared mailbox is a user object too
         yield fake
 
 
@@ -59,21 +59,8 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_overrun_in_a_shared_mailbox_reaches_the_manager_as_outlook_mail(
-    graph: FakeGraph, tmp_path: Path
-):
-    """A visit in a shared mailbox runs over: Maria gets an Outlook mail; the entry is marked."""
-    now = datetime.now(UTC).replace(microsecond=0)
-    graph.add_event(SHARED, graph_event(
-        "visit-1", "Home visit - Carter family", now - timedelta(hours=1),
-        now - timedelta(seconds=30),
-        body="Risk assessment: complete\nPurpose: review", location="14 Brook Street, Preston",
-        attendees=[ASHA, SHARED], organizer="office@contoso.org",
-    ))  # fmt: skip
-    # Throttled once: the daemon must honour Retry-After and carry on.
-    graph.fail_next[("GET", f"/v1.0/users/{SHARED}/calendarView")] = [(429, {"Retry-After": "1"})]
-
-    config = tmp_path / "visitwatch.toml"
+def write_config(graph: FakeGraph, folder: Path) -> Path:
+    config = folder / "visitwatch.toml"
     config.write_text(
         '[daemon]\ndatabase = "visitwatch.db"\npoll_interval = "3s"\nsweep_interval = "1s"\n\n'
         '[[staff]]\nid = "sam.webster@contoso.org"\nname = "Sam Webster"\nrole = "director"\n\n'
@@ -89,16 +76,70 @@ def test_overrun_in_a_shared_mailbox_reaches_the_manager_as_outlook_mail(
         '[[policy.escalation]]\nafter = "1h"\nto = ["role:director"]\nkind = "escalation"\n',
         encoding="utf-8",
     )  # fmt: skip
-    env = {
+    return config
+
+
+def environment(graph: FakeGraph) -> dict[str, str]:
+    return {
         "PATH": "/usr/bin:/bin",
         "VW_GRAPH_SECRET": graph.client_secret,
         # ca_file must win over these (requests would otherwise let them replace it).
         "REQUESTS_CA_BUNDLE": certifi.where(),
         "CURL_CA_BUNDLE": certifi.where(),
     }
+
+
+def test_check_reports_token_mailbox_visits_and_sender(graph: FakeGraph, tmp_path: Path):
+    """`visitwatch check` against the tenant: token, mailbox, visits in window, sender."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    graph.add_event(
+        SHARED,
+        graph_event(
+            "v1",
+            "Home visit - Lee",
+            now + timedelta(hours=2),
+            now + timedelta(hours=3),
+            attendees=[ASHA],
+        ),
+    )
+    graph.add_event(
+        SHARED,
+        graph_event(
+            "m1", "Team meeting", now + timedelta(hours=4), now + timedelta(hours=5), categories=()
+        ),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "visitwatch.daemon.cli", "--config",
+         str(write_config(graph, tmp_path)), "check"],
+        cwd=REPO, env=environment(graph), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        f"ok   source home-visits: token ok; {SHARED}: 2 entries; 1 visits in the sync window"
+    ) in result.stdout
+    assert "ok   channel outlook: token ok (Mail.Send granted)" in result.stdout
+    assert SENDER in result.stdout
+
+
+def test_overrun_in_a_shared_mailbox_reaches_the_manager_as_outlook_mail(
+    graph: FakeGraph, tmp_path: Path
+):
+    """A visit in a shared mailbox runs over: Maria gets an Outlook mail; the entry is marked."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    graph.add_event(SHARED, graph_event(
+        "visit-1", "Home visit - Carter family", now - timedelta(hours=1),
+        now - timedelta(seconds=30),
+        body="Risk assessment: complete\nPurpose: review", location="14 Brook Street, Preston",
+        attendees=[ASHA, SHARED], organizer="office@contoso.org",
+    ))  # fmt: skip
+    # Throttled once: the daemon must honour Retry-After and carry on.
+    graph.fail_next[("GET", f"/v1.0/users/{SHARED}/calendarView")] = [(429, {"Retry-After": "1"})]
+
+    config = write_config(graph, tmp_path)
     daemon = subprocess.Popen(
         [sys.executable, "-m", "visitwatch.daemon.cli", "--config", str(config), "run"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=environment(graph), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
     )  # fmt: skip
 
     def mail_to(address: str) -> list[dict]:
