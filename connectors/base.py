@@ -258,6 +258,20 @@ class Channel(Connector):
     # take any message (outbox, console). Recipients without it are not queued here.
     address_field: ClassVar[str | None] = None
 
+    def address_of(self, message: Message) -> str:
+        """The recipient's address for this channel; a permanent error when there is none."""
+        field_name = self.address_field or "id"
+        address = getattr(message.recipient, field_name, "")
+        if not address:
+            label = {"email": "e-mail address", "mobile": "mobile number"}.get(
+                field_name, field_name
+            )
+            raise ConnectorError(
+                f"recipient {message.recipient.id} has no {label} in the staff directory",
+                permanent=True,
+            )
+        return address
+
     @abstractmethod
     def send(self, message: Message) -> None:
         """Deliver ``message`` or raise :class:`ConnectorError`.

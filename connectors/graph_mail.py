@@ -103,11 +103,7 @@ class GraphMailChannel(Channel):
 
     def send(self, message: Message) -> None:
         recipient = message.recipient
-        if not recipient.email:
-            raise ConnectorError(
-                f"recipient {recipient.id} has no e-mail address in the staff directory",
-                permanent=True,
-            )
+        self.address_of(message)
         payload = self.payload(message)
         log.debug(
             "graph_mail.sending",

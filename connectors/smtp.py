@@ -121,11 +121,7 @@ class SmtpChannel(Channel):
 
     def send(self, message: Message) -> None:
         recipient = message.recipient
-        if not recipient.email:
-            raise ConnectorError(
-                f"recipient {recipient.id} has no e-mail address in the staff directory",
-                permanent=True,
-            )
+        self.address_of(message)
         mail = self._build(message)
         log.debug(
             "smtp.sending",
