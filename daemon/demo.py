@@ -91,7 +91,7 @@ def prepare(folder: Path, now: datetime | None = None) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     (folder / "calendar.ics").write_bytes(calendar(now))
-    template = resources.files("visitwatch.daemon").joinpath("demo/visitwatch.toml").read_text()
+    template = resources.files("visitwatch.daemon").joinpath("demo.toml").read_text()
     config_file = folder / "visitwatch.toml"
     config_file.write_text(template, encoding="utf-8")
     return config_file
