@@ -13,7 +13,7 @@ so it is sent once per outage, per failed alert, per expiry threshold.
 from __future__ import annotations
 
 import sqlite3
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 import structlog
 
@@ -22,12 +22,13 @@ from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import Config, StaffMember
 from visitwatch.daemon.escalation import Addressee, Watcher, enqueue
 from visitwatch.daemon.messages import fmt_local
-from visitwatch.daemon.store import Store, from_ts
+from visitwatch.daemon.store import Store, from_ts, ts
 
 log = structlog.get_logger(__name__)
 
 SOURCE_FAILURES_BEFORE_NOTICE = 3
 EXPIRY_WARNINGS_DAYS = (30, 14, 7)
+RECENT = timedelta(days=2)
 
 
 class HealthMonitor:
@@ -102,10 +103,13 @@ class HealthMonitor:
     def _undelivered(self, conn: sqlite3.Connection, now: datetime) -> int:
         written = 0
         # A failed alert whose fallback (if any) did not get through either.
+        # Only recent failures: older ones were reported when they happened, and the sweep
+        # (which runs this) must not slow down as the record grows.
         rows = conn.execute(
             "SELECT n.* FROM notifications n WHERE n.status = 'failed' AND n.kind != 'admin'"
-            " AND NOT EXISTS (SELECT 1 FROM notifications f WHERE f.fallback_of = n.id"
-            " AND f.status = 'sent')"
+            " AND n.created >= ? AND NOT EXISTS (SELECT 1 FROM notifications f"
+            " WHERE f.fallback_of = n.id AND f.status = 'sent')",
+            (ts(now - RECENT),),
         ).fetchall()
         for row in rows:
             text = (

@@ -179,6 +179,15 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         """,
     ),
+    (
+        "0002_failed_notifications_index",
+        """
+        -- The health check looks for recent failed deliveries after every sweep.
+        CREATE INDEX notifications_failed ON notifications (created) WHERE status = 'failed';
+        CREATE INDEX notifications_fallback_of ON notifications (fallback_of)
+            WHERE fallback_of IS NOT NULL;
+        """,
+    ),
 ]
 
 
