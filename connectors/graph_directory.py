@@ -131,13 +131,14 @@ class GraphDirectory:
             try:
                 person = _person(staff_id, answers.get(f"u{n}"), answers.get(f"m{n}"))
             except _NotFound:
-                log.warning("directory.not_found", staff_id=staff_id)
+                # Often a family's address on an invitation: personal data, so debug only.
+                log.debug("directory.not_found", staff_id=staff_id)
                 changed = cache.pop(staff_id, None) is not None or changed
                 continue
             except _Failed as failed:
                 log.warning(
                     "directory.person_failed",
-                    staff_id=staff_id,
+                    lookup=n,
                     status=failed.status,
                     code=failed.code,
                     using_cache=staff_id in cache,
