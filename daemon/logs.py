@@ -35,6 +35,8 @@ PERSONAL_KEYS = frozenset(
         "password",
         "secret",
         "token",
+        "staff_id",
+        "to",
     }
 )
 

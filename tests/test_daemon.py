@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.conftest import T0, World, home_visit, tick
 from tests.mailserver import Recorder, free_port
@@ -295,3 +296,20 @@ def test_unchanged_feed_is_not_processed_again(world: World):
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
+
+
+def test_redaction_hides_personal_fields_above_debug():
+    """Whatever a caller passes, names, addresses and staff ids are replaced above debug."""
+    import io
+
+    from visitwatch.daemon import logs
+
+    stream = io.StringIO()
+    logs.configure("debug", json=True, stream=stream)
+    log = structlog.get_logger("test")
+    log.warning("w", visit_id="v1", name="Asha Khan", address="14 Brook St", staff_id="a@x.org")
+    log.debug("d", name="Asha Khan")
+    warning, debug = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert warning["visit_id"] == "v1"
+    assert {warning[k] for k in ("name", "address", "staff_id")} == {"[redacted]"}
+    assert debug["name"] == "Asha Khan"
