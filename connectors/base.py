@@ -20,7 +20,6 @@ it, it imports neither. The project-wide base error lives here for that reason.
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -146,9 +145,6 @@ class CalendarEvent:
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.source, self.uid, self.recurrence_id)
-
-    def replace(self, **changes: Any) -> CalendarEvent:
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)

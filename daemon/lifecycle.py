@@ -18,7 +18,7 @@ at, and after each deadline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from visitwatch.policies.model import EscalationStep
@@ -34,7 +34,6 @@ CANCELLED = "cancelled"
 EXPIRED = "expired"  # first seen long after its deadline: recorded, never escalated
 
 TERMINAL = frozenset({RESOLVED, CANCELLED, EXPIRED})
-STATES = (BOOKED, IN_PROGRESS, DUE, OVERDUE, ESCALATED, ACKNOWLEDGED, RESOLVED, CANCELLED, EXPIRED)
 
 _STATE_AFTER_KIND = {"reminder": DUE, "overrun": OVERDUE, "escalation": ESCALATED}
 
@@ -76,7 +75,6 @@ class Plan:
     alerts: tuple[Alert, ...] = ()
     prestart_notice: bool = False
     next_action_at: datetime | None = None
-    changes: tuple[str, ...] = field(default=())
 
     def differs_from(self, clock: VisitClock) -> bool:
         return (

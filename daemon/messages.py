@@ -15,18 +15,6 @@ from zoneinfo import ZoneInfo
 from visitwatch.daemon.store import from_ts
 from visitwatch.policies.model import PolicySettings
 
-KIND_LABEL = {
-    "compliance": "Before your visit",
-    "reminder": "Check in now",
-    "overrun": "OVERDUE",
-    "escalation": "ESCALATION",
-    "help": "HELP REQUESTED",
-    "all_clear": "All clear",
-    "extended": "Visit extended",
-    "ended": "Monitoring ended",
-    "admin": "visitwatch admin",
-}
-
 
 @dataclass(frozen=True)
 class VisitView:

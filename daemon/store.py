@@ -23,8 +23,6 @@ from typing import Any
 
 import sqlite_utils
 
-from visitwatch.connectors.base import VisitwatchError
-
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
@@ -189,10 +187,6 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
 ]
-
-
-class StoreError(VisitwatchError):
-    pass
 
 
 class Store:
