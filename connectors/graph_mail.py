@@ -103,14 +103,14 @@ class GraphMailChannel(Channel):
 
     def send(self, message: Message) -> None:
         recipient = message.recipient
-        self.address_of(message)
+        address = self.address_of(message)
         payload = self.payload(message)
         log.debug(
             "graph_mail.sending",
             channel=self.name,
             message_id=message.id,
             visit_id=message.visit_id,
-            to=recipient.email,
+            to=address,
             subject=message.subject,
         )
         try:

@@ -121,14 +121,14 @@ class SmtpChannel(Channel):
 
     def send(self, message: Message) -> None:
         recipient = message.recipient
-        self.address_of(message)
+        address = self.address_of(message)
         mail = self._build(message)
         log.debug(
             "smtp.sending",
             channel=self.name,
             message_id=message.id,
             visit_id=message.visit_id,
-            to=recipient.email,
+            to=address,
             subject=message.subject,
         )
         smtp: smtplib.SMTP | None = None

@@ -153,8 +153,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_checkin(args: argparse.Namespace) -> int:
     with _acting(args) as service:
         extend = _duration(args.extend) if args.extend else None
-        by = args.by or service.watcher.find_visit(args.visit)["worker_label"] or "worker"
-        visit = service.watcher.check_in(args.visit, by=by, extend=extend)
+        visit = service.watcher.check_in(args.visit, by=args.by, extend=extend)
         if extend:
             when = fmt_local(from_ts(visit["deadline"]), service.config.daemon.timezone)
             print(f"visit {visit['id']} extended: now expected back {when}")
@@ -178,7 +177,7 @@ def cmd_ack(args: argparse.Namespace) -> int:
 
 def cmd_help(args: argparse.Namespace) -> int:
     with _acting(args) as service:
-        visit = service.watcher.request_help(args.visit, by=args.by or "worker")
+        visit = service.watcher.request_help(args.visit, by=args.by)
         print(f"help requested for visit {visit['id']}: everyone on the ladder is being alerted")
     return 0
 

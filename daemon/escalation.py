@@ -92,7 +92,8 @@ class Watcher:
         )
 
     def _advance(self, row: dict[str, Any], now: datetime) -> int:
-        plan = lifecycle.plan(self.clock_of(row), self.ladder, now)
+        stored = self.clock_of(row)
+        plan = lifecycle.plan(stored, self.ladder, now)
         with self.store.transaction() as conn:
             claimed = conn.execute(
                 "UPDATE visits SET state = ?, step = ?, repeats = ?, next_action_at = ?,"
@@ -141,7 +142,7 @@ class Watcher:
                 )
             if plan.prestart_notice:
                 self._compliance_notice(conn, fresh, now, "prestart")
-        return 1 if plan.differs_from(self.clock_of(row)) else 0
+        return 1 if plan.differs_from(stored) else 0
 
     # ------------------------------------------------------------------ people
 
@@ -315,9 +316,11 @@ class Watcher:
         return conn
 
     def check_in(
-        self, ref: str, by: str, via: str = "cli", extend: timedelta | None = None
+        self, ref: str, by: str = "", via: str = "cli", extend: timedelta | None = None
     ) -> dict[str, Any]:
+        """Check in (or extend); ``by`` defaults to the visit's worker."""
         row = self.find_visit(ref)
+        by = by or row["worker_label"] or "worker"
         now = self.clock.now()
         if row["state"] in TERMINAL:
             raise ActionError(f"visit {row['id']} is already {row['state']}; nothing to check in")
@@ -427,8 +430,10 @@ class Watcher:
         log.info("acknowledged", visit_id=row["id"], safe=safe)
         return self.find_visit(row["id"])
 
-    def request_help(self, ref: str, by: str, via: str = "cli") -> dict[str, Any]:
+    def request_help(self, ref: str, by: str = "", via: str = "cli") -> dict[str, Any]:
+        """Alert the whole ladder now; ``by`` defaults to the visit's worker."""
         row = self.find_visit(ref)
+        by = by or row["worker_label"] or "worker"
         now = self.clock.now()
         if row["state"] in TERMINAL:
             raise ActionError(f"visit {row['id']} is already {row['state']}")

@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -102,12 +102,10 @@ class Service:
         from visitwatch.connectors.graph_directory import GraphDirectory
 
         now = self.clock.now()
-        ids = {
-            i
-            for i in ids
-            if now - self._not_in_directory.get(i, datetime.min.replace(tzinfo=UTC))
-            > timedelta(days=1)
+        recently_missing = {
+            i for i, when in self._not_in_directory.items() if now - when < timedelta(days=1)
         }
+        ids -= recently_missing
         if not ids:
             return
         directory = self._directories.get(source.name)

@@ -173,9 +173,8 @@ class Syncer:
         fingerprint = _fingerprint(fields, details)
 
         if row is None:
-            self._insert(event, fields, fingerprint, now)
+            row = self._insert(event, fields, fingerprint, now)
             report.new += 1
-            row = self.store.one("SELECT * FROM visits WHERE id = ?", (fields["id"],))
         elif row["event_fingerprint"] != fingerprint:
             self._update(row, fields, fingerprint, now)
             report.changed += 1
@@ -190,11 +189,9 @@ class Syncer:
             return
         if self._honour_category(event, row, now):
             if details.checked_in:
-                self.watcher.check_in(row["id"], by=row["worker_label"] or "worker", via="calendar")
+                self.watcher.check_in(row["id"], via="calendar")
             elif details.help_requested and not row["help_requested_at"]:
-                self.watcher.request_help(
-                    row["id"], by=row["worker_label"] or "worker", via="calendar"
-                )
+                self.watcher.request_help(row["id"], via="calendar")
 
     def _honour_category(self, event: CalendarEvent, row: dict[str, Any], now: datetime) -> bool:
         # A "Safe" category only counts once the visit has begun and was set after it was
@@ -263,7 +260,8 @@ class Syncer:
 
     def _insert(
         self, event: CalendarEvent, fields: dict[str, Any], fingerprint: str, now: datetime
-    ) -> None:
+    ) -> dict[str, Any]:
+        """Store a newly seen visit (and its first compliance notice); return the stored row."""
         deadline = from_ts(fields["expected_return"])
         start = event.start
         state = lifecycle.BOOKED if now < start else lifecycle.IN_PROGRESS
@@ -298,9 +296,11 @@ class Syncer:
             self.store.audit(
                 conn, row["id"], now, cause, "calendar", None, state, source=event.source
             )
+            stored = self.store.one("SELECT * FROM visits WHERE id = ?", (row["id"],))
+            assert stored is not None
             if has_errors and state not in lifecycle.TERMINAL and deadline > now:
-                full = self.store.one("SELECT * FROM visits WHERE id = ?", (row["id"],))
-                self.watcher._compliance_notice(conn, full, now, "first")
+                self.watcher._compliance_notice(conn, stored, now, "first")
+        return stored
 
     def _update(
         self, row: dict[str, Any], fields: dict[str, Any], fingerprint: str, now: datetime
