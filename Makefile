@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench run clean
+.PHONY: demo test soak lint bench run clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ demo: $(STAMP)  ## install, then run the daemon on the bundled demo calendar
 
 test: $(STAMP)  ## install, then run the whole test suite
 	$(BIN)/python -m pytest
+
+soak: $(STAMP)  ## the long runs: thousands of property examples, long crash storms
+	VISITWATCH_SOAK=1 $(BIN)/python -m pytest -m soak -p no:randomly
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
