@@ -19,7 +19,7 @@ test: $(STAMP)  ## install, then run the whole test suite
 	$(BIN)/python -m pytest
 
 soak: $(STAMP)  ## the long runs: thousands of property examples, long crash storms
-	VISITWATCH_SOAK=1 $(BIN)/python -m pytest -m soak -p no:randomly
+	VISITWATCH_SOAK=1 $(BIN)/python -m pytest -m soak
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -222,3 +223,16 @@ def smtp_server() -> Iterator[Callable[..., tuple[Recorder, int]]]:
     yield start
     for controller in controllers:
         controller.stop()
+
+
+SOAK = bool(os.environ.get("VISITWATCH_SOAK"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long runs (marked ``soak``) run under ``make soak``; ``make test`` runs their short forms."""
+    if SOAK:
+        return
+    skip = pytest.mark.skip(reason="long run: `make soak` runs it (its short form runs here)")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
