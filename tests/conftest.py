@@ -15,6 +15,7 @@ import structlog
 from aiosmtpd.controller import Controller
 
 from tests.mailserver import Recorder, free_port
+from tests.scripted import scripted_channels  # noqa: F401  (a fixture for every test)
 from visitwatch.connectors.outbox import read_outbox
 from visitwatch.daemon.clock import FrozenClock
 from visitwatch.daemon.config import load_config
