@@ -7,8 +7,13 @@
        └─────── check-in / acknowledged and confirmed safe ──────┴─────────────┴──▶ resolved
     (any active state) ── entry cancelled or removed ──▶ cancelled
 
-``acknowledged`` sits beside overdue/escalated: a manager has taken it on, so repeats stop,
-but the visit is not resolved until the worker is confirmed safe.
+``acknowledged`` sits beside overdue/escalated: someone has taken it on, so the repeats of
+the top rung stop, but the visit is not resolved until the worker is confirmed safe. An
+acknowledgement covers only the alerts already raised: rungs not yet reached still fire on
+their own time (the watcher adds the acknowledger to them). It also times out: every
+``ack_timeout`` after the acknowledgement (or after the deadline, if it came earlier) the
+next rung is brought forward (the top rung once the ladder is spent) and re-alerted, to its
+people and the acknowledger, until the visit is resolved or acknowledged again.
 
 The deadline is the expected return time (or the end of an extension). Each ladder step is
 timed from it; a help request pulls every step forward to the moment help was asked for.
@@ -47,9 +52,14 @@ class VisitClock:
     deadline: datetime
     step: int = 0  # how many ladder steps have fired
     repeats: int = 0  # how many repeats of the last step have fired
-    acknowledged: bool = False
+    acknowledged_at: datetime | None = None
     help_requested_at: datetime | None = None
     prestart_notice_due: datetime | None = None  # when a not-yet-sent compliance notice is due
+    ack_realerts: int = 0  # how many acknowledgement timeouts have re-alerted
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.acknowledged_at is not None
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,7 @@ class Alert:
     repeat: int  # 0 for the step itself, n for its n-th repeat
     due_at: datetime
     help: bool = False
+    ack_round: int = 0  # n > 0: the n-th re-alert after an acknowledgement timed out
 
     @property
     def kind(self) -> str:
@@ -75,12 +86,14 @@ class Plan:
     alerts: tuple[Alert, ...] = ()
     prestart_notice: bool = False
     next_action_at: datetime | None = None
+    ack_realerts: int = 0
 
     def differs_from(self, clock: VisitClock) -> bool:
         return (
             self.state != clock.state
             or self.step != clock.step
             or self.repeats != clock.repeats
+            or self.ack_realerts != clock.ack_realerts
             or bool(self.alerts)
             or self.prestart_notice
         )
@@ -93,10 +106,18 @@ def step_due_at(clock: VisitClock, step: EscalationStep) -> datetime:
     return due
 
 
-def plan(clock: VisitClock, ladder: tuple[EscalationStep, ...], now: datetime) -> Plan:
+DEFAULT_ACK_TIMEOUT = timedelta(minutes=30)
+
+
+def plan(
+    clock: VisitClock,
+    ladder: tuple[EscalationStep, ...],
+    now: datetime,
+    ack_timeout: timedelta = DEFAULT_ACK_TIMEOUT,
+) -> Plan:
     """What should have happened to this visit by ``now``, given what already has."""
     if clock.state in TERMINAL:
-        return Plan(clock.state, clock.step, clock.repeats)
+        return Plan(clock.state, clock.step, clock.repeats, ack_realerts=clock.ack_realerts)
 
     alerts: list[Alert] = []
     upcoming: list[datetime] = []
@@ -110,15 +131,29 @@ def plan(clock: VisitClock, ladder: tuple[EscalationStep, ...], now: datetime) -
         else:
             upcoming.append(clock.prestart_notice_due)
 
-    # An acknowledgement stops the ladder: someone responsible is on it.
-    if not clock.acknowledged:
-        while step < len(ladder):
-            due = step_due_at(clock, ladder[step])
-            if now < due:
-                upcoming.append(due)
-                break
-            alerts.append(Alert(step, ladder[step], 0, due, help=helping))
-            step += 1
+    # Every rung fires on its own time, acknowledged or not: an ack covers what was raised.
+    while step < len(ladder):
+        due = step_due_at(clock, ladder[step])
+        if now < due:
+            break
+        alerts.append(Alert(step, ladder[step], 0, due, help=helping))
+        step += 1
+    realerts = clock.ack_realerts
+    if clock.acknowledged_at is not None and ladder:
+        # Repeats stop (someone is on it), but the acknowledgement times out: an overdue
+        # visit nobody has resolved comes back to the acknowledger and the next rung up.
+        since = max(clock.acknowledged_at, clock.deadline)
+        rounds = int((now - since) / ack_timeout) if now >= since else 0
+        if rounds > realerts:
+            index = min(step, len(ladder) - 1)
+            step = max(step, index + 1)  # a rung brought forward does not fire again later
+            due = since + rounds * ack_timeout
+            alerts.append(Alert(index, ladder[index], 0, due, help=helping, ack_round=rounds))
+            realerts = rounds
+        upcoming.append(since + (realerts + 1) * ack_timeout)
+    if step < len(ladder):
+        upcoming.append(step_due_at(clock, ladder[step]))
+    if clock.acknowledged_at is None:
         last = ladder[-1] if ladder else None
         if step == len(ladder) and last is not None and last.repeat:
             base = step_due_at(clock, last)
@@ -142,7 +177,7 @@ def plan(clock: VisitClock, ladder: tuple[EscalationStep, ...], now: datetime) -
         state = IN_PROGRESS
 
     next_action = min(upcoming) if upcoming else None
-    return Plan(state, step, repeats, tuple(alerts), prestart, next_action)
+    return Plan(state, step, repeats, tuple(alerts), prestart, next_action, realerts)
 
 
 def default_ladder(grace: timedelta) -> tuple[EscalationStep, ...]:

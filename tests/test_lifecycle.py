@@ -31,8 +31,9 @@ def advance(clock: VisitClock, now: datetime) -> tuple[VisitClock, lifecycle.Pla
         clock.deadline,
         result.step,
         result.repeats,
-        clock.acknowledged,
+        clock.acknowledged_at,
         clock.help_requested_at,
+        ack_realerts=result.ack_realerts,
     )
     return stored, result
 
@@ -107,13 +108,90 @@ def test_outage_sends_each_missed_rung_once_and_only_the_latest_repeat():
     assert result.repeats == 5
 
 
-def test_acknowledged_visit_raises_nothing_more():
-    """An acknowledgement stops the ladder and its repeats."""
-    clock = fresh(state=lifecycle.OVERDUE, step=2, acknowledged=True)
-    result = plan(clock, LADDER, DEADLINE + timedelta(hours=3))
-    assert result.state == lifecycle.ACKNOWLEDGED
-    assert result.alerts == ()
-    assert result.next_action_at is None
+ACK_TIMEOUT = timedelta(minutes=30)
+
+
+def ack_run(clock: VisitClock, until: datetime) -> list[tuple[str, int, int, datetime]]:
+    """Sweep every minute from now to ``until``; (kind, step, ack round, when) of each alert."""
+    raised: list[tuple[str, int, int, datetime]] = []
+    now = max(clock.acknowledged_at or DEADLINE, DEADLINE - 5 * MINUTE)
+    while now <= until:
+        clock, result = advance(clock, now)
+        raised += [(a.kind, a.step_index, a.ack_round, now) for a in result.alerts]
+        now += MINUTE
+    return raised
+
+
+def test_acknowledgement_stops_repeats_until_it_times_out():
+    """After an ack of the top rung, no repeats; at ack + 30 min the top rung is re-alerted."""
+    acked = DEADLINE + timedelta(minutes=50)
+    clock = fresh(state=lifecycle.ESCALATED, step=3, acknowledged_at=acked)
+    before = plan(clock, LADDER, acked + ACK_TIMEOUT - MINUTE, ack_timeout=ACK_TIMEOUT)
+    assert (before.state, before.alerts) == (lifecycle.ACKNOWLEDGED, ())
+    assert before.next_action_at == acked + ACK_TIMEOUT
+    at = plan(clock, LADDER, acked + ACK_TIMEOUT, ack_timeout=ACK_TIMEOUT)
+    assert [(a.kind, a.step_index, a.ack_round) for a in at.alerts] == [("escalation", 2, 1)]
+    assert at.state == lifecycle.ACKNOWLEDGED and at.ack_realerts == 1
+    after = plan(clock, LADDER, acked + ACK_TIMEOUT + MINUTE, ack_timeout=ACK_TIMEOUT)
+    assert [a.ack_round for a in after.alerts] == [1]  # not yet sent: it still goes, once
+
+
+def test_unresolved_acknowledgement_re_alerts_every_timeout():
+    """Nobody resolves the visit: a re-alert every 30 minutes after the ack, and only then."""
+    acked = DEADLINE + timedelta(minutes=50)
+    clock = fresh(state=lifecycle.ESCALATED, step=3, acknowledged_at=acked)
+    raised = ack_run(clock, acked + timedelta(minutes=95))
+    assert [(r[2], r[3]) for r in raised] == [
+        (1, acked + ACK_TIMEOUT),
+        (2, acked + 2 * ACK_TIMEOUT),
+        (3, acked + 3 * ACK_TIMEOUT),
+    ]
+
+
+def test_acknowledgement_before_any_alert_lets_later_rungs_go_out():
+    """An ack covers only what was raised: an early ack still lets every later rung fire."""
+    acked = START + timedelta(minutes=10)
+    clock = fresh(state=lifecycle.IN_PROGRESS, acknowledged_at=acked)
+    assert plan(clock, LADDER, DEADLINE - MINUTE).alerts == ()
+    raised = ack_run(clock, DEADLINE + timedelta(minutes=29))
+    assert [(r[0], r[3]) for r in raised] == [
+        ("reminder", DEADLINE),
+        ("overrun", DEADLINE + timedelta(minutes=15)),
+    ]
+
+
+def test_acknowledgement_timeout_brings_the_next_rung_forward():
+    """Acked after the overrun: at ack + 30 min the directors' rung fires, not at +45 later."""
+    acked = DEADLINE + timedelta(minutes=16)
+    clock = fresh(state=lifecycle.OVERDUE, step=2, acknowledged_at=acked)
+    raised = ack_run(clock, acked + timedelta(minutes=61))
+    # The escalation rung is due at +45 on its own: it fires then, to directors and acker;
+    # the first timeout (+46) re-alerts the top rung, and so on every 30 minutes.
+    assert [(r[0], r[1], r[2], r[3]) for r in raised] == [
+        ("escalation", 2, 0, DEADLINE + timedelta(minutes=45)),
+        ("escalation", 2, 1, acked + ACK_TIMEOUT),
+        ("escalation", 2, 2, acked + 2 * ACK_TIMEOUT),
+    ]
+
+
+def test_acknowledgement_timeout_pulls_a_distant_rung_forward():
+    """With the next rung far off, the timeout fires it early, and it does not fire twice."""
+    ladder = (
+        EscalationStep(timedelta(0), ("worker",), "reminder"),
+        EscalationStep(timedelta(minutes=15), ("manager",), "overrun"),
+        EscalationStep(timedelta(hours=2), ("role:director",), "escalation"),
+    )
+    acked = DEADLINE + timedelta(minutes=16)
+    clock = fresh(state=lifecycle.OVERDUE, step=2, acknowledged_at=acked)
+    result = plan(clock, ladder, acked + ACK_TIMEOUT, ack_timeout=ACK_TIMEOUT)
+    assert [(a.kind, a.step_index, a.ack_round) for a in result.alerts] == [("escalation", 2, 1)]
+    assert result.step == 3
+    later = VisitClock(
+        result.state, START, DEADLINE, result.step, result.repeats, acked,
+        ack_realerts=result.ack_realerts,
+    )  # fmt: skip
+    two_hours = plan(later, ladder, DEADLINE + timedelta(hours=2), ack_timeout=ACK_TIMEOUT)
+    assert [(a.step_index, a.ack_round) for a in two_hours.alerts] == [(2, 3)]
 
 
 @pytest.mark.parametrize("state", sorted(lifecycle.TERMINAL))
@@ -149,3 +227,16 @@ def test_prestart_notice_is_due_before_start_and_not_after_the_visit():
     assert plan(clock, LADDER, due - MINUTE).next_action_at == due
     assert plan(clock, LADDER, due).prestart_notice is True
     assert plan(clock, LADDER, DEADLINE + MINUTE).prestart_notice is False
+
+
+def test_acknowledgement_before_the_deadline_times_out_from_the_deadline():
+    """An early ack's timeout counts from the deadline: nothing is brought before the reminder."""
+    acked = START + timedelta(minutes=10)
+    clock = fresh(state=lifecycle.IN_PROGRESS, acknowledged_at=acked)
+    assert plan(clock, LADDER, acked + ACK_TIMEOUT).alerts == ()
+    raised = ack_run(clock, DEADLINE + ACK_TIMEOUT)
+    assert [(r[0], r[2], r[3]) for r in raised] == [
+        ("reminder", 0, DEADLINE),
+        ("overrun", 0, DEADLINE + timedelta(minutes=15)),
+        ("escalation", 1, DEADLINE + ACK_TIMEOUT),  # the directors' rung, 15 minutes early
+    ]
