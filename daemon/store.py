@@ -186,6 +186,14 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE fallback_of IS NOT NULL;
         """,
     ),
+    (
+        "0003_acknowledgement_timeout",
+        """
+        -- An acknowledgement times out: how many times an unresolved acknowledged visit has
+        -- been re-alerted since the acknowledgement (lifecycle.plan counts from it).
+        ALTER TABLE visits ADD COLUMN ack_realerts INTEGER NOT NULL DEFAULT 0;
+        """,
+    ),
 ]
 
 

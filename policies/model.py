@@ -67,7 +67,10 @@ class PolicySettings:
     require_address: bool = True
     return_defaults_to_end: bool = True  # no "Return by:" line: the entry's end is the deadline
     notify_manager_of_findings: bool = True
+    # The `after` of the first rung that alerts anyone but the worker (see settings.py).
     grace: timedelta = timedelta(minutes=15)
+    # An acknowledged visit still unresolved this long after the ack re-alerts (lifecycle.py).
+    ack_timeout: timedelta = timedelta(minutes=30)
     default_duration: timedelta = timedelta(hours=1)
     notice_before_start: timedelta = timedelta(minutes=30)
     escalation: tuple[EscalationStep, ...] = ()

@@ -132,18 +132,26 @@ def test_extension_moves_the_deadline_and_restarts_the_ladder(world: World):
 
 
 def test_acknowledgement_stops_repeats_and_records_who(world: World):
-    """After an ack, the director hears no more repeats; the record says who acknowledged."""
+    """After an ack the 15-minute repeats stop until the ack times out; the record says who."""
     world.write_calendar(home_visit())
     service = world.service()
     world.at(DEADLINE + timedelta(minutes=46))
     tick(service)
     [alert] = world.messages("escalation")
     service.watcher.acknowledge(f"#{alert['id']}", by="Maria Jones")  # by alert number
-    world.at(DEADLINE + timedelta(hours=4))
+    world.at(DEADLINE + timedelta(minutes=75))  # one minute before the ack times out
     tick(service)
     assert len(world.messages("escalation")) == 1
     row = service.store.one("SELECT state, acknowledged_by FROM visits WHERE id = ?", (VISIT,))
     assert row == {"state": "acknowledged", "acknowledged_by": "Maria Jones"}
+    # Before this issue an ack silenced the visit for good; now it re-alerts (test_escalation_
+    # safety.py covers the timeout in detail).
+    world.at(DEADLINE + timedelta(minutes=76))
+    tick(service)
+    assert sorted(recipients(world, "escalation")[1:]) == [
+        "maria.jones@example.org",
+        "sam.webster@example.org",
+    ]
     service.watcher.acknowledge(VISIT, by="Maria Jones", safe=True)
     service.dispatch()
     assert "sam.webster@example.org" in recipients(world, "all_clear")
@@ -343,10 +351,12 @@ def test_a_failed_multi_table_write_leaves_nothing_behind(world: World):
         raise RuntimeError("disk full")
 
     service.watcher.notify = broken_notify  # type: ignore[method-assign]
-    service.sweep()  # logs the failure and moves on
+    service.sweep()  # logs the failure, tells an admin, and moves on
     row = service.store.one("SELECT state, step FROM visits WHERE id = ?", (VISIT,))
     assert row == {"state": "in_progress", "step": 0}
-    assert service.store.query("SELECT * FROM notifications") == []
+    assert service.store.query("SELECT * FROM notifications WHERE kind != 'admin'") == []
+    [notice] = service.store.query("SELECT recipient_id, text FROM notifications")
+    assert notice["recipient_id"] == "sam.webster@example.org" and VISIT in notice["text"]
     del service.watcher.notify
     world.at(DEADLINE + timedelta(minutes=17))
     tick(service)
