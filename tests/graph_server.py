@@ -30,9 +30,10 @@ What it serves (``{tenant}`` must be :attr:`FakeGraph.tenant`; ``{m}`` is a mail
 Every ``/v1.0`` request needs ``Authorization: Bearer <a token this server issued>``; anything
 else gets 401 ``InvalidAuthenticationToken``. Every request (including each inner ``$batch``
 request) is appended to :attr:`FakeGraph.requests`. Failures are injected with
-:attr:`FakeGraph.fail_next`. All times are served in UTC whatever ``Prefer:
-outlook.timezone`` says; ``$filter`` and ``$orderby`` are recorded but ignored (events are
-always in start order).
+:attr:`FakeGraph.fail_next`, hung requests (read, never answered) with
+:attr:`FakeGraph.hang_next`; :class:`SilentServer` accepts TCP and never says a word. All
+times are served in UTC whatever ``Prefer: outlook.timezone`` says; ``$filter`` and
+``$orderby`` are recorded but ignored (events are always in start order).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import hashlib
 import ipaddress
 import json
 import shutil
+import socket
 import ssl
 import tempfile
 import threading
@@ -288,6 +290,7 @@ class _Reply:
     status: int
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    hold: threading.Event | None = None  # a hung request: no answer until this is set
 
 
 @dataclass
@@ -447,6 +450,10 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         reply = self.server.fake._http(self.command, self.path, dict(self.headers.items()), raw)
+        if reply.hold is not None:
+            reply.hold.wait()  # outside the fake's lock: other requests are still answered
+            self.close_connection = True  # released: drop the connection, never answer
+            return
         if reply.status == 0:
             self.close_connection = True  # an injected dropped connection: no answer at all
             return
@@ -498,6 +505,10 @@ class FakeGraph:
         "/v1.0/users/visitwatch@contoso.org/sendMail")``, ``("POST", f"/{TENANT}/oauth2")``)
         gets the first failure in the list instead of its answer; the list is used up one
         per request. Inner ``$batch`` requests match too (path ``/v1.0`` + their url).
+    ``hang_next``
+        ``{(METHOD, path prefix): count}``: the next ``count`` top-level requests that match
+        are read and recorded, then never answered (the connection stays open) until
+        :meth:`release_hung` or :meth:`stop`, which drop them; :attr:`hung` lists them.
     """
 
     def __init__(
@@ -529,6 +540,9 @@ class FakeGraph:
         self.patches: list[Patch] = []
         self.requests: list[RecordedRequest] = []
         self.fail_next: dict[tuple[str, str], list[Failure]] = {}
+        self.hang_next: dict[tuple[str, str], int] = {}
+        self.hung: list[RecordedRequest] = []
+        self._release = threading.Event()
         self.lock = threading.RLock()  # held while a request is answered
         self._tokens: dict[str, tuple[str, ...]] = {}  # issued token -> its roles
         self._delta_tokens: dict[str, _DeltaState] = {}
@@ -557,6 +571,7 @@ class FakeGraph:
 
     def stop(self) -> None:
         """Stop serving, close the socket and remove the temporary certificate folder."""
+        self.release_hung()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout=5)
@@ -621,6 +636,12 @@ class FakeGraph:
         """Make every issued token invalid: the next Graph request gets 401."""
         with self.lock:
             self._tokens.clear()
+
+    def release_hung(self) -> None:
+        """Drop every hung request's connection, unanswered (the client sees it closed)."""
+        with self.lock:
+            released, self._release = self._release, threading.Event()
+        released.set()
 
     def expire_delta_tokens(self) -> None:
         """Forget every delta and skip token: using one gets 410 ``syncStateNotFound``."""
@@ -704,7 +725,11 @@ class FakeGraph:
         batch_id: str | None = None,
         roles: tuple[str, ...] | None = None,
     ) -> _Reply:
-        self.requests.append(RecordedRequest(method, path, query, headers, body, batch_id))
+        recorded = RecordedRequest(method, path, query, headers, body, batch_id)
+        self.requests.append(recorded)
+        if batch_id is None and self._take_hang(method, path):
+            self.hung.append(recorded)
+            return _Reply(0, hold=self._release)
         failure = self._take_failure(method, path)
         if failure is not None:
             return failure
@@ -740,6 +765,17 @@ class FakeGraph:
             code, message = _FAILURE_CODES.get(status, ("UnknownError", "Injected failure."))
             return _graph_error(status, code, message, **headers) if status else _Reply(0)
         return None
+
+    def _take_hang(self, method: str, path: str) -> bool:
+        for (hang_method, prefix), count in list(self.hang_next.items()):
+            if hang_method.upper() != method or not path.startswith(prefix) or count <= 0:
+                continue
+            if count == 1:
+                del self.hang_next[(hang_method, prefix)]
+            else:
+                self.hang_next[(hang_method, prefix)] = count - 1
+            return True
+        return False
 
     def _authorised(self, headers: Mapping[str, str]) -> tuple[str, ...] | None:
         auth = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
@@ -1160,3 +1196,49 @@ def iter_sent_headers(sent: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     """The ``internetMessageHeaders`` of one recorded ``sendMail`` body, as pairs."""
     for header in sent["message"].get("internetMessageHeaders") or []:
         yield header["name"], header["value"]
+
+
+class SilentServer:
+    """A loopback TCP server that accepts connections and never sends or reads a byte.
+
+    What a firewall that black-holes traffic, or a wedged proxy, looks like to a client: the
+    TCP handshake succeeds, then nothing (not even a TLS ServerHello). Use :attr:`url` as an
+    ``authority_host`` or ``graph_url``. Leaving the ``with`` block closes every connection.
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self._connections: list[socket.socket] = []
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="silent-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    @property
+    def accepted(self) -> int:
+        """How many connections were accepted so far."""
+        return len(self._connections)
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                connection, _address = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._connections.append(connection)
+
+    def __enter__(self) -> SilentServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closing.set()
+        self._thread.join(timeout=5)
+        for connection in self._connections:
+            connection.close()
+        self._listener.close()
