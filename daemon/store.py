@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -24,6 +25,10 @@ from typing import Any
 import sqlite_utils
 
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+# Seconds a connection waits for another's write lock before "database is locked".
+BUSY_TIMEOUT = 30.0
+# The record holds names, mobiles and addresses: owner-only, whatever the umask.
+PRIVATE_MODE = 0o600
 
 
 def ts(moment: datetime | None) -> str | None:
@@ -206,6 +211,7 @@ class Store:
         self._connections: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _make_private(self.path)
         self.migrate()
 
     # -- connections ---------------------------------------------------------------
@@ -217,10 +223,11 @@ class Store:
             # isolation_level=None: no implicit transactions; we BEGIN IMMEDIATE ourselves so
             # two writers queue on the busy timeout instead of failing on lock upgrade.
             conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=30, check_same_thread=False
+                self.path, isolation_level=None, timeout=BUSY_TIMEOUT, check_same_thread=False
             )
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+            _use_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")  # a safety record: durable on commit
             conn.execute("PRAGMA foreign_keys=ON")
             db = sqlite_utils.Database(conn)
@@ -276,16 +283,24 @@ class Store:
     # -- migrations ----------------------------------------------------------------
 
     def migrate(self) -> list[str]:
+        """Apply the migrations this database lacks; returns the names applied here.
+
+        Each runs under BEGIN IMMEDIATE (the write lock) and is re-checked inside it, so two
+        processes opening a new database at once queue instead of applying one twice.
+        """
         conn = self.db.conn
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
-        )
-        done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
         applied = []
         for name, sql in MIGRATIONS:
-            if name in done:
-                continue
             with self.transaction():
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations"
+                    " (name TEXT PRIMARY KEY, applied_at TEXT)"
+                )
+                done = conn.execute(
+                    "SELECT 1 FROM schema_migrations WHERE name = ?", (name,)
+                ).fetchone()
+                if done:
+                    continue
                 for statement in _split_sql(sql):
                     conn.execute(statement)
                 conn.execute(
@@ -326,6 +341,47 @@ class Store:
         return row["value"] if row else None
 
 
+def _make_private(database: Path) -> None:
+    """Create the database file 0600, or tighten an existing one: it holds names, mobiles and
+    addresses. SQLite gives its -wal and -shm files the database file's mode, whatever the
+    umask; files left looser by an older release are tightened too."""
+    fd = os.open(database, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_MODE)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal"):
+        companion = Path(str(database) + suffix)
+        try:
+            if companion.stat().st_mode & 0o777 != PRIVATE_MODE:
+                companion.chmod(PRIVATE_MODE)
+        except FileNotFoundError:
+            pass
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, retrying while another process holds the lock the switch needs.
+
+    The switch on a new database takes an exclusive lock; SQLite can report "database is
+    locked" at once rather than wait on the busy timeout when another opener holds it.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err):
+                raise
+            mode = ""
+        if mode.lower() == "wal":
+            return
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError(
+                f"could not switch the database to WAL mode (journal mode {mode or 'locked'})"
+            )
+        time.sleep(0.01)
+
+
 def _split_sql(script: str) -> list[str]:
     """Split a migration into statements, keeping trigger bodies whole."""
     statements: list[str] = []
@@ -350,7 +406,9 @@ class DaemonLock:
         self._file: Any = None
 
     def acquire(self) -> bool:
-        self._file = open(self.path, "a+")  # noqa: SIM115 - held for the daemon's lifetime
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+        os.fchmod(fd, PRIVATE_MODE)  # an older release left it 0644
+        self._file = os.fdopen(fd, "r+")  # held for the daemon's lifetime
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,3 +87,74 @@ def test_audit_rows_cannot_be_changed(tmp_path: Path):
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         store.db.conn.execute("UPDATE audit SET actor = 'someone else'")
     store.close()
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_record_files_are_private_whatever_the_umask(tmp_path: Path):
+    """The database, its WAL and shared-memory files and the lock file are 0600 under umask 022."""
+    old = os.umask(0o022)
+    try:
+        store = Store(tmp_path / "v.db")
+        store.set_meta("written", "yes")  # a write makes SQLite create the -wal file
+        lock = DaemonLock(tmp_path / "v.db")
+        assert lock.acquire()
+        files = [tmp_path / n for n in ("v.db", "v.db-wal", "v.db-shm", "v.db.lock")]
+        assert {f.name: _mode(f) for f in files} == {f.name: 0o600 for f in files}
+        lock.release()
+        store.close()
+    finally:
+        os.umask(old)
+
+
+def test_a_looser_existing_record_is_tightened_at_open(tmp_path: Path):
+    """A database (and lock file) left 0644 by an older release is made 0600 when opened."""
+    Store(tmp_path / "v.db").close()
+    (tmp_path / "v.db.lock").write_text("")
+    for name in ("v.db", "v.db.lock"):
+        (tmp_path / name).chmod(0o644)
+    store = Store(tmp_path / "v.db")
+    lock = DaemonLock(tmp_path / "v.db")
+    assert lock.acquire()
+    assert (_mode(tmp_path / "v.db"), _mode(tmp_path / "v.db.lock")) == (0o600, 0o600)
+    lock.release()
+    store.close()
+
+
+def _open_when_told(path: str, go: Any, errors: Any) -> None:
+    go.wait(10)
+    try:
+        store = Store(Path(path))
+        store.set_meta(f"opened-by-{os.getpid()}", "yes")
+        store.close()
+    except Exception as err:  # reported to the parent, which fails the test with it
+        errors.put(f"{type(err).__name__}: {err}")
+        raise SystemExit(1) from None
+
+
+def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Path):
+    """Several processes racing to create and migrate the same new database all open it."""
+    context = multiprocessing.get_context("fork")
+    for round_number in range(10):
+        path = tmp_path / f"race-{round_number}.db"
+        go, errors = context.Event(), context.Queue()
+        racers = [
+            context.Process(target=_open_when_told, args=(str(path), go, errors)) for _ in range(5)
+        ]
+        for racer in racers:
+            racer.start()
+        go.set()
+        for racer in racers:
+            racer.join(60)
+        failures = []
+        while not errors.empty():
+            failures.append(errors.get())
+        assert failures == [], f"round {round_number}"
+        assert [r.exitcode for r in racers] == [0] * 5
+        store = Store(path)
+        names = [r["name"] for r in store.query("SELECT name FROM schema_migrations")]
+        assert sorted(names) == sorted(name for name, _ in store_module.MIGRATIONS)
+        assert len(store.query("SELECT key FROM meta WHERE key LIKE 'opened-by-%'")) == 5
+        store.close()
