@@ -253,6 +253,11 @@ class Channel(Connector):
     # The Recipient field this channel delivers to ("email", "mobile"), or None when it can
     # take any message (outbox, console). Recipients without it are not queued here.
     address_field: ClassVar[str | None] = None
+    # True for channels that write to this machine's disk (the outbox): when the disk is
+    # full, alerts go out from memory through the others.
+    writes_locally: ClassVar[bool] = False
+    # True when send_many() is cheaper than one send() per message (one write, one fsync).
+    sends_batches: ClassVar[bool] = False
 
     def address_of(self, message: Message) -> str:
         """The recipient's address for this channel; a permanent error when there is none."""
@@ -274,3 +279,15 @@ class Channel(Connector):
 
         Returning means the other side accepted it; the dispatcher then marks it sent.
         """
+
+    def send_many(self, messages: list[Message]) -> list[BaseException | None]:
+        """Deliver several messages; for each, ``None`` if accepted or the error it met."""
+        outcomes: list[BaseException | None] = []
+        for message in messages:
+            try:
+                self.send(message)
+            except ConnectorError as err:
+                outcomes.append(err)
+            else:
+                outcomes.append(None)
+        return outcomes

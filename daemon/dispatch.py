@@ -1,17 +1,36 @@
-"""Delivering notification rows: at least once, with backoff, and a fallback channel.
+"""Delivering notification rows: at least once, each channel on its own lane.
 
 A row is marked sent only after its channel accepted it. A temporary failure is retried
 with growing delays for as long as it takes (an overrun alert never expires); after a few
 failures, or at once on a permanent one, a copy also goes to the channel's fallback.
+
+Each channel delivers on its own **lane**: one daemon thread with its own queue (principle
+9). A mail server that accepts the connection and never answers holds up its own lane and
+nothing else: the console, the outbox and every other channel keep delivering, and the
+sweep never waits for a send. A lane that stays busy longer than ``send_timeout`` is
+*stalled*.
+
+Nothing waits silently. A notification still not delivered ``delivery_deadline`` after it
+was written (a hung or refusing channel) gets its fallback copy at once and opens an
+**outage** of its channel: the admins are told once, on another channel, and told again
+when the channel delivers again.
+
+When the record itself cannot be written (a full disk), what a lane sent is remembered in
+memory and written when the disk frees; :meth:`Dispatcher.send_unrecorded` delivers alerts
+that could not even be queued straight from memory.
 """
 
 from __future__ import annotations
 
+import queue
 import random
-from collections.abc import Mapping
-from dataclasses import dataclass
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -25,13 +44,36 @@ log = structlog.get_logger(__name__)
 FIRST_RETRY = timedelta(seconds=10)
 MAX_RETRY = timedelta(minutes=5)
 FALLBACK_AFTER_ATTEMPTS = 3
+DELIVERY_DEADLINE = timedelta(minutes=2)
+SEND_TIMEOUT = timedelta(seconds=30)
+# Results are written in batches of this many (one commit each) by channels that accept
+# many messages at once (the outbox: one write and one fsync for the batch).
+BATCH = 200
+# Doubling past this many attempts would only be capped again: 10 s * 2**5 > MAX_RETRY.
+_MAX_DOUBLINGS = 5
 
 
 def retry_delay(attempts: int, rng: random.Random | None = None) -> timedelta:
-    """10 s, 20 s, 40 s ... capped at 5 min, with ±10 % jitter so retries don't align."""
-    base = min(FIRST_RETRY * (2 ** max(0, attempts - 1)), MAX_RETRY)
-    jitter = (rng or random).uniform(0.9, 1.1)
-    return base * jitter
+    """10 s, 20 s, 40 s ... capped at 5 min, with ±10 % jitter so retries don't align.
+
+    The exponent is capped before anything is multiplied: after hours of failures the
+    attempt count is large, and ``timedelta`` overflows long before ``2 ** attempts`` does.
+    """
+    doublings = min(max(0, attempts - 1), _MAX_DOUBLINGS)
+    base = min(FIRST_RETRY * (2**doublings), MAX_RETRY)
+    return base * (rng or random).uniform(0.9, 1.1)
+
+
+class AdminNotifier(Protocol):
+    def __call__(
+        self,
+        conn: sqlite3.Connection,
+        key: str,
+        subject: str,
+        text: str,
+        now: datetime,
+        avoid_channel: str = "",
+    ) -> int: ...
 
 
 @dataclass
@@ -40,6 +82,73 @@ class DispatchReport:
     retried: int = 0
     failed: int = 0
     fallbacks: int = 0
+    notices: int = 0  # admin notices written (a channel's outage or recovery)
+    stalled: list[str] = field(default_factory=list)  # channels whose lane is stuck in a send
+
+    def add(self, other: DispatchReport) -> None:
+        self.sent += other.sent
+        self.retried += other.retried
+        self.failed += other.failed
+        self.fallbacks += other.fallbacks
+        self.notices += other.notices
+
+
+@dataclass
+class _Batch:
+    rows: list[dict[str, Any]]
+    report: DispatchReport = field(default_factory=DispatchReport)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Lane:
+    """One channel's delivery thread and queue."""
+
+    def __init__(self, name: str, work: Callable[[_Batch], None]) -> None:
+        self.name = name
+        self._work = work
+        self._queue: queue.Queue[_Batch | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self.in_flight: set[int] = set()  # row ids queued or being sent
+        self.busy_since: float | None = None  # monotonic start of the batch being sent
+        self._thread = threading.Thread(target=self._run, name=f"lane:{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: list[dict[str, Any]]) -> _Batch | None:
+        with self._lock:
+            fresh = [r for r in rows if r["id"] not in self.in_flight]
+            self.in_flight.update(r["id"] for r in fresh)
+        if not fresh:
+            return None
+        batch = _Batch(fresh)
+        self._queue.put(batch)
+        return batch
+
+    def stalled(self, limit: float) -> bool:
+        started = self.busy_since
+        return started is not None and time.monotonic() - started > limit
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            self.busy_since = time.monotonic()
+            try:
+                self._work(batch)
+            except Exception:  # never let a lane die: the next batch must still go out
+                log.exception("lane_crashed", channel=self.name)
+            finally:
+                self.busy_since = None
+                with self._lock:
+                    self.in_flight.difference_update(r["id"] for r in batch.rows)
+                batch.done.set()
 
 
 class Dispatcher:
@@ -49,90 +158,222 @@ class Dispatcher:
         channels: Mapping[str, Channel],
         configs: Mapping[str, ConnectorConfig],
         clock: Clock,
+        *,
+        delivery_deadline: timedelta = DELIVERY_DEADLINE,
+        send_timeout: timedelta = SEND_TIMEOUT,
+        notify_admins: AdminNotifier | None = None,
+        on_progress: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.channels = channels
         self.configs = configs
         self.clock = clock
+        self.delivery_deadline = delivery_deadline
+        self.send_timeout = send_timeout
+        self.notify_admins = notify_admins
+        self.on_progress = on_progress or (lambda: None)
+        self._lanes: dict[str, Lane] = {}
+        self._lanes_lock = threading.Lock()
+        # Sent, but the record could not say so yet (disk full): row id -> when.
+        self._sent_unrecorded: dict[int, datetime] = {}
+        self._unrecorded_lock = threading.Lock()
+        self._record_broken = False  # logged once per episode
+        # Channels in an announced outage (also kept in meta, so a restart remembers them):
+        # checked on every successful send, so kept in memory.
+        self._outages = {
+            r["key"].removeprefix("outage:")
+            for r in store.query("SELECT key FROM meta WHERE key LIKE 'outage:%'")
+        }
 
-    def dispatch(self, limit: int = 200) -> DispatchReport:
+    # ------------------------------------------------------------------ the pass
+
+    def dispatch(self, wait: float | None = None) -> DispatchReport:
+        """Hand every due notification to its channel's lane.
+
+        ``wait`` is how long to wait for those sends (``None``: the send timeout, enough
+        for a live channel; ``0``: not at all, as the daemon's loop does, since lanes
+        record their own results). A stalled channel never holds up the caller longer.
+        """
+        limit = self.send_timeout.total_seconds() if wait is None else wait
+        give_up = time.monotonic() + limit
         report = DispatchReport()
-        # A failed row is rescheduled into the future, so each round only finds new work:
-        # the fallback copies written by the round before, which should not wait a tick.
+        # Each round's results can write fallback copies, which should not wait a tick.
         for _round in range(3):
-            rows = self.store.query(
-                "SELECT * FROM notifications WHERE status = 'pending' AND next_attempt_at <= ?"
-                " ORDER BY id LIMIT ?",
-                (ts(self.clock.now()), limit),
-            )
-            fallbacks = report.fallbacks
-            for row in rows:
-                self._deliver(row, report)
-            if report.fallbacks == fallbacks:
+            now = self.clock.now()
+            self._past_deadline(now, report)
+            batches = self._submit_due(now, report)
+            for batch in batches:
+                if not batch.done.wait(max(0.0, give_up - time.monotonic())):
+                    continue
+                report.add(batch.report)
+            if not batches or not all(b.done.is_set() for b in batches):
                 break
+            if not any(b.report.fallbacks or b.report.notices for b in batches):
+                break
+        report.stalled = [n for n, lane in self._lanes.items() if lane.stalled(self._stall())]
         return report
 
-    def _deliver(self, row: dict[str, Any], report: DispatchReport) -> None:
-        channel = self.channels.get(row["channel"])
-        if channel is None:
-            # The channel was removed from the config since this row was written.
-            self._failed(
-                row,
-                f"channel {row['channel']!r} is not configured any more",
-                permanent=True,
-                report=report,
-            )
-            return
-        message = to_message(row)
+    def next_due(self) -> datetime | None:
+        """When the next retry or delivery deadline falls (for the daemon's sleep)."""
+        now = self.clock.now()
+        row = self.store.one(
+            "SELECT MIN(next_attempt_at) AS retry, MIN(created) AS oldest FROM notifications"
+            " WHERE status = 'pending'"
+        )
+        if not row or (row["retry"] is None and row["oldest"] is None):
+            return None
+        moments = []
+        if row["retry"]:
+            moments.append(from_ts(row["retry"]))
+        if row["oldest"]:
+            moments.append(from_ts(row["oldest"]) + self.delivery_deadline)
+        # What is due already is in a lane (or a stalled one): look again soon, not at once.
+        return max(min(moments), now + timedelta(milliseconds=200))
+
+    def lanes_stalled(self) -> list[str]:
+        return [n for n, lane in self._lanes.items() if lane.stalled(self._stall())]
+
+    def close(self, timeout: float = 2.0) -> bool:
+        """Stop the lanes; True when every one finished (a hung send is left behind)."""
+        with self._lanes_lock:
+            lanes = list(self._lanes.values())
+            self._lanes.clear()
+        for lane in lanes:
+            lane.stop()
+        deadline = time.monotonic() + timeout
+        return all(lane.join(max(0.0, deadline - time.monotonic())) for lane in lanes)
+
+    def _stall(self) -> float:
+        return self.send_timeout.total_seconds()
+
+    def _lane(self, name: str) -> Lane:
+        with self._lanes_lock:
+            lane = self._lanes.get(name)
+            if lane is None:
+                lane = self._lanes[name] = Lane(name, self._deliver_batch)
+            return lane
+
+    def _submit_due(self, now: datetime, report: DispatchReport) -> list[_Batch]:
+        rows = self.store.query(
+            "SELECT * FROM notifications WHERE status = 'pending' AND next_attempt_at <= ?"
+            " ORDER BY id",
+            (ts(now),),
+        )
+        by_channel: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            if row["channel"] not in self.channels:
+                # The channel was removed from the config since this row was written.
+                self._isolated(row, f"channel {row['channel']!r} is not configured any more")
+                report.failed += 1
+                continue
+            by_channel.setdefault(row["channel"], []).append(row)
+        batches = []
+        for name, channel_rows in by_channel.items():
+            batch = self._lane(name).submit(channel_rows)
+            if batch is not None:
+                batches.append(batch)
+        return batches
+
+    # ------------------------------------------------------------------ one lane
+
+    def _deliver_batch(self, batch: _Batch) -> None:
+        name = batch.rows[0]["channel"]
+        channel = self.channels[name]
+        for start in range(0, len(batch.rows), BATCH):
+            rows = batch.rows[start : start + BATCH]
+            pending = [r for r in rows if not self._catch_up(r, batch.report)]
+            if not pending:
+                continue
+            if channel.sends_batches:
+                outcomes = self._send_many(channel, pending)
+                self._record(pending, outcomes, batch.report)
+            else:
+                for row in pending:
+                    self._record([row], [self._send_one(channel, row)], batch.report)
+        self.on_progress()
+
+    @staticmethod
+    def _send_one(channel: Channel, row: dict[str, Any]) -> BaseException | None:
         try:
-            channel.send(message)
+            channel.send(to_message(row))
         except ConnectorError as err:
-            self._failed(row, str(err), permanent=err.permanent, report=report)
-            return
+            return err
         except Exception as err:  # a channel bug is a delivery failure, not a daemon crash
             log.exception("channel_crashed", channel=row["channel"], notification=row["id"])
-            self._failed(
-                row, f"unexpected {type(err).__name__}: {err}", permanent=False, report=report
-            )
-            return
-        now = self.clock.now()
-        with self.store.transaction() as conn:
-            conn.execute(
-                "UPDATE notifications SET status = 'sent', sent_at = ?, attempts = attempts + 1,"
-                " last_error = NULL WHERE id = ?",
-                (ts(now), row["id"]),
-            )
-        report.sent += 1
-        log.info(
-            "notification_sent",
-            notification=row["id"],
-            kind=row["kind"],
-            channel=row["channel"],
-            visit_id=row["visit_id"],
-        )
+            return err
+        return None
 
-    def _failed(
-        self, row: dict[str, Any], error: str, *, permanent: bool, report: DispatchReport
+    @staticmethod
+    def _send_many(channel: Channel, rows: list[dict[str, Any]]) -> list[BaseException | None]:
+        try:
+            return list(channel.send_many([to_message(r) for r in rows]))
+        except Exception as err:
+            log.exception("channel_crashed", channel=rows[0]["channel"])
+            return [err] * len(rows)
+
+    def _record(
+        self,
+        rows: list[dict[str, Any]],
+        outcomes: list[BaseException | None],
+        report: DispatchReport,
     ) -> None:
+        """Write what happened to ``rows``; each row alone if the batch cannot be written."""
         now = self.clock.now()
+        try:
+            with self.store.transaction() as conn:
+                for row, outcome in zip(rows, outcomes, strict=True):
+                    self._record_one(conn, row, outcome, now, report)
+            self._record_works()
+            return
+        except sqlite3.Error as err:
+            if len(rows) > 1 and not _disk_trouble(err):
+                for row, outcome in zip(rows, outcomes, strict=True):
+                    self._record([row], [outcome], report)
+                return
+            self._record_failed(rows, outcomes, now, err)
+        except Exception as err:
+            # One poisoned row (a value the code cannot handle) must never block the queue.
+            log.exception("notification_unrecordable", notification=rows[0]["id"])
+            if len(rows) > 1:
+                for row, outcome in zip(rows, outcomes, strict=True):
+                    self._record([row], [outcome], report)
+                return
+            self._isolated(rows[0], f"could not be processed: {type(err).__name__}: {err}")
+            report.failed += 1
+
+    def _record_one(
+        self,
+        conn: sqlite3.Connection,
+        row: dict[str, Any],
+        outcome: BaseException | None,
+        now: datetime,
+        report: DispatchReport,
+    ) -> None:
+        if outcome is None:
+            report.notices += self._mark_sent(conn, row, now)
+            report.sent += 1
+            return
+        permanent = isinstance(outcome, ConnectorError) and outcome.permanent
+        error = str(outcome)
+        if not isinstance(outcome, ConnectorError):
+            error = f"unexpected {type(outcome).__name__}: {outcome}"
         attempts = row["attempts"] + 1
-        with self.store.transaction() as conn:
-            if permanent:
-                conn.execute(
-                    "UPDATE notifications SET status = 'failed', attempts = ?, last_error = ?,"
-                    " next_attempt_at = NULL WHERE id = ?",
-                    (attempts, error, row["id"]),
-                )
-                report.failed += 1
-            else:
-                conn.execute(
-                    "UPDATE notifications SET attempts = ?, last_error = ?, next_attempt_at = ?"
-                    " WHERE id = ?",
-                    (attempts, error, ts(now + retry_delay(attempts)), row["id"]),
-                )
-                report.retried += 1
-            if permanent or attempts >= FALLBACK_AFTER_ATTEMPTS:
-                report.fallbacks += self._fallback(conn, row, now)
+        if permanent:
+            conn.execute(
+                "UPDATE notifications SET status = 'failed', attempts = ?, last_error = ?,"
+                " next_attempt_at = NULL WHERE id = ?",
+                (attempts, error, row["id"]),
+            )
+            report.failed += 1
+        else:
+            conn.execute(
+                "UPDATE notifications SET attempts = ?, last_error = ?, next_attempt_at = ?"
+                " WHERE id = ?",
+                (attempts, error, ts(now + retry_delay(attempts)), row["id"]),
+            )
+            report.retried += 1
+        if permanent or attempts >= FALLBACK_AFTER_ATTEMPTS:
+            report.fallbacks += self._fallback(conn, row, now)
         log.warning(
             "notification_failed",
             notification=row["id"],
@@ -142,7 +383,22 @@ class Dispatcher:
             error=error,
         )
 
-    def _fallback(self, conn: Any, row: dict[str, Any], now: datetime) -> int:
+    def _mark_sent(self, conn: sqlite3.Connection, row: dict[str, Any], when: datetime) -> int:
+        conn.execute(
+            "UPDATE notifications SET status = 'sent', sent_at = ?, attempts = attempts + 1,"
+            " last_error = NULL WHERE id = ? AND status = 'pending'",
+            (ts(when), row["id"]),
+        )
+        log.info(
+            "notification_sent",
+            notification=row["id"],
+            kind=row["kind"],
+            channel=row["channel"],
+            visit_id=row["visit_id"],
+        )
+        return self._recovered(conn, row["channel"], when)
+
+    def _fallback(self, conn: sqlite3.Connection, row: dict[str, Any], now: datetime) -> int:
         config = self.configs.get(row["channel"])
         if config is None or not config.fallback or row["fallback_of"] is not None:
             return 0
@@ -155,6 +411,221 @@ class Dispatcher:
             " FROM notifications WHERE id = ?",
             (config.fallback, ts(now), ts(now), row["id"]),
         ).rowcount
+
+    def _isolated(self, row: dict[str, Any], error: str) -> None:
+        """Take a row that cannot be handled out of the queue; the health check reports it."""
+        try:
+            with self.store.transaction() as conn:
+                conn.execute(
+                    "UPDATE notifications SET status = 'failed', attempts = attempts + 1,"
+                    " last_error = ?, next_attempt_at = NULL WHERE id = ?",
+                    (error[:500], row["id"]),
+                )
+                self._fallback(conn, row, self.clock.now())
+        except sqlite3.Error as err:
+            self._record_failed([row], [None], self.clock.now(), err, sent=False)
+        log.error("notification_isolated", notification=row["id"], error=error)
+
+    # ------------------------------------------------------------------ deadlines
+
+    def _past_deadline(self, now: datetime, report: DispatchReport) -> None:
+        """Fallback copies and one admin notice per channel outage for what is waiting too long."""
+        late = self.store.query(
+            "SELECT * FROM notifications WHERE status = 'pending' AND created <= ? ORDER BY id",
+            (ts(now - self.delivery_deadline),),
+        )
+        if not late:
+            return
+        by_channel: dict[str, list[dict[str, Any]]] = {}
+        for row in late:
+            by_channel.setdefault(row["channel"], []).append(row)
+        try:
+            with self.store.transaction() as conn:
+                for row in late:
+                    report.fallbacks += self._fallback(conn, row, now)
+                for name, rows in by_channel.items():
+                    self._outage(conn, name, rows, now)
+        except sqlite3.Error as err:
+            log.error("deadline_check_failed", error=str(err))
+
+    def _outage(
+        self, conn: sqlite3.Connection, channel: str, rows: list[dict[str, Any]], now: datetime
+    ) -> None:
+        meta = f"outage:{channel}"
+        self._outages.add(channel)
+        if conn.execute("SELECT 1 FROM meta WHERE key = ?", (meta,)).fetchone():
+            return  # this outage was announced already
+        conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (meta, ts(now)))
+        oldest = rows[0]
+        lane = self._lanes.get(channel)
+        why = oldest["last_error"] or (
+            f"no answer for over {self.send_timeout.total_seconds():g}s"
+            if lane and lane.stalled(self._stall())
+            else "not yet attempted"
+        )
+        config = self.configs.get(channel)
+        fallback = (
+            f"Copies are going to its fallback channel {config.fallback!r}."
+            if config and config.fallback
+            else "It has no fallback channel: make sure the people waiting for these "
+            "messages are told another way."
+        )
+        minutes = max(1, round(self.delivery_deadline.total_seconds() / 60))
+        text = (
+            f"The channel {channel!r} has not delivered {len(rows)} notification(s) within "
+            f"{minutes} min. The oldest is #{oldest['id']}, a {oldest['kind']} notification"
+            + (f" for visit {oldest['visit_id']}" if oldest["visit_id"] else "")
+            + f".\nLast error: {why}\n\n{fallback}\nvisitwatch keeps retrying and tells you "
+            "when the channel delivers again. `visitwatch status` lists what is waiting."
+        )
+        log.error("channel_outage", channel=channel, waiting=len(rows))
+        if self.notify_admins is not None:
+            self.notify_admins(
+                conn,
+                f"outage:{channel}:{ts(now)}",
+                f"visitwatch: channel {channel!r} is not delivering",
+                text,
+                now,
+                avoid_channel=channel,
+            )
+
+    def _recovered(self, conn: sqlite3.Connection, channel: str, now: datetime) -> int:
+        if channel not in self._outages:
+            return 0
+        meta = f"outage:{channel}"
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (meta,)).fetchone()
+        self._outages.discard(channel)
+        if not row:
+            return 0
+        conn.execute("DELETE FROM meta WHERE key = ?", (meta,))
+        log.warning("channel_recovered", channel=channel)
+        if self.notify_admins is None:
+            return 0
+        return self.notify_admins(
+            conn,
+            f"recovered:{channel}:{row[0]}",
+            f"visitwatch: channel {channel!r} is delivering again",
+            f"The channel {channel!r} delivered again; what was waiting is being sent.",
+            now,
+        )
+
+    # ------------------------------------------------------------------ no record
+
+    def send_unrecorded(self, messages: Iterable[Message], *, local_ok: bool = False) -> int:
+        """Deliver messages that could not be queued in the record, straight from memory.
+
+        Used when the database cannot be written (a full disk) or delivery has stalled:
+        each goes to every channel that can take it and needs no local write (unless
+        ``local_ok``), on a thread of its own, and is logged. Returns how many were handed
+        over.
+        """
+        handed = 0
+        for message in messages:
+            for name, channel in self.channels.items():
+                if channel.writes_locally and not local_ok:
+                    continue
+                config = self.configs.get(name)
+                if (
+                    config is not None
+                    and config.kinds is not None
+                    and message.kind not in config.kinds
+                ):
+                    continue
+                field_name = channel.address_field
+                if field_name and not getattr(message.recipient, field_name, ""):
+                    continue
+                copy = Message(
+                    message.id,
+                    message.kind,
+                    message.visit_id,
+                    message.recipient,
+                    name,
+                    message.subject,
+                    message.text,
+                    message.created,
+                )
+                threading.Thread(
+                    target=self._send_unrecorded_one,
+                    args=(channel, copy),
+                    name=f"unrecorded:{name}",
+                    daemon=True,
+                ).start()
+                handed += 1
+        return handed
+
+    @staticmethod
+    def _send_unrecorded_one(channel: Channel, message: Message) -> None:
+        try:
+            channel.send(message)
+            log.warning(
+                "notification_sent_unrecorded",
+                kind=message.kind,
+                channel=channel.name,
+                visit_id=message.visit_id,
+            )
+        except Exception as err:
+            log.error(
+                "notification_unrecorded_failed",
+                kind=message.kind,
+                channel=channel.name,
+                visit_id=message.visit_id,
+                error=str(err),
+            )
+
+    def _catch_up(self, row: dict[str, Any], report: DispatchReport) -> bool:
+        """A row sent while the record could not be written: write it now, do not resend."""
+        with self._unrecorded_lock:
+            when = self._sent_unrecorded.get(row["id"])
+        if when is None:
+            return False
+        try:
+            with self.store.transaction() as conn:
+                self._mark_sent(conn, row, when)
+        except sqlite3.Error:
+            return True  # still cannot write: keep it in memory, never send it twice
+        with self._unrecorded_lock:
+            self._sent_unrecorded.pop(row["id"], None)
+        report.sent += 1
+        return True
+
+    def _record_failed(
+        self,
+        rows: list[dict[str, Any]],
+        outcomes: list[BaseException | None],
+        now: datetime,
+        err: sqlite3.Error,
+        *,
+        sent: bool = True,
+    ) -> None:
+        if sent:
+            with self._unrecorded_lock:
+                for row, outcome in zip(rows, outcomes, strict=True):
+                    if outcome is None:
+                        self._sent_unrecorded[row["id"]] = now
+        if not self._record_broken:
+            self._record_broken = True
+            log.error("record_unwritable", error=str(err), waiting=len(rows))
+
+    def _record_works(self) -> None:
+        if self._record_broken:
+            self._record_broken = False
+            log.warning("record_writable_again")
+
+
+def _disk_trouble(err: sqlite3.Error) -> bool:
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _DISK_CODES:  # extended codes keep the primary low
+        return True
+    return "disk" in str(err) or "readonly" in str(err)
+
+
+# SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY, SQLITE_CANTOPEN (primary codes).
+_DISK_CODES = {13, 10, 8, 14}
+
+
+def record_unwritable(err: BaseException) -> bool:
+    """Whether ``err`` means the record cannot be written at all (disk full, I/O error)."""
+    return isinstance(err, sqlite3.Error) and _disk_trouble(err)
 
 
 def to_message(row: dict[str, Any]) -> Message:

@@ -17,7 +17,7 @@ from datetime import date, datetime, timedelta
 
 import structlog
 
-from visitwatch.connectors.base import Recipient
+from visitwatch.connectors.base import Message, Recipient
 from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import Config, StaffMember
 from visitwatch.daemon.escalation import Addressee, Watcher, enqueue
@@ -45,6 +45,13 @@ class HealthMonitor:
                 return [Addressee(_recipient(p), f"role:{role}") for p in people]
         return []
 
+    def admin_messages(self, subject: str, text: str) -> list[Message]:
+        """An admin notice as messages in memory, for when the record cannot queue it."""
+        now = self.clock.now()
+        return [
+            Message(0, "admin", None, a.recipient, "", subject, text, now) for a in self.admins()
+        ]
+
     def check(self) -> int:
         now = self.clock.now()
         with self.store.transaction() as conn:
@@ -53,7 +60,7 @@ class HealthMonitor:
             written += self._expiring_secrets(conn, now)
         return written
 
-    def _notify(
+    def notify(
         self,
         conn: sqlite3.Connection,
         key: str,
@@ -91,7 +98,7 @@ class HealthMonitor:
                 "cancellations there are not seen until it is fixed. Run `visitwatch check`."
             )
             # One notice per outage: the key carries the last success that the outage follows.
-            written += self._notify(
+            written += self.notify(
                 conn,
                 f"source:{source['name']}:{source['last_success_at']}",
                 f"visitwatch: calendar {source['name']!r} cannot be read",
@@ -119,7 +126,7 @@ class HealthMonitor:
                 "Make sure the recipient has been told. `visitwatch status` lists every "
                 "undelivered notification."
             )
-            written += self._notify(
+            written += self.notify(
                 conn,
                 f"undelivered:{row['id']}",
                 f"visitwatch: a {row['kind']} alert was not delivered",
@@ -151,7 +158,7 @@ class HealthMonitor:
                 "registration in Entra, update it where the config reads it, and set "
                 "secret_expires to the new date."
             )
-            written += self._notify(
+            written += self.notify(
                 conn,
                 f"expiry:{connector.name}:{expires}:{step}",
                 f"visitwatch: credential for {connector.name!r} {when}",

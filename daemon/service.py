@@ -1,11 +1,22 @@
-"""The running daemon: connectors, scheduler, signals and the systemd watchdog.
+"""The running daemon: connectors, loops, signals and the systemd watchdog.
 
-APScheduler only wakes things up. Three kinds of job, each on its own executor so that a
-slow calendar or a hanging mail server can never delay the sweep that raises alerts:
+Nothing here decides what is due: the database does (principle 1). These threads only
+wake things up, each on its own so that a slow calendar or a hanging mail server can
+never delay the sweep that raises alerts:
 
-- ``sync:<source>`` every poll interval, on a small thread pool;
-- ``sweep`` every sweep interval, alone on its own thread;
-- ``dispatch`` every sweep interval, and at once whenever a sweep wrote notifications.
+- the **sweep** loop wakes at the next visit deadline (or when a write makes one due
+  sooner), and at least every ``sweep_interval``;
+- the **dispatch** loop hands due notifications to the channels' lanes (one thread per
+  channel, see ``dispatch.py``) whenever the sweep wrote some, a lane finished, or a
+  retry falls due;
+- the **write-back** loop mirrors states onto calendar entries (best effort);
+- calendar **polls** run every ``poll_interval`` under APScheduler, each on a daemon
+  thread of its own.
+
+Every wait is measured on the monotonic clock and every deadline compared on the wall
+clock when the loop wakes, so a wall-clock step (NTP after a VM resume) delays nothing by
+more than ``sweep_interval``; the polls, which APScheduler times by the wall clock, are
+re-armed when a step is noticed.
 """
 
 from __future__ import annotations
@@ -14,12 +25,13 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Mapping
-from datetime import datetime, timedelta
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.executors.base import BaseExecutor, run_job
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from visitwatch.connectors.base import (
@@ -32,7 +44,12 @@ from visitwatch.connectors.base import (
 from visitwatch.daemon import __version__
 from visitwatch.daemon.clock import Clock, SystemClock
 from visitwatch.daemon.config import Config, ConnectorConfig, StaffMember
-from visitwatch.daemon.dispatch import Dispatcher, DispatchReport
+from visitwatch.daemon.dispatch import (
+    DELIVERY_DEADLINE,
+    SEND_TIMEOUT,
+    Dispatcher,
+    DispatchReport,
+)
 from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.health import HealthMonitor
 from visitwatch.daemon.store import DaemonLock, Store, ts
@@ -79,14 +96,25 @@ class Service:
                 log.error("source_unusable", source=source_config.name, error=text)
         self.watcher = Watcher(self.store, config, self.clock)
         self.syncer = Syncer(self.store, config, self.policy, self.watcher, self.clock)
-        self.dispatcher = Dispatcher(self.store, self.channels, self.channel_configs, self.clock)
         self.health = HealthMonitor(self.store, config, self.watcher, self.clock)
+        self.dispatcher = Dispatcher(
+            self.store,
+            self.channels,
+            self.channel_configs,
+            self.clock,
+            delivery_deadline=getattr(config.daemon, "delivery_deadline", DELIVERY_DEADLINE),
+            send_timeout=getattr(config.daemon, "send_timeout", SEND_TIMEOUT),
+            notify_admins=self.health.notify,
+        )
         self._directories: dict[str, Any] = {}
         self._not_in_directory: dict[str, datetime] = {}
         self.syncer.learn = self.learn_people
         self.lock = DaemonLock(config.daemon.database)
         self._stop = threading.Event()
         self._scheduler: BackgroundScheduler | None = None
+        self._loops: dict[str, Loop] = {}
+        self._clock_steps = ClockSteps()
+        self._dispatch_stalled = False
 
     # ------------------------------------------------------------------ people
 
@@ -147,13 +175,11 @@ class Service:
             self.health.check()
         except Exception:  # a health check must never stop the sweep that raises alerts
             log.exception("health_check_failed")
-        _sd_notify("WATCHDOG=1")  # the sweep is alive; systemd restarts us if this stops
         return changed
 
-    def dispatch(self) -> DispatchReport:
-        report = self.dispatcher.dispatch()
-        self.write_back()
-        return report
+    def dispatch(self, wait: float | None = None) -> DispatchReport:
+        """Deliver what is due; ``wait`` as in :meth:`Dispatcher.dispatch`."""
+        return self.dispatcher.dispatch(wait)
 
     def write_back(self) -> int:
         """Mirror state changes onto calendar entries, for sources that can and are asked to.
@@ -195,7 +221,9 @@ class Service:
         try:
             reports = self.sync_all()
             changed = self.sweep()
-            return reports, changed, self.dispatch()
+            delivered = self.dispatch()
+            self.write_back()
+            return reports, changed, delivered
         finally:
             self.lock.release()
 
@@ -210,11 +238,12 @@ class Service:
 
     def run(self, install_signal_handlers: bool = True) -> None:
         self.acquire_lock()
+        finished = False
         try:
             if install_signal_handlers:
                 signal.signal(signal.SIGTERM, self._on_signal)
                 signal.signal(signal.SIGINT, self._on_signal)
-            self.start_scheduler()
+            self.start()
             log.info(
                 "daemon_started",
                 version=__version__,
@@ -226,11 +255,13 @@ class Service:
             self._stop.wait()
             log.info("daemon_stopping")
             _sd_notify("STOPPING=1")
-            self.stop_scheduler()
+            finished = self.stop_loops()
         finally:
-            self.close()
+            # A thread still inside a slow call keeps its database connection; the process
+            # exits around it (SQLite's journal makes that as safe as a crash).
+            self.close(store=finished)
             self.lock.release()
-        log.info("daemon_stopped")
+        log.info("daemon_stopped", clean=finished)
 
     def stop(self) -> None:
         self._stop.set()
@@ -239,63 +270,119 @@ class Service:
         log.info("signal_received", signal=signal.Signals(signum).name)
         self.stop()
 
-    def start_scheduler(self) -> BackgroundScheduler:
+    # ------------------------------------------------------------------ the loops
+
+    def start(self) -> None:
+        """Start the sweep, delivery and write-back loops and the calendar polls."""
+        interval = self.config.daemon.sweep_interval.total_seconds()
+        self._loops = {
+            "sweep": Loop("sweep", self._sweep_step, interval, self._stop),
+            "dispatch": Loop("dispatch", self._dispatch_step, interval, self._stop),
+            "write_back": Loop("write_back", self._write_back_step, interval, self._stop),
+        }
+        self.watcher.wake = self._loops["sweep"].wake
+        self.dispatcher.on_progress = self._loops["dispatch"].wake
+        for loop in self._loops.values():
+            loop.start()
+        self._scheduler = self._start_polls()
+
+    def stop_loops(self, timeout: float = 5.0) -> bool:
+        """Stop everything within ``timeout`` seconds; True when no work was left running.
+
+        Work in flight is either finished or safely left: a notification is marked sent
+        only after its channel accepted it, so an interrupted send is sent again on start.
+        """
+        self._stop.set()
+        for loop in self._loops.values():
+            loop.wake()
+        if self._scheduler is not None:
+            # wait=False: waiting here would hold APScheduler's lock while a poll finishes.
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        deadline = time.monotonic() + timeout
+        finished = all(
+            loop.join(max(0.0, deadline - time.monotonic())) for loop in self._loops.values()
+        )
+        finished &= self.dispatcher.close(max(0.0, deadline - time.monotonic()))
+        busy = [t.name for t in threading.enumerate() if t.name.startswith("poll:")]
+        if busy:
+            log.warning("stopping_with_polls_in_flight", polls=len(busy))
+        return finished and not busy
+
+    def _start_polls(self) -> BackgroundScheduler:
         daemon = self.config.daemon
         scheduler = BackgroundScheduler(
-            executors={
-                "sync": ThreadPoolExecutor(max_workers=4),
-                "sweep": ThreadPoolExecutor(max_workers=1),
-                "dispatch": ThreadPoolExecutor(max_workers=1),
-            },
+            executors={"default": DaemonThreadExecutor()},
             job_defaults={"coalesce": True, "max_instances": 1},
             timezone="UTC",
         )
-        now = self.clock.now()
-        sweep_seconds = daemon.sweep_interval.total_seconds()
+        now = datetime.now(UTC)
         for index, name in enumerate(self.sources):
             scheduler.add_job(
                 self._guarded,
                 "interval",
                 args=("sync", self.sync, name),
-                id=f"sync:{name}",
+                id=f"poll:{name}",
                 seconds=daemon.poll_interval.total_seconds(),
-                executor="sync",
                 # A missed poll is simply done late; the next one is never skipped twice.
                 misfire_grace_time=int(daemon.poll_interval.total_seconds()),
                 next_run_time=now + timedelta(milliseconds=100 * index),
             )
-        scheduler.add_job(
-            self._guarded,
-            "interval",
-            args=("sweep", self._sweep_and_wake),
-            id="sweep",
-            seconds=sweep_seconds,
-            executor="sweep",
-            misfire_grace_time=max(1, int(sweep_seconds)),
-            next_run_time=now + timedelta(seconds=1),
-        )
-        scheduler.add_job(
-            self._guarded,
-            "interval",
-            args=("dispatch", self.dispatch),
-            id="dispatch",
-            seconds=sweep_seconds,
-            executor="dispatch",
-            misfire_grace_time=max(1, int(sweep_seconds)),
-            next_run_time=now,
-        )
         scheduler.start()
-        self._scheduler = scheduler
         return scheduler
 
-    def _sweep_and_wake(self) -> None:
+    def _sweep_step(self) -> float | None:
+        self._clock_steps.check(self._polls_now)
         self.sweep()
-        pending = self.store.one(
+        loops = self._loops
+        if self.store.one(
             "SELECT 1 FROM notifications WHERE status = 'pending' AND next_attempt_at <= ? LIMIT 1",
             (ts(self.clock.now()),),
-        )
-        if pending and self._scheduler is not None:
-            self._scheduler.modify_job("dispatch", next_run_time=self.clock.now())
+        ):
+            loops["dispatch"].wake()
+        self._watchdog(loops["dispatch"])
+        return _seconds_until(self.watcher.next_due(), self.clock.now())
+
+    def _dispatch_step(self) -> float | None:
+        self.dispatcher.dispatch(wait=0)
+        return _seconds_until(self.dispatcher.next_due(), self.clock.now())
+
+    def _write_back_step(self) -> float | None:
+        self.write_back()
+        return None
+
+    def _watchdog(self, dispatch: Loop) -> None:
+        """Tell systemd we are alive only while the sweep and delivery both make progress."""
+        limit = 2 * self.config.daemon.sweep_interval.total_seconds() + 30
+        stuck_for = time.monotonic() - dispatch.heartbeat
+        if stuck_for <= limit:
+            if self._dispatch_stalled:
+                self._dispatch_stalled = False
+                log.warning("dispatch_progressing_again")
+            _sd_notify("WATCHDOG=1")
+            return
+        if not self._dispatch_stalled:
+            self._dispatch_stalled = True
+            log.error("dispatch_stalled", seconds=round(stuck_for))
+            self.dispatcher.send_unrecorded(
+                self.health.admin_messages(
+                    "visitwatch: alert delivery has stopped",
+                    f"The delivery loop has made no progress for {round(stuck_for)} s, so "
+                    "alerts may not be going out. systemd will restart visitwatch; if this "
+                    "repeats, run `visitwatch status` and check the journal.",
+                ),
+                local_ok=True,
+            )
+
+    def _polls_now(self) -> None:
+        """After a wall-clock step, run every poll now: APScheduler times them by the wall."""
+        scheduler = self._scheduler
+        if scheduler is None:
+            return
+        now = datetime.now(UTC)
+        for job in scheduler.get_jobs():
+            job.modify(next_run_time=now)
+        scheduler.wakeup()
 
     @staticmethod
     def _guarded(job: str, func: Any, *args: Any) -> None:
@@ -307,18 +394,103 @@ class Service:
         except Exception:
             log.exception("job_crashed", job=job)
 
-    def stop_scheduler(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=True)  # in-flight sync, sweep and sends finish
-            self._scheduler = None
-
-    def close(self) -> None:
+    def close(self, store: bool = True) -> None:
+        self.dispatcher.close(0)
         for connector in [*self.sources.values(), *self.channels.values()]:
             try:
                 connector.close()
             except Exception:
                 log.exception("close_failed", connector=connector.name)
-        self.store.close()
+        if store:
+            self.store.close()
+
+
+class Loop:
+    """A thread that runs ``step`` when woken, or when the time ``step`` returned has come.
+
+    Waits are measured on the monotonic clock (``Event.wait``), so a wall-clock step can
+    neither stall nor hurry it; ``step`` compares deadlines on the wall clock each time it
+    runs, and runs at least every ``max_wait`` seconds whatever it returned.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        step: Callable[[], float | None],
+        max_wait: float,
+        stop: threading.Event,
+    ) -> None:
+        self.name = name
+        self._step = step
+        self._max_wait = max_wait
+        self._stop = stop
+        self._wake = threading.Event()
+        self.heartbeat = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"loop:{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()  # a wake during the step runs it again at once
+            try:
+                delay = self._step()
+            except Exception:
+                log.exception("loop_crashed", loop=self.name)
+                delay = None
+            self.heartbeat = time.monotonic()
+            wait = self._max_wait if delay is None else min(max(delay, 0.0), self._max_wait)
+            self._wake.wait(wait)
+
+
+class ClockSteps:
+    """Notices when the wall clock jumps (NTP after a suspend, an admin's ``date -s``)."""
+
+    TOLERANCE = 2.0  # seconds of disagreement between the wall and the monotonic clock
+
+    def __init__(self) -> None:
+        self._wall = time.time()
+        self._mono = time.monotonic()
+
+    def check(self, on_step: Callable[[], None]) -> None:
+        wall, mono = time.time(), time.monotonic()
+        drift = (wall - self._wall) - (mono - self._mono)
+        self._wall, self._mono = wall, mono
+        if abs(drift) > self.TOLERANCE:
+            log.warning("clock_stepped", seconds=round(drift, 1))
+            on_step()
+
+
+class DaemonThreadExecutor(BaseExecutor):
+    """APScheduler executor running each job on a daemon thread of its own.
+
+    A pool's threads are joined when the interpreter exits, so a poll stuck in a slow read
+    would hold up a stop; a daemon thread is left behind instead (its transaction, if
+    any, rolls back like a crash's). ``max_instances`` still keeps one run per job.
+    """
+
+    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
+        def target() -> None:
+            try:
+                events = run_job(job, job._jobstore_alias, run_times, self._logger.name)
+            except BaseException as err:
+                self._run_job_error(job.id, err, err.__traceback__)
+            else:
+                self._run_job_success(job.id, events)
+
+        threading.Thread(target=target, name=f"{job.id}", daemon=True).start()
+
+
+def _seconds_until(moment: datetime | None, now: datetime) -> float | None:
+    return None if moment is None else (moment - now).total_seconds()
 
 
 def _sd_notify(state: str) -> None:

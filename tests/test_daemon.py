@@ -175,7 +175,9 @@ kinds = ["admin"]
     for _ in range(FALLBACK_AFTER_ATTEMPTS - 1):
         world.clock.advance(timedelta(minutes=5))
         service.dispatch()
-    assert [m["kind"] for m in world.messages()] == ["reminder", "overrun"]  # via the fallback
+    assert [m["kind"] for m in world.messages()] == ["reminder", "overrun", "admin"]
+    outage = world.messages("admin")[0]  # past the delivery deadline, the admin hears of it
+    assert "'email' is not delivering" in outage["subject"]
     status = run_cli("--config", str(world.config_file), "status", "--json")
     undelivered = json.loads(status.stdout)["undelivered"]
     assert {n["kind"] for n in undelivered} == {"reminder", "overrun"}
@@ -184,7 +186,13 @@ kinds = ["admin"]
     world.clock.advance(timedelta(minutes=5))
     service.dispatch()
     delivered = sorted(e.rcpt_tos[0] for e in recorder.envelopes)
-    assert delivered == ["asha.khan@example.org", "maria.jones@example.org"]
+    # The backlog, and the director (the admin here) hears the channel is back.
+    assert delivered == [
+        "asha.khan@example.org",
+        "maria.jones@example.org",
+        "sam.webster@example.org",
+    ]
+    assert "'email' is delivering again" in world.messages("admin")[-1]["subject"]
     assert (
         service.store.one("SELECT status FROM notifications WHERE id = ?", (row["id"],))["status"]
         == "sent"
