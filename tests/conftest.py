@@ -123,6 +123,7 @@ class World:
     policy: str = ""
     channels: str = ""
     sources: str = ""
+    daemon: str = ""  # extra lines for the [daemon] table
     services: list[Service] = field(default_factory=list)
 
     @property
@@ -160,6 +161,8 @@ class World:
                 database = "visitwatch.db"
                 timezone = "Europe/London"
             """)
+            + self.daemon
+            + "\n"
             + STAFF
             + sources
             + channels
