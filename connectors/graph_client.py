@@ -8,7 +8,16 @@ which is where Graph's failure modes are handled once:
 - 401: drop the cached token, get a new one, retry once;
 - 403 ``ErrorAccessDenied``: permanent, with what to check (consent, RBAC for Applications);
 - 404: permanent, naming the mailbox;
-- 410 / ``syncStateNotFound``: :class:`GraphError` with ``code``, so delta callers restart.
+- 410 / ``syncStateNotFound``: :class:`GraphError` with ``code``, so delta callers restart;
+- no answer within ``timeout``: a temporary :class:`GraphError` at once, not retried here (the
+  caller's own schedule tries again), so a silent Graph costs a caller one ``timeout``, not
+  five in a row.
+
+Every HTTP request, msal's tenant discovery and token requests included, gets ``timeout``
+from the session itself: msal ignores its own ``timeout`` argument when given a session.
+No lock is held while a request is in flight: the calendar source, the mail channel and
+the directory share this client from different threads, and a hung Entra or Graph must not
+make one of them wait for another's call.
 """
 
 from __future__ import annotations
@@ -99,12 +108,25 @@ def load_certificate(path: Path, password: Secret | None) -> dict[str, Any]:
     return credential
 
 
-class _PinnedSession(requests.Session):
-    """A session whose own ``verify`` wins over REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE.
+class _GraphSession(requests.Session):
+    """A session with a default timeout, whose own ``verify`` wins over the environment.
 
-    requests lets those variables override ``session.verify`` (psf/requests#3829), which
-    would silently ignore a configured ``ca_file``.
+    requests has no session-wide timeout, and msal calls ``session.get`` / ``session.post``
+    without one: without this default a silent token endpoint blocks its caller for ever.
+    requests also lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override ``session.verify``
+    (psf/requests#3829), which would silently ignore a configured ``ca_file``.
     """
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+
+    def request(  # type: ignore[override]
+        self, method: str | bytes, url: str | bytes, *args: Any, timeout: Any = None, **kwargs: Any
+    ) -> requests.Response:
+        return super().request(
+            method, url, *args, timeout=self.timeout if timeout is None else timeout, **kwargs
+        )
 
     def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
         settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
@@ -129,7 +151,7 @@ class GraphClient:
         self.timeout = settings["timeout"].total_seconds()
         self._sleep = sleep
         self._jitter = jitter
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards self._app only; never held during a request
         secret, certificate = settings.get("client_secret"), settings.get("certificate")
         if bool(secret) == bool(certificate):
             raise ConnectorError(
@@ -140,7 +162,7 @@ class GraphClient:
             secret.reveal() if secret
             else load_certificate(certificate, settings.get("certificate_password"))
         )  # fmt: skip
-        self.session = _PinnedSession()
+        self.session = _GraphSession(self.timeout)
         self.session.headers["User-Agent"] = user_agent
         if settings.get("ca_file"):
             self.session.verify = str(settings["ca_file"])
@@ -159,29 +181,30 @@ class GraphClient:
             # Instance discovery asks login.microsoftonline.com about the authority; for a
             # national cloud (or a test server) the configured host is the authority.
             instance_discovery=False,
-            timeout=self.timeout,
+            # No timeout argument: msal ignores it with our session, which has its own.
         )
 
     # ------------------------------------------------------------------ tokens
 
     def token(self) -> str:
-        with self._lock:
-            try:
-                if self._app is None:
-                    self._app = self._new_app()
-                result = self._app.acquire_token_for_client(scopes=SCOPE)
-            except requests.RequestException as err:
-                raise GraphError(
-                    f"cannot reach the Entra token endpoint "
-                    f"({self.settings['authority_host']}): {type(err).__name__}"
-                ) from err
-            except ValueError as err:
-                # msal's tenant discovery refused the authority: a configuration mistake.
-                raise GraphError(
-                    f"Entra does not know the tenant {self.settings['tenant_id']!r} at "
-                    f"{self.settings['authority_host']}: check tenant_id ({err})",
-                    permanent=True,
-                ) from err
+        """An access token from msal's cache, or from Entra (each request waits ``timeout``)."""
+        host = self.settings["authority_host"]
+        app = self._application()
+        try:
+            # msal's token cache has its own lock; concurrent misses each ask Entra.
+            result = app.acquire_token_for_client(scopes=SCOPE)
+        except requests.Timeout as err:
+            raise GraphError(
+                f"the Entra token endpoint ({host}) did not answer within {self.timeout:g}s"
+            ) from err
+        except requests.RequestException as err:
+            raise GraphError(
+                f"cannot reach the Entra token endpoint ({host}): {type(err).__name__}"
+            ) from err
+        except ValueError as err:  # an answer that is not JSON: a proxy's error page
+            raise GraphError(
+                f"the Entra token endpoint ({host}) gave an unreadable answer"
+            ) from err
         if "access_token" in result:
             return result["access_token"]
         description = str(result.get("error_description", "")).split("\r\n")[0]
@@ -198,9 +221,37 @@ class GraphClient:
                                               "invalid_request", "invalid_scope"),
         )  # fmt: skip
 
-    def _refresh(self) -> None:
+    def _application(self) -> msal.ConfidentialClientApplication:
+        """msal's application, built on first use (outside the lock: it asks Entra)."""
         with self._lock:
-            self._app = None  # a fresh cache: the next token() asks Entra again
+            app = self._app
+        if app is not None:
+            return app
+        host = self.settings["authority_host"]
+        try:
+            built = self._new_app()
+        except requests.Timeout as err:
+            raise GraphError(f"Entra ({host}) did not answer within {self.timeout:g}s") from err
+        except requests.RequestException as err:
+            raise GraphError(f"cannot reach Entra ({host}): {type(err).__name__}") from err
+        except ValueError as err:
+            # msal's tenant discovery refused the authority: a configuration mistake.
+            raise GraphError(
+                f"Entra does not know the tenant {self.settings['tenant_id']!r} at {host}: "
+                f"check tenant_id ({err})",
+                permanent=True,
+            ) from err
+        with self._lock:
+            if self._app is None:  # another thread may have built one meanwhile: keep one
+                self._app = built
+            return self._app
+
+    def _refresh(self) -> None:
+        """Forget cached tokens: the next token() asks Entra again."""
+        with self._lock:
+            app = self._app
+        if app is not None:
+            app.remove_tokens_for_client()  # the cache only: instance discovery is off
 
     # ------------------------------------------------------------------ requests
 
@@ -231,6 +282,12 @@ class GraphClient:
                     headers=all_headers,
                     timeout=self.timeout,
                 )
+            except requests.Timeout as err:
+                # Trying again would make the caller wait several timeouts in a row (a
+                # dispatcher would then miss its fallback deadline); its schedule retries.
+                raise GraphError(
+                    f"Graph did not answer within {self.timeout:g}s ({type(err).__name__})"
+                ) from err
             except requests.RequestException as err:
                 if attempt == MAX_ATTEMPTS:
                     raise GraphError(f"Graph did not answer ({type(err).__name__})") from err

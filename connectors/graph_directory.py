@@ -93,20 +93,35 @@ class GraphDirectory:
         Never raises for Graph failures.
         """
         wanted = list(dict.fromkeys(i.strip() for i in ids if i and i.strip()))
+        # The lock guards the cache only. Graph is asked outside it: a fetch waiting on a
+        # slow Graph in the sync thread must not hold up dispatch's lookup of a cached manager.
         with self._lock:
             cache = self._load()
             now = self.clock()
             due = [i for i in wanted if i not in cache or now - cache[i].fetched_at >= self.max_age]
-            if due:
-                changed = self._refresh(cache, due, now)
-                if changed:
-                    self._save(cache)
+            if not due:
+                return {i: cache[i].person for i in wanted if i in cache}
+        fetched = self._fetch(due, cached={i for i in due if i in cache})
+        with self._lock:
+            cache = self._load()
+            changed = False
+            for staff_id, person in fetched.items():
+                if person is None:
+                    changed = cache.pop(staff_id, None) is not None or changed
+                else:
+                    cache[staff_id] = _Entry(person, now)
+                    changed = True
+            if changed:
+                self._save(cache)
             return {i: cache[i].person for i in wanted if i in cache}
 
     # ------------------------------------------------------------------ fetching
 
-    def _refresh(self, cache: dict[str, _Entry], ids: list[str], now: datetime) -> bool:
-        """Fetch ``ids`` into ``cache``; True when the cache changed."""
+    def _fetch(self, ids: list[str], cached: set[str]) -> dict[str, Person | None]:
+        """Each id's Person, or None when the directory does not know it.
+
+        An id that could not be fetched is absent (its cached entry, if any, is kept).
+        """
         requests_ = []
         for n, staff_id in enumerate(ids):
             path = mailbox_path(staff_id)
@@ -122,18 +137,18 @@ class GraphDirectory:
             log.warning(
                 "directory.fetch_failed",
                 people=len(ids),
-                using_cache=sum(1 for i in ids if i in cache),
+                using_cache=len(cached),
                 error=str(err),
             )
-            return False
-        changed = False
+            return {}
+        fetched: dict[str, Person | None] = {}
         for n, staff_id in enumerate(ids):
             try:
                 person = _person(staff_id, answers.get(f"u{n}"), answers.get(f"m{n}"))
             except _NotFound:
                 # Often a family's address on an invitation: personal data, so debug only.
                 log.debug("directory.not_found", staff_id=staff_id)
-                changed = cache.pop(staff_id, None) is not None or changed
+                fetched[staff_id] = None
                 continue
             except _Failed as failed:
                 log.warning(
@@ -141,13 +156,12 @@ class GraphDirectory:
                     lookup=n,
                     status=failed.status,
                     code=failed.code,
-                    using_cache=staff_id in cache,
+                    using_cache=staff_id in cached,
                 )
                 continue
             log.debug("directory.fetched", staff_id=staff_id, name=person.name)
-            cache[staff_id] = _Entry(person, now)
-            changed = True
-        return changed
+            fetched[staff_id] = person
+        return fetched
 
     # ------------------------------------------------------------------ the cache file
 
