@@ -137,6 +137,14 @@ def alert(view: VisitView, kind: str, now: datetime, relation: str) -> tuple[str
     else:
         subject = f"OVERDUE: {view.worker_name} is {late} min past the expected return"
         intro = f"{view.worker_name} has not checked in from a {view.label}."
+    acknowledged_by = view.row.get("acknowledged_by")
+    if acknowledged_by and kind != "help":
+        # An acknowledgement covers earlier alerts only; this one says why it still came.
+        subject = f"STILL NOT SAFE: {view.worker_name} is {late} min overdue from a {view.label}"
+        intro = (
+            f"{view.worker_name} has still not checked in. {acknowledged_by} acknowledged at "
+            f"{view.local('acknowledged_at')}, but nobody has confirmed that the worker is safe."
+        )
     body = [intro, "", *_facts(view, now), *_policy_lines(view, kind)]
     body += _how_to_ack(view, f"Visit id: {view.id}")
     return subject, "\n".join(body)

@@ -27,7 +27,8 @@ from visitwatch.connectors.base import (
 from visitwatch.daemon import lifecycle
 from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import Config
-from visitwatch.daemon.escalation import Watcher
+from visitwatch.daemon.escalation import CONFLICT_RETRIES, VersionConflict, Watcher
+from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.store import Store, from_ts, ts
 from visitwatch.policies import Policy
 from visitwatch.policies.model import Finding, VisitDetails
@@ -50,6 +51,7 @@ class SyncReport:
     new: int = 0
     changed: int = 0
     ended: int = 0
+    failed: int = 0  # entries whose processing raised: the feed is read again next poll
     problems: list[EventProblem] = field(default_factory=list)
     error: str = ""
 
@@ -116,16 +118,21 @@ class Syncer:
         for chunk_start in range(0, len(result.events), BATCH):
             # One commit per batch (a commit is an fsync), one savepoint per entry: a broken
             # entry rolls back alone, and the sweep never waits long for the write lock.
+            before = (report.new, report.changed, report.ended)
             with self.store.transaction():
                 for event in result.events[chunk_start : chunk_start + BATCH]:
                     seen.add((event.uid, event.recurrence_id))
                     self._process_safely(event, existing, now, report)
+            if (report.new, report.changed, report.ended) != before:
+                self.watcher.wake()  # committed: something may be due sooner than planned
         if result.complete:
             # An entry that could not be read is not a removed one: keep watching it.
             seen |= {key for key in existing if key[0] in {p.uid for p in report.problems}}
             report.ended += self._end_removed(existing, seen, window, now)
         self._record_problems(source.name, report.problems, now)
-        self._succeeded(source, now, result.fingerprint, report)
+        # A feed whose processing failed anywhere is not marked as seen: the next poll
+        # processes it again instead of skipping it as unchanged.
+        self._succeeded(source, now, None if report.failed else result.fingerprint, report)
         log.info(
             "source_synced",
             source=source.name,
@@ -147,14 +154,26 @@ class Syncer:
         now: datetime,
         report: SyncReport,
     ) -> None:
-        try:
-            with self.store.transaction():
-                self._process(event, existing.get((event.uid, event.recurrence_id)), now, report)
-        except Exception as err:
-            log.exception("event_failed", source=event.source, uid=event.uid)
-            report.problems.append(
-                EventProblem(event.source, event.uid, f"could not be processed: {err}")
-            )
+        row = existing.get((event.uid, event.recurrence_id))
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                with self.store.transaction():
+                    self._process(event, row, now, report)
+                return
+            except VersionConflict:
+                # The sweep (or a check-in) changed the visit since it was read: read it
+                # again and redo the edit, rather than drop it.
+                key = visit_id(event.source, event.uid, event.recurrence_id)
+                row = self.store.one("SELECT * FROM visits WHERE id = ?", (key,))
+            except Exception as err:
+                log.exception("event_failed", source=event.source, uid=event.uid)
+                report.failed += 1
+                report.problems.append(
+                    EventProblem(event.source, event.uid, f"could not be processed: {err}")
+                )
+                return
+        log.error("event_kept_changing", source=event.source, uid=event.uid)
+        report.failed += 1
 
     def _process(
         self, event: CalendarEvent, row: dict[str, Any] | None, now: datetime, report: SyncReport
@@ -187,19 +206,26 @@ class Syncer:
                 self.watcher.end_monitoring(conn, row, now, "cancelled in the calendar")
             report.ended += 1
             return
-        if self._honour_category(event, row, now):
-            if details.checked_in:
-                self.watcher.check_in(row["id"], via="calendar")
-            elif details.help_requested and not row["help_requested_at"]:
-                self.watcher.request_help(row["id"], via="calendar")
+        if details.checked_in and self._honour_category(event, row, now, timedelta(0)):
+            self.watcher.check_in(row["id"], via="calendar")
+        elif (
+            details.help_requested
+            and not details.checked_in
+            and not row["help_requested_at"]
+            and self._honour_category(event, row, now, timedelta(minutes=15))
+        ):
+            self.watcher.request_help(row["id"], via="calendar")
 
-    def _honour_category(self, event: CalendarEvent, row: dict[str, Any], now: datetime) -> bool:
-        # A "Safe" category only counts once the visit has begun and was set after it was
-        # booked: a category copied onto a whole series in advance must not silence it.
-        start = from_ts(row["start"])
-        if now < start - timedelta(minutes=15):
+    def _honour_category(
+        self, event: CalendarEvent, row: dict[str, Any], now: datetime, lead: timedelta
+    ) -> bool:
+        # A category counts from ``lead`` before the start, if it was set after that: one
+        # copied onto a whole series in advance must not silence it. A check-in ("Safe") has
+        # no lead: it applies only to a visit that has started. Help may come a little early.
+        since = from_ts(row["start"]) - lead
+        if now < since:
             return False
-        return event.last_modified is None or event.last_modified >= start - timedelta(minutes=15)
+        return event.last_modified is None or event.last_modified >= since
 
     def _fields(
         self, event: CalendarEvent, kind: str, details: VisitDetails, findings: list[Finding]
@@ -313,12 +339,39 @@ class Syncer:
             max(fields["expected_return"], extended) if extended else fields["expected_return"]
         )
         cause = "calendar entry changed"
-        if deadline != row["deadline"] and row["state"] not in lifecycle.TERMINAL:
+        start = from_ts(fields["start"])
+        if (
+            row["state"] in (lifecycle.RESOLVED, lifecycle.EXPIRED)
+            and fields["start"] != row["start"]
+            and start > now
+        ):
+            # Checked in (or expired) and then moved to a later day: a new visit to watch.
+            has_errors = any(f["severity"] == "error" for f in json.loads(fields["findings"]))
+            changes.update(
+                state=lifecycle.BOOKED,
+                deadline=fields["expected_return"],
+                extended_until=None,
+                step=0,
+                repeats=0,
+                ack_realerts=0,
+                acknowledged_at=None,
+                acknowledged_by=None,
+                help_requested_at=None,
+                checked_in_at=None,
+                checked_in_by=None,
+                ended_at=None,
+                prestart_notice_sent=int(not has_errors),
+                next_action_at=ts(now),
+            )
+            cause = f"re-opened: moved to {fmt_local(start, self.tz)} by a calendar edit"
+        elif deadline != row["deadline"] and row["state"] not in lifecycle.TERMINAL:
             changes["deadline"] = deadline
             cause = "deadline moved by a calendar edit"
             if from_ts(deadline) > now and row["step"] > 0:
                 # The worker (or office) moved the return time: start the ladder afresh.
-                changes.update(step=0, repeats=0, acknowledged_at=None, acknowledged_by=None)
+                changes.update(
+                    step=0, repeats=0, ack_realerts=0, acknowledged_at=None, acknowledged_by=None
+                )
                 changes["state"] = lifecycle.IN_PROGRESS
         if row["state"] not in lifecycle.TERMINAL:
             changes["next_action_at"] = ts(now)  # the sweep recomputes what is due
@@ -380,10 +433,20 @@ class Syncer:
                     (ts(now), source.name),
                 )
             else:
+                # No fingerprint: processing hit an error, so the feed is not marked as seen.
                 conn.execute(
                     "UPDATE sources SET last_success_at = ?, last_error = NULL, failures = 0,"
-                    " fingerprint = ?, processed_at = ?, events = ?, visits = ? WHERE name = ?",
-                    (ts(now), fingerprint, ts(now), report.events, report.visits, source.name),
+                    " fingerprint = ?, processed_at = CASE WHEN ? IS NULL THEN processed_at"
+                    " ELSE ? END, events = ?, visits = ? WHERE name = ?",
+                    (
+                        ts(now),
+                        fingerprint,
+                        fingerprint,
+                        ts(now),
+                        report.events,
+                        report.visits,
+                        source.name,
+                    ),
                 )
 
     def _record_problems(self, source: str, problems: list[EventProblem], now: datetime) -> None:

@@ -12,6 +12,7 @@ import difflib
 import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import timedelta
 from functools import cache
 from importlib import resources
@@ -94,6 +95,7 @@ _TIMING_OPTIONS: dict[str, Option] = {
     "grace": Option("duration", default="15m"),
     "default_duration": Option("duration", default="1h"),
     "notice_before_start": Option("duration", default="30m"),
+    "ack_timeout": Option("duration", default="30m"),
 }
 _CHECKIN_OPTIONS: dict[str, Option] = {
     "categories": Option("list", default=["Safe", "Checked in"]),
@@ -293,6 +295,73 @@ def _ladder(value: Any, path: str, problems: list[ConfigProblem]) -> tuple[Escal
     return tuple(steps)
 
 
+def _first_beyond_worker(ladder: tuple[EscalationStep, ...]) -> int | None:
+    """The index of the first rung that alerts anyone but the worker."""
+    return next((i for i, step in enumerate(ladder) if set(step.to) - {"worker"}), None)
+
+
+def _apply_grace(
+    ladder: tuple[EscalationStep, ...],
+    grace: timedelta,
+    *,
+    grace_written: bool,
+    ladder_written: bool,
+    prefix: str,
+    problems: list[ConfigProblem],
+) -> tuple[tuple[EscalationStep, ...], timedelta]:
+    """Give ``grace`` its one meaning: the ``after`` of the first rung beyond the worker.
+
+    - The admin writes their own ladder: that rung's ``after`` is the grace period; an admin
+      ``grace`` that says otherwise is a problem naming both keys.
+    - Otherwise (the preset's ladder): the rung moves to ``grace`` and every later rung
+      keeps its distance from it (Pan Lancashire, grace 5m: manager at +5, directors at +35).
+    """
+    first = _first_beyond_worker(ladder)
+    if first is None:
+        if grace_written and ladder:
+            problems.append(
+                ConfigProblem(
+                    f"{prefix}.timing.grace",
+                    "the ladder alerts nobody but the worker, so there is no grace period to set",
+                    f'add a step with to = ["manager"] to {prefix}.escalation',
+                )
+            )
+        return ladder, grace
+    rung = ladder[first]
+    if ladder_written:
+        if grace_written and grace != rung.after:
+            problems.append(
+                ConfigProblem(
+                    f"{prefix}.timing.grace",
+                    f"grace is {format_duration(grace)} but {prefix}.escalation[{first}].after "
+                    f"(the first step beyond the worker) is {format_duration(rung.after)}; "
+                    "both set when the manager is alerted",
+                    f"remove {prefix}.timing.grace, or make the two equal",
+                )
+            )
+        return ladder, rung.after
+    shift = grace - rung.after
+    if not shift:
+        return ladder, grace
+    floor = ladder[first - 1].after if first else None
+    if grace < timedelta(0) or (floor is not None and grace <= floor):
+        earliest = f"later than {format_duration(floor)}" if floor is not None else "at least 0s"
+        problems.append(
+            ConfigProblem(
+                f"{prefix}.timing.grace",
+                f"grace {format_duration(grace)} must be {earliest}: the worker is reminded "
+                "first, then the manager after the grace period",
+                'e.g. grace = "15m"',
+            )
+        )
+        return ladder, rung.after
+    shifted = tuple(
+        replace(step, after=step.after + shift) if index >= first else step
+        for index, step in enumerate(ladder)
+    )
+    return shifted, grace
+
+
 def parse_policy(
     table: Mapping[str, Any], prefix: str = "policy"
 ) -> tuple[PolicySettings, list[ConfigProblem]]:
@@ -384,6 +453,11 @@ def parse_policy(
             ConfigProblem(f"{path}.default_duration", "must be longer than 0s", 'e.g. "1h"')
         )
         timing["default_duration"] = parse_duration(_TIMING_OPTIONS["default_duration"].default)
+    if "ack_timeout" in timing_values and timing["ack_timeout"] <= timedelta(0):
+        problems.append(
+            ConfigProblem(f"{path}.ack_timeout", "must be longer than 0s", 'e.g. "30m"')
+        )
+        timing["ack_timeout"] = parse_duration(_TIMING_OPTIONS["ack_timeout"].default)
 
     path = f"{prefix}.checkin"
     checkin_values, found = validate_options(
@@ -400,6 +474,17 @@ def parse_policy(
             )
         )
         escalation = ()
+    admin_timing = table.get("timing")
+    escalation, timing["grace"] = _apply_grace(
+        escalation,
+        timing["grace"],
+        grace_written=isinstance(admin_timing, Mapping)
+        and timing_values.get("grace") is not None
+        and "grace" in admin_timing,
+        ladder_written="escalation" in table,
+        prefix=prefix,
+        problems=problems,
+    )
 
     settings = PolicySettings(
         name=preset_name,
@@ -408,6 +493,7 @@ def parse_policy(
         grace=timing["grace"],
         default_duration=timing["default_duration"],
         notice_before_start=timing["notice_before_start"],
+        ack_timeout=timing["ack_timeout"],
         escalation=escalation,
         checkin_categories=_names(
             checkin_values.get("categories") or [], f"{path}.categories", problems

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from visitwatch.connectors.base import Attendee, CalendarEvent
+from visitwatch.connectors.options import format_duration
 from visitwatch.policies import Policy, load_preset, parse_policy
 from visitwatch.policies.model import VisitDetails
 
@@ -640,14 +641,14 @@ def test_admin_values_merge_over_the_preset() -> None:
         {
             "preset": "leading-futures",
             "title": "Our lone working policy",
-            "timing": {"grace": "5m"},
+            "timing": {"grace": "10m"},
             "clauses": {"overrun": "Local rule 4.2: call them"},
             "escalation": [{"after": "10m", "to": ["manager", "role:on-call"], "kind": "overrun"}],
         }
     )
     assert problems == []
     assert settings.title == "Our lone working policy"
-    assert settings.grace == timedelta(minutes=5)
+    assert settings.grace == timedelta(minutes=10)
     assert settings.default_duration == timedelta(hours=1)  # from the preset
     assert settings.clauses["overrun"] == "Local rule 4.2: call them"
     assert "Director Notification" in settings.clauses["expected_return_missing"]
@@ -762,3 +763,69 @@ def test_policy_settings_are_used_as_given() -> None:
     """A Policy built from edited settings applies them (here: no address needed)."""
     settings = replace(load_preset("pan-lancashire"), require_address=False)
     assert "address_missing" not in rules_fired(entry(location=""), Policy(settings))
+
+
+# --------------------------------------------------------------------------- grace, ack_timeout
+
+
+def afters(settings: Any) -> list[str]:
+    return [format_duration(step.after) for step in settings.escalation]
+
+
+def test_grace_moves_the_presets_manager_rung_and_keeps_the_distance_to_later_ones() -> None:
+    """`grace = "5m"` over a preset: manager at +5, directors 30 minutes later (+35)."""
+    settings, problems = parse_policy({"timing": {"grace": "5m"}})
+    assert problems == []
+    assert afters(settings) == ["0s", "5m", "35m"]
+    assert settings.grace == timedelta(minutes=5)
+    longer, _ = parse_policy({"preset": "leading-futures", "timing": {"grace": "20m"}})
+    assert afters(longer) == ["0s", "20m", "35m"]
+
+
+def test_an_admin_ladder_sets_the_grace_period() -> None:
+    """With the admin's own ladder and no grace, grace is its first rung beyond the worker."""
+    settings, problems = parse_policy(
+        {
+            "escalation": [
+                {"after": "0m", "to": ["worker"], "kind": "reminder"},
+                {"after": "5m", "to": ["worker"], "kind": "reminder"},
+                {"after": "20m", "to": ["manager"], "kind": "overrun"},
+            ]
+        }
+    )
+    assert problems == []
+    assert settings.grace == timedelta(minutes=20)
+    assert afters(settings) == ["0s", "5m", "20m"]
+
+
+def test_grace_and_an_admin_ladder_that_disagree_are_a_problem_naming_both() -> None:
+    """Grace 10m beside a ladder alerting the manager at 15m: one problem, both keys named."""
+    _, problems = parse_policy(
+        {
+            "timing": {"grace": "10m"},
+            "escalation": [
+                {"after": "0m", "to": ["worker"], "kind": "reminder"},
+                {"after": "15m", "to": ["manager"], "kind": "overrun"},
+            ],
+        }
+    )
+    [problem] = problems
+    assert problem.key == "policy.timing.grace"
+    assert "policy.escalation[1].after" in problem.message
+    assert "10m" in problem.message and "15m" in problem.message
+
+
+@pytest.mark.parametrize("grace", ["0m", "-5m"])
+def test_grace_must_come_after_the_workers_reminder(grace: str) -> None:
+    """A grace period that would alert the manager with (or before) the reminder is refused."""
+    settings, problems = parse_policy({"timing": {"grace": grace}})
+    assert [problem.key for problem in problems] == ["policy.timing.grace"]
+    assert afters(settings) == ["0s", "15m", "45m"]  # the preset's ladder, unchanged
+
+
+def test_ack_timeout_defaults_to_30_minutes_and_can_be_set() -> None:
+    """`[policy.timing] ack_timeout` is read, defaults to 30 minutes, and must be positive."""
+    assert parse_policy({})[0].ack_timeout == timedelta(minutes=30)
+    assert parse_policy({"timing": {"ack_timeout": "45m"}})[0].ack_timeout == timedelta(minutes=45)
+    _, problems = parse_policy({"timing": {"ack_timeout": "0s"}})
+    assert [problem.key for problem in problems] == ["policy.timing.ack_timeout"]
