@@ -367,12 +367,12 @@ class Syncer:
         elif deadline != row["deadline"] and row["state"] not in lifecycle.TERMINAL:
             changes["deadline"] = deadline
             cause = "deadline moved by a calendar edit"
-            if from_ts(deadline) > now and row["step"] > 0:
+            if from_ts(deadline) > now and (row["step"] > 0 or row["acknowledged_at"]):
                 # The worker (or office) moved the return time: start the ladder afresh.
                 changes.update(
                     step=0, repeats=0, ack_realerts=0, acknowledged_at=None, acknowledged_by=None
                 )
-                changes["state"] = lifecycle.IN_PROGRESS
+                changes["state"] = lifecycle.BOOKED if start > now else lifecycle.IN_PROGRESS
         if row["state"] not in lifecycle.TERMINAL:
             changes["next_action_at"] = ts(now)  # the sweep recomputes what is due
         with self.store.transaction():

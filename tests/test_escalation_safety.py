@@ -118,6 +118,20 @@ def test_ack_timeout_is_a_policy_setting(world: World):
     ]
 
 
+def test_a_moved_deadline_clears_an_earlier_ack(world: World):
+    """A new return time restarts the ladder: an ack given for the old one no longer stands."""
+    world.write_calendar(home_visit())
+    service = world.service()
+    world.at(START + 10 * MIN)
+    tick(service)
+    service.watcher.acknowledge(VISIT, by="Maria Jones")
+    world.write_calendar(home_visit(description="Risk assessment: complete\nReturn by: 15:00"))
+    world.at(START + 20 * MIN)
+    tick(service)
+    assert visit(world, service, "acknowledged_at") is None
+    assert visit(world, service, "state") == "in_progress"
+
+
 def test_ack_without_a_name_is_refused(world: World):
     """`ack --by ""` says who is needed instead of recording an anonymous acknowledgement."""
     world.write_calendar(home_visit())
