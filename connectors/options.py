@@ -8,6 +8,7 @@ input: each function returns the values it could read plus a list of
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -32,6 +33,9 @@ class ConfigProblem:
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s|ms)", re.IGNORECASE)
 _UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+# No setting needs longer; a bound keeps a typo ("99999999999d") a config error, not an
+# OverflowError deep in datetime arithmetic.
+MAX_DURATION = timedelta(days=366)
 
 
 def parse_duration(text: str | int | float) -> timedelta:
@@ -39,7 +43,13 @@ def parse_duration(text: str | int | float) -> timedelta:
     if isinstance(text, bool):
         raise ValueError('expected a duration such as "15m", not true/false')
     if isinstance(text, int | float):
-        return timedelta(seconds=text)
+        try:
+            seconds = float(text)
+        except OverflowError:  # an int beyond any float
+            seconds = math.inf
+        return _bounded(seconds, repr(text))
+    if not isinstance(text, str):
+        raise ValueError(f'expected a duration such as "15m", got {text!r}')
     compact = text.strip().replace(" ", "")
     if not compact:
         raise ValueError("empty duration")
@@ -54,6 +64,16 @@ def parse_duration(text: str | int | float) -> timedelta:
         raise ValueError(
             f'{text!r} is not a duration; write e.g. "90s", "15m", "2h", "1h30m", "1d"'
         )
+    return _bounded(seconds, repr(text))
+
+
+def _bounded(seconds: float, shown: str) -> timedelta:
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    if not math.isfinite(seconds):
+        raise ValueError(f'{shown} is not a duration; write e.g. "90s", "15m", "2h", "1d"')
+    if abs(seconds) > MAX_DURATION.total_seconds():
+        raise ValueError(f"{shown} is too long: at most {MAX_DURATION.days} days")
     return timedelta(seconds=seconds)
 
 
@@ -100,6 +120,11 @@ def read_secret(spec: Any, key: str) -> tuple[Secret | None, ConfigProblem | Non
         value = path.read_text(encoding="utf-8").strip()
     except OSError as err:
         return None, ConfigProblem(key, f"cannot read secret file {path}: {err.strerror}")
+    except UnicodeDecodeError:
+        # Never quote the bytes: they are the secret.
+        return None, ConfigProblem(
+            key, f"secret file {path} is not UTF-8 text", "save the secret as plain UTF-8 text"
+        )
     return Secret(value, f"file {path}"), None
 
 
@@ -136,7 +161,7 @@ def _convert(
     if kind == "duration":
         try:
             return parse_duration(value), None
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, OverflowError) as err:
             return None, ConfigProblem(key, str(err))
     if kind == "path":
         if not isinstance(value, str) or not value:

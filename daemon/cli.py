@@ -11,13 +11,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from visitwatch.connectors.base import ConnectorError, TimeWindow, VisitwatchError
 from visitwatch.connectors.options import parse_duration
 from visitwatch.daemon import __version__, logs
 from visitwatch.daemon.config import Config, config_path, load_config
 from visitwatch.daemon.messages import fmt_local
+from visitwatch.daemon.reach import unreachable
 from visitwatch.daemon.service import Service
 from visitwatch.daemon.store import from_ts, ts
+
+log = structlog.get_logger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="", help="who is checking in (default: the worker)")
     p = command("ack", cmd_ack, "acknowledge an alert: stops repeats and records who")
     p.add_argument("alert", help="visit id (or a unique prefix), or #N for alert number N")
-    p.add_argument("--by", required=True, help="your name")
+    p.add_argument("--by", required=True, type=_person, help="your name (kept in the record)")
     p.add_argument("--safe", action="store_true", help="the worker is confirmed safe: resolve")
     p = command("help", cmd_help, "ask for help during a visit: alerts the whole ladder now")
     p.add_argument("visit")
@@ -78,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _person(text: str) -> str:
+    """Who is acting, for the record: a name, never empty or blank."""
+    name = text.strip()
+    if not name:
+        raise argparse.ArgumentTypeError(
+            'a name is required, e.g. --by "Maria Jones": the record keeps who acknowledged'
+        )
+    return name
+
+
 def _load(args: argparse.Namespace) -> Config:
     config = load_config(config_path(args.config))
     logs.configure(args.log_level or config.daemon.log_level)
@@ -88,9 +103,18 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    service = Service(_load(args))
+    config = _load(args)
+    _warn_unreachable(config)
+    service = Service(config)
     service.run()
     return 0
+
+
+def _warn_unreachable(config: Config) -> None:
+    """The daemon still watches everyone else; the admin hears the count (names: `check`)."""
+    people = unreachable(config)
+    if people:
+        log.warning("staff_unreachable", count=len(people), see="visitwatch check")
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -113,7 +137,15 @@ def cmd_sync(args: argparse.Namespace) -> int:
         f"sweep: {changed} visits advanced; delivery: {delivered.sent} sent, "
         f"{delivered.retried} to retry, {delivered.failed} failed"
     )
-    return 0 if all(r.ok for r in reports) else 1
+    failed_sources = sum(1 for r in reports if not r.ok)
+    if failed_sources:
+        print(f"FAILED: {failed_sources} calendar source(s) could not be read")
+    if delivered.failed:
+        print(
+            f"FAILED: {delivered.failed} notification(s) failed permanently; "
+            "`visitwatch status` lists them with their errors"
+        )
+    return 1 if failed_sources or delivered.failed else 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -147,6 +179,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                 failures += 1
     finally:
         service.close()
+    # Names are shown here, on the admin's terminal; never in logs.
+    for person in unreachable(config):
+        print(f"FAIL reach: {person}")
+        failures += 1
     return 1 if failures else 0
 
 
@@ -302,6 +338,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     config = load_config(config_file)
     logs.configure(args.log_level or "warning")
+    _warn_unreachable(config)
     Service(config).run()
     return 0
 

@@ -39,6 +39,17 @@ DAEMON_OPTIONS: dict[str, Option] = {
         default="12h",
         help="a visit first seen longer than this after its deadline is recorded, not escalated",
     ),
+    "delivery_deadline": Option(
+        "duration",
+        default="2m",
+        help="an alert not delivered within this long goes to its channel's fallback and "
+        "raises an admin notice",
+    ),
+    "send_timeout": Option(
+        "duration",
+        default="30s",
+        help="the longest one delivery attempt may take before it counts as failed",
+    ),
     "public_base_url": Option("str", default="", help="where staff reach check-in links"),
     "log_level": Option("str", default="info", choices=("debug", "info", "warning", "error")),
 }
@@ -154,6 +165,11 @@ class DaemonSettings:
     adopt_overdue_within: timedelta
     public_base_url: str
     log_level: str
+    # An alert not delivered within this long goes to its channel's fallback, and an admin
+    # is told (dispatch.py).
+    delivery_deadline: timedelta = timedelta(minutes=2)
+    # The longest one delivery attempt may take before it counts as failed.
+    send_timeout: timedelta = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -181,6 +197,14 @@ def load_config(path: Path) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(path, [ConfigProblem("(file)", f"cannot read: {err.strerror}")]) from err
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        problem = ConfigProblem(
+            "(file)",
+            f"not UTF-8 text: byte 0x{err.object[err.start]:02x} on line {line}",
+            "save the file as UTF-8",
+        )
+        raise ConfigError(path, [problem]) from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(path, [ConfigProblem("(file)", f"not valid TOML: {err}")]) from err
     return parse_config(raw, path.resolve().parent, path)
@@ -248,14 +272,32 @@ def _parse_daemon(
                     'use an IANA name such as "Europe/London"',
                 )
             )
-    for key in ("poll_interval", "sweep_interval"):
+    for key in ("poll_interval", "sweep_interval", "delivery_deadline", "send_timeout"):
         value = settings.get(key)
         if isinstance(value, timedelta) and value <= timedelta(0):
             problems.append(ConfigProblem(f"daemon.{key}", "must be longer than zero"))
+    for key in ("database", "state_dir"):
+        if isinstance(settings.get(key), Path):
+            problems += _unusable_path(f"daemon.{key}", settings[key], folder=key == "state_dir")
     if found or zone is None:
         return None
     settings["timezone"] = zone
     return DaemonSettings(**settings)
+
+
+def _unusable_path(key: str, path: Path, *, folder: bool) -> list[ConfigProblem]:
+    """A file path that names a folder, or lies under a file, can never be opened."""
+    if folder:
+        if path.exists() and not path.is_dir():
+            return [ConfigProblem(key, f"{path} is a file, not a folder")]
+    elif path.is_dir():
+        return [ConfigProblem(key, f"{path} is a folder", "name a file, e.g. visitwatch.db")]
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return [ConfigProblem(key, f"{parent} is a file, so {path} cannot be made")]
+            break
+    return []
 
 
 def _parse_staff(entries: list[Any], config_dir: Path, problems: list[ConfigProblem]) -> Directory:

@@ -5,14 +5,30 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from visitwatch.connectors.base import Secret
+from visitwatch.connectors.options import parse_duration
 from visitwatch.daemon.config import ConfigError, load_config
+from visitwatch.daemon.reach import unreachable
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# A valid config needs a channel, and someone for the preset ladder's "role:director".
+MINIMAL = """
+[[staff]]
+id = "sam@example.org"
+name = "Sam"
+role = "director"
+
+[[channels]]
+name = "outbox"
+type = "outbox"
+"""
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -165,3 +181,151 @@ def test_missing_config_says_how_to_give_one(monkeypatch: pytest.MonkeyPatch):
     )
     assert result.returncode == 2
     assert "--config" in result.stderr and "VISITWATCH_CONFIG" in result.stderr
+
+
+# --------------------------------------------------------------------------- durations
+
+
+def test_delivery_deadline_and_send_timeout_have_documented_defaults(tmp_path: Path):
+    """Unset, an alert has 2 minutes to be delivered and one attempt 30 seconds."""
+    path = write(tmp_path, MINIMAL)
+    daemon = load_config(path).daemon
+    assert daemon.delivery_deadline == timedelta(minutes=2)
+    assert daemon.send_timeout == timedelta(seconds=30)
+
+
+def test_delivery_deadline_and_send_timeout_are_read_and_must_be_positive(tmp_path: Path):
+    """Both are read as durations; zero is refused with the key named."""
+    path = write(tmp_path, '[daemon]\ndelivery_deadline = "5m"\nsend_timeout = "10s"\n' + MINIMAL)
+    daemon = load_config(path).daemon
+    assert (daemon.delivery_deadline, daemon.send_timeout) == (
+        timedelta(minutes=5),
+        timedelta(seconds=10),
+    )
+    path = write(tmp_path, '[daemon]\ndelivery_deadline = "0s"\nsend_timeout = 0\n' + MINIMAL)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    keys = {p.key: p.message for p in caught.value.problems}
+    assert keys["daemon.delivery_deadline"] == "must be longer than zero"
+    assert keys["daemon.send_timeout"] == "must be longer than zero"
+
+
+def test_the_example_documents_the_delivery_settings(monkeypatch: pytest.MonkeyPatch):
+    """examples/visitwatch.toml sets and explains delivery_deadline and send_timeout."""
+    monkeypatch.setenv("VISITWATCH_ASHA_ICS_URL", "https://calendar.example.org/secret-token.ics")
+    monkeypatch.setenv("VISITWATCH_SMTP_PASSWORD", "correct horse")
+    text = (REPO / "examples" / "visitwatch.toml").read_text(encoding="utf-8")
+    assert "\ndelivery_deadline = " in text and "\nsend_timeout = " in text
+    explained = text.split("\ndelivery_deadline = ")[1].split("\nsend_timeout = ")[0]
+    assert "fallback" in explained and "admin" in explained
+    daemon = load_config(REPO / "examples" / "visitwatch.toml").daemon
+    assert (daemon.delivery_deadline, daemon.send_timeout) == (
+        timedelta(minutes=2),
+        timedelta(seconds=30),
+    )
+
+
+@pytest.mark.parametrize(
+    "text", ["99999999999d", "367d", "1000000000000000000000000h", float("inf"), 10**30]
+)
+def test_a_duration_beyond_a_year_is_refused_not_overflowed(text: str | float):
+    """parse_duration bounds durations (366 days) instead of raising OverflowError."""
+    with pytest.raises(ValueError, match=r"too long|not a duration"):
+        parse_duration(text)
+    assert parse_duration("366d") == timedelta(days=366)
+
+
+# --------------------------------------------------------------------------- reach
+
+REACH_STAFF = """
+[[staff]]
+id = "asha"
+name = "Asha Khan"
+email = "asha@example.org"
+manager = "maria"
+
+[[staff]]
+id = "ben"
+name = "Ben Okafor"
+mobile = "07700 900111"
+
+[[staff]]
+id = "maria"
+name = "Maria Jones"
+role = "manager"
+
+[[staff]]
+id = "sam"
+name = "Sam Webster"
+email = "sam@example.org"
+role = "director"
+
+[[staff]]
+id = "dee"
+name = "Dee Admin"
+role = "admin"
+"""
+
+EMAIL_ONLY = """
+[[channels]]
+name = "email"
+type = "smtp"
+host = "127.0.0.1"
+sender = "v@example.org"
+"""
+
+
+def test_reach_lists_everyone_the_ladder_cannot_reach_and_why(tmp_path: Path):
+    """E-mail only: the worker, her manager, the fallback director and the admin without
+    addresses are named with their relation and the missing address."""
+    config = load_config(write(tmp_path, REACH_STAFF + EMAIL_ONLY))
+    found = {u.staff_id: u for u in unreachable(config)}
+    # Ben has no e-mail (worker); he has no manager, so the director is his fallback
+    # manager, and Sam has an address. Maria manages Asha; Dee gets the admin notices.
+    assert sorted(found) == ["ben", "dee", "maria"]
+    assert found["ben"].relation == "worker" and "reminder" in found["ben"].kinds
+    assert found["maria"].relation == "manager" and found["maria"].kinds == ("overrun", "help")
+    assert "admin" in found["dee"].kinds
+    for person in found.values():
+        assert "no e-mail address on record" in person.reason
+        assert "email (smtp, needs e-mail address)" in person.reason
+    assert str(found["maria"]).startswith("Maria Jones (manager) cannot be sent overrun, help")
+
+
+def test_reach_follows_explicit_ladders_and_channel_kinds(tmp_path: Path):
+    """A step to a staff id or a role, and a channel limited by `kinds`, are judged as sent."""
+    channels = """
+[[channels]]
+name = "log"
+type = "outbox"
+path = "outbox.jsonl"
+kinds = ["reminder", "overrun", "help", "admin"]
+"""
+    ladder = """
+[policy]
+preset = "pan-lancashire"
+[[policy.escalation]]
+after = "0m"
+to = ["worker"]
+kind = "reminder"
+[[policy.escalation]]
+after = "15m"
+to = ["manager", "ben"]
+kind = "overrun"
+[[policy.escalation]]
+after = "45m"
+to = ["role:director"]
+kind = "escalation"
+repeat = "15m"
+"""
+    config = load_config(write(tmp_path, REACH_STAFF + channels + ladder))
+    [sam] = unreachable(config)
+    assert (sam.staff_id, sam.relation, sam.kinds) == ("sam", "role:director", ("escalation",))
+    assert sam.reason == "no channel is configured to carry escalation notifications"
+
+
+def test_reach_is_empty_when_a_channel_takes_everything(tmp_path: Path):
+    """With an outbox (no address needed, every kind) nobody is unreachable."""
+    outbox = '\n[[channels]]\nname = "outbox"\ntype = "outbox"\npath = "o.jsonl"\n'
+    config = load_config(write(tmp_path, REACH_STAFF + EMAIL_ONLY + outbox))
+    assert unreachable(config) == []
