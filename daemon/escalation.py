@@ -421,8 +421,9 @@ class Watcher:
         """Everyone (but the worker) who was told this visit needed attention."""
         rows = conn.execute(
             "SELECT recipient_id, recipient_name, recipient_email, recipient_mobile,"
-            " recipient_relation FROM notifications WHERE visit_id = ? AND kind IN"
-            " ('overrun', 'escalation', 'help') AND fallback_of IS NULL"
+            " recipient_relation FROM notifications WHERE visit_id = ? AND (kind IN"
+            " ('overrun', 'escalation', 'help') OR (kind = 'reminder'"
+            " AND recipient_relation != 'worker')) AND fallback_of IS NULL"
             " GROUP BY recipient_id ORDER BY MIN(id)",
             (visit_id,),
         ).fetchall()

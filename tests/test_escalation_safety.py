@@ -53,7 +53,10 @@ def test_ack_before_any_alert_lets_every_later_rung_go_out_also_to_the_acknowled
     service.watcher.acknowledge(VISIT, by="Sam Webster")
     world.at(DEADLINE)
     tick(service)
-    assert "asha.khan@example.org" in recipients(world, "reminder")
+    assert sorted(recipients(world, "reminder")) == [
+        "asha.khan@example.org",
+        "sam.webster@example.org",
+    ]
     world.at(DEADLINE + timedelta(minutes=15))
     tick(service)
     assert sorted(recipients(world, "overrun")) == [
@@ -62,6 +65,12 @@ def test_ack_before_any_alert_lets_every_later_rung_go_out_also_to_the_acknowled
     ]
     [to_maria] = [m for m in world.messages("overrun") if m["recipient"]["name"] == "Maria Jones"]
     assert "Sam Webster acknowledged" in to_maria["text"]
+    service.watcher.check_in(VISIT, by="Asha Khan")
+    service.dispatch()
+    assert sorted(recipients(world, "all_clear")) == [
+        "maria.jones@example.org",
+        "sam.webster@example.org",
+    ]
 
 
 def test_ack_times_out_re_alerting_acknowledger_and_next_rung_and_repeats(world: World):
