@@ -24,6 +24,8 @@ from typing import Any
 
 import sqlite_utils
 
+from visitwatch.connectors.base import VisitwatchError
+
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 # Seconds a connection waits for another's write lock before "database is locked".
 BUSY_TIMEOUT = 30.0
@@ -202,6 +204,10 @@ MIGRATIONS: list[tuple[str, str]] = [
 ]
 
 
+class StoreUnavailable(VisitwatchError):
+    """The record cannot be opened at all (not a database, unreadable, no space to create)."""
+
+
 class Store:
     """One SQLite database; a connection per thread; explicit write transactions."""
 
@@ -210,9 +216,16 @@ class Store:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _make_private(self.path)
-        self.migrate()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _make_private(self.path)
+            self.migrate()
+        except (OSError, sqlite3.DatabaseError) as err:
+            self.close()
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise StoreUnavailable(
+                f"daemon.database: cannot open the record {self.path}: {reason}"
+            ) from err
 
     # -- connections ---------------------------------------------------------------
 

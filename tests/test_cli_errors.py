@@ -280,3 +280,12 @@ def test_the_daemon_warns_of_unreachable_staff_by_count_only(
     [warning] = [e for e in events if e["event"] == "staff_unreachable"]
     assert warning["log_level"] == "warning" and warning["count"] == 1
     assert "Maria" not in repr(events)
+
+
+def test_a_database_file_that_is_not_a_database_is_named(tmp_path: Path, run: Run):
+    """daemon.database pointing at some other file is a clear error naming it, not a traceback."""
+    (tmp_path / "visitwatch.db").write_text("these are my notes, not a database\n" * 100)
+    path = config_file(tmp_path, '[daemon]\ndatabase = "visitwatch.db"\n')
+    status, _, err = run("--config", str(path), "check")
+    assert status == 2
+    assert_clear(err, "daemon.database", str(tmp_path / "visitwatch.db"))
