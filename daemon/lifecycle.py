@@ -138,6 +138,7 @@ def plan(
             break
         alerts.append(Alert(step, ladder[step], 0, due, help=helping))
         step += 1
+    fired_now = {alert.step_index for alert in alerts}  # one message per rung per sweep
     realerts = clock.ack_realerts
     if clock.acknowledged_at is not None and ladder:
         # Repeats stop (someone is on it), but the acknowledgement times out: an overdue
@@ -148,7 +149,8 @@ def plan(
             index = min(step, len(ladder) - 1)
             step = max(step, index + 1)  # a rung brought forward does not fire again later
             due = since + rounds * ack_timeout
-            alerts.append(Alert(index, ladder[index], 0, due, help=helping, ack_round=rounds))
+            if index not in fired_now:  # else that rung has just gone out to the same people
+                alerts.append(Alert(index, ladder[index], 0, due, help=helping, ack_round=rounds))
             realerts = rounds
         upcoming.append(since + (realerts + 1) * ack_timeout)
     if step < len(ladder):
@@ -157,10 +159,13 @@ def plan(
         last = ladder[-1] if ladder else None
         if step == len(ladder) and last is not None and last.repeat:
             base = step_due_at(clock, last)
-            # After an outage, send the latest repeat once rather than every missed one.
+            # After an outage, send the latest repeat once rather than every missed one, and
+            # none if the rung itself goes out in this same sweep.
             done = int((now - base) / last.repeat)
             if done > repeats:
-                alerts.append(Alert(step - 1, last, done, base + done * last.repeat, help=helping))
+                if step - 1 not in fired_now:
+                    due = base + done * last.repeat
+                    alerts.append(Alert(step - 1, last, done, due, help=helping))
                 repeats = done
             upcoming.append(base + (repeats + 1) * last.repeat)
 

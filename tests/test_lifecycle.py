@@ -96,16 +96,33 @@ def test_each_alert_fires_once_as_time_moves_on():
     assert raised[3][2] == DEADLINE + timedelta(minutes=60)
 
 
-def test_outage_sends_each_missed_rung_once_and_only_the_latest_repeat():
-    """After two hours without sweeps, one sweep raises every rung and one repeat, not six."""
+def test_outage_sends_each_missed_rung_once_and_no_repeat_beside_it():
+    """After two hours without sweeps, one sweep raises every rung once: no repeat beside it."""
     result = plan(fresh(state=lifecycle.IN_PROGRESS), LADDER, DEADLINE + timedelta(minutes=120))
     assert [(a.kind, a.repeat) for a in result.alerts] == [
         ("reminder", 0),
         ("overrun", 0),
         ("escalation", 0),
-        ("escalation", 5),
     ]
     assert result.repeats == 5
+    assert result.next_action_at == DEADLINE + timedelta(minutes=135)
+
+
+def test_outage_after_the_top_rung_sends_only_the_latest_repeat():
+    """The top rung went out before a two-hour outage: one sweep sends one repeat, not five."""
+    clock = fresh(state=lifecycle.ESCALATED, step=3, repeats=0)
+    result = plan(clock, LADDER, DEADLINE + timedelta(minutes=120))
+    assert [(a.kind, a.repeat) for a in result.alerts] == [("escalation", 5)]
+
+
+def test_acknowledgement_timeout_beside_its_rung_sends_one_message():
+    """Swept late, a rung and the ack timeout that would re-raise it go out once, not twice."""
+    acked = DEADLINE + timedelta(minutes=16)
+    clock = fresh(state=lifecycle.OVERDUE, step=2, acknowledged_at=acked)
+    result = plan(clock, LADDER, DEADLINE + timedelta(minutes=50))
+    assert [(a.kind, a.step_index) for a in result.alerts] == [("escalation", 2)]
+    assert result.ack_realerts == 1
+    assert result.next_action_at == acked + 2 * ACK_TIMEOUT
 
 
 ACK_TIMEOUT = timedelta(minutes=30)
