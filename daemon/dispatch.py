@@ -230,6 +230,10 @@ class Dispatcher:
         # What is due already is in a lane (or a stalled one): look again soon, not at once.
         return max(min(moments), now + timedelta(milliseconds=200))
 
+    def idle(self) -> bool:
+        """True when no lane has anything queued or in a send."""
+        return not any(lane.in_flight for lane in list(self._lanes.values()))
+
     def lanes_stalled(self) -> list[str]:
         return [n for n, lane in self._lanes.items() if lane.stalled(self._stall())]
 
@@ -295,7 +299,11 @@ class Dispatcher:
     @staticmethod
     def _send_one(channel: Channel, row: dict[str, Any]) -> BaseException | None:
         try:
-            channel.send(to_message(row))
+            message = to_message(row)
+        except Exception as err:  # a row that cannot be read is failed, never retried for ever
+            return ConnectorError(f"could not be read: {type(err).__name__}: {err}", permanent=True)
+        try:
+            channel.send(message)
         except ConnectorError as err:
             return err
         except Exception as err:  # a channel bug is a delivery failure, not a daemon crash
@@ -303,10 +311,15 @@ class Dispatcher:
             return err
         return None
 
-    @staticmethod
-    def _send_many(channel: Channel, rows: list[dict[str, Any]]) -> list[BaseException | None]:
+    def _send_many(
+        self, channel: Channel, rows: list[dict[str, Any]]
+    ) -> list[BaseException | None]:
         try:
-            return list(channel.send_many([to_message(r) for r in rows]))
+            messages = [to_message(r) for r in rows]
+        except Exception:  # one unreadable row: send the others one by one
+            return [self._send_one(channel, r) for r in rows]
+        try:
+            return list(channel.send_many(messages))
         except Exception as err:
             log.exception("channel_crashed", channel=rows[0]["channel"])
             return [err] * len(rows)
@@ -431,9 +444,12 @@ class Dispatcher:
     def _past_deadline(self, now: datetime, report: DispatchReport) -> None:
         """Fallback copies and one admin notice per channel outage for what is waiting too long."""
         late = self.store.query(
-            "SELECT * FROM notifications WHERE status = 'pending' AND created <= ? ORDER BY id",
+            "SELECT n.* FROM notifications n WHERE n.status = 'pending' AND n.created <= ?"
+            " AND NOT EXISTS (SELECT 1 FROM notifications f WHERE f.fallback_of = n.id)"
+            " ORDER BY n.id",
             (ts(now - self.delivery_deadline),),
         )
+        late = [r for r in late if self._has_fallback(r) or r["channel"] not in self._outages]
         if not late:
             return
         by_channel: dict[str, list[dict[str, Any]]] = {}
@@ -444,17 +460,22 @@ class Dispatcher:
                 for row in late:
                     report.fallbacks += self._fallback(conn, row, now)
                 for name, rows in by_channel.items():
-                    self._outage(conn, name, rows, now)
+                    if name not in self._outages:
+                        report.notices += self._outage(conn, name, rows, now)
         except sqlite3.Error as err:
             log.error("deadline_check_failed", error=str(err))
 
+    def _has_fallback(self, row: dict[str, Any]) -> bool:
+        config = self.configs.get(row["channel"])
+        return bool(config and config.fallback and row["fallback_of"] is None)
+
     def _outage(
         self, conn: sqlite3.Connection, channel: str, rows: list[dict[str, Any]], now: datetime
-    ) -> None:
+    ) -> int:
         meta = f"outage:{channel}"
         self._outages.add(channel)
         if conn.execute("SELECT 1 FROM meta WHERE key = ?", (meta,)).fetchone():
-            return  # this outage was announced already
+            return 0  # this outage was announced already
         conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (meta, ts(now)))
         oldest = rows[0]
         lane = self._lanes.get(channel)
@@ -479,15 +500,16 @@ class Dispatcher:
             "when the channel delivers again. `visitwatch status` lists what is waiting."
         )
         log.error("channel_outage", channel=channel, waiting=len(rows))
-        if self.notify_admins is not None:
-            self.notify_admins(
-                conn,
-                f"outage:{channel}:{ts(now)}",
-                f"visitwatch: channel {channel!r} is not delivering",
-                text,
-                now,
-                avoid_channel=channel,
-            )
+        if self.notify_admins is None:
+            return 0
+        return self.notify_admins(
+            conn,
+            f"outage:{channel}:{ts(now)}",
+            f"visitwatch: channel {channel!r} is not delivering",
+            text,
+            now,
+            avoid_channel=channel,
+        )
 
     def _recovered(self, conn: sqlite3.Connection, channel: str, now: datetime) -> int:
         if channel not in self._outages:

@@ -69,11 +69,15 @@ class HealthMonitor:
         now: datetime,
         avoid_channel: str = "",
     ) -> int:
+        """Queue an admin notice, once per ``key``; on another channel than ``avoid_channel``
+        where there is one (the one in trouble), else on that one too: better than silence."""
         written = 0
         for addressee in self.admins():
-            for channel in self.watcher.channels_for("admin", addressee.recipient):
-                if channel.name == avoid_channel:
-                    continue
+            channels = self.watcher.channels_for("admin", addressee.recipient)
+            channels = [c for c in channels if c.name != avoid_channel] or channels
+            if not channels:
+                log.error("admin_unreachable", key=key, relation=addressee.relation)
+            for channel in channels:
                 written += enqueue(
                     conn, None, "admin", addressee, channel.name, subject, text, now, f"admin|{key}"
                 )

@@ -115,6 +115,8 @@ class Service:
         self._loops: dict[str, Loop] = {}
         self._clock_steps = ClockSteps()
         self._dispatch_stalled = False
+        # Delivery counts as stuck (no watchdog ping, an admin notice) after this long.
+        self.stall_limit = 2 * config.daemon.sweep_interval.total_seconds() + 30
 
     # ------------------------------------------------------------------ people
 
@@ -303,7 +305,9 @@ class Service:
         finished = all(
             loop.join(max(0.0, deadline - time.monotonic())) for loop in self._loops.values()
         )
-        finished &= self.dispatcher.close(max(0.0, deadline - time.monotonic()))
+        # A lane inside a send that never returns is left behind; its row is still pending
+        # and goes out again on the next start.
+        finished &= self.dispatcher.close(min(2.0, max(0.0, deadline - time.monotonic())))
         busy = [t.name for t in threading.enumerate() if t.name.startswith("poll:")]
         if busy:
             log.warning("stopping_with_polls_in_flight", polls=len(busy))
@@ -353,9 +357,8 @@ class Service:
 
     def _watchdog(self, dispatch: Loop) -> None:
         """Tell systemd we are alive only while the sweep and delivery both make progress."""
-        limit = 2 * self.config.daemon.sweep_interval.total_seconds() + 30
         stuck_for = time.monotonic() - dispatch.heartbeat
-        if stuck_for <= limit:
+        if stuck_for <= self.stall_limit:
             if self._dispatch_stalled:
                 self._dispatch_stalled = False
                 log.warning("dispatch_progressing_again")

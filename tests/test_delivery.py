@@ -1,0 +1,235 @@
+"""Delivery never stops silently: lanes per channel, deadlines, poisoned rows, the watchdog."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import T0, World, home_visit, tick
+from tests.scripted import HANG, OK, TEMPORARY, Script
+from visitwatch.daemon.config import load_config
+from visitwatch.daemon.dispatch import MAX_RETRY, retry_delay
+from visitwatch.daemon.service import Service
+from visitwatch.daemon.store import ts
+
+DEADLINE = T0 + timedelta(hours=2)
+
+SLOW_AND_OUTBOX = """
+[[channels]]
+name = "slow"
+type = "scripted"
+fallback = "outbox"
+
+[[channels]]
+name = "outbox"
+type = "outbox"
+path = "outbox.jsonl"
+"""
+
+
+def test_backoff_is_capped_before_it_can_overflow():
+    """After hours (or years) of failures the retry delay stays at most five minutes."""
+    for attempts in (1, 5, 44, 1_000, 10**9):
+        assert timedelta(0) < retry_delay(attempts) <= MAX_RETRY * 1.1
+
+
+def test_hours_of_failure_on_one_channel_never_stop_the_others(
+    world: World, scripted_channels: dict[str, Script]
+):
+    """A row deep into its retries (attempt 44 overflowed before) neither crashes nor blocks."""
+    world.channels = SLOW_AND_OUTBOX
+    world.write_calendar(home_visit())
+    service = world.service()
+    scripted_channels["slow"].set(TEMPORARY)
+    world.at(DEADLINE + timedelta(minutes=16))
+    tick(service)
+    with service.store.transaction() as conn:
+        conn.execute("UPDATE notifications SET attempts = 43 WHERE channel = 'slow'")
+    world.at(DEADLINE + timedelta(hours=4))
+    tick(service)
+    assert {m["kind"] for m in world.messages()} >= {"reminder", "overrun", "escalation"}
+    pending = service.store.query(
+        "SELECT attempts, next_attempt_at FROM notifications WHERE channel = 'slow'"
+        " AND status = 'pending'"
+    )
+    assert any(r["attempts"] >= 44 for r in pending)  # still retried, never given up on
+    assert all(r["next_attempt_at"] for r in pending)
+
+
+def test_an_unreadable_row_is_failed_and_reported_and_never_blocks_the_queue(
+    world: World, scripted_channels: dict[str, Script]
+):
+    """A poisoned notification row is taken out of the queue; the alert behind it goes out."""
+    world.write_calendar(home_visit())
+    service = world.service()
+    world.at(DEADLINE - timedelta(minutes=1))
+    tick(service)
+    with service.store.transaction() as conn:
+        conn.execute(
+            "INSERT INTO notifications (key, visit_id, kind, recipient_id, recipient_name,"
+            " channel, subject, text, created, next_attempt_at) VALUES"
+            " ('poison', NULL, 'overrun', 'x', 'X', 'outbox', 's', 't', 'not a time', ?)",
+            (ts(T0),),
+        )
+    world.at(DEADLINE + timedelta(seconds=5))
+    tick(service)
+    assert [m["kind"] for m in world.messages()] == ["reminder"]
+    poison = service.store.one("SELECT * FROM notifications WHERE key = 'poison'")
+    assert poison["status"] == "failed" and "could not be read" in poison["last_error"]
+    tick(service)  # the health check tells an admin about the failed alert
+    notices = world.messages("admin")
+    assert notices and any(f"#{poison['id']}" in n["text"] for n in notices)
+
+
+def test_a_hung_channel_delays_no_other_and_its_alerts_reach_the_fallback(
+    world: World, scripted_channels: dict[str, Script]
+):
+    """A server that never answers holds only its own lane; past the deadline, fallback + notice."""
+    world.channels = SLOW_AND_OUTBOX
+    world.write_calendar(home_visit())
+    service = world.service()
+    scripted_channels["slow"].set(HANG)
+    world.at(DEADLINE + timedelta(minutes=16))
+    service.sync_all()
+    service.sweep()
+    started = time.monotonic()
+    report = service.dispatch(wait=1.0)
+    assert time.monotonic() - started < 10  # a hang check, not a benchmark
+    assert {m["kind"] for m in world.messages()} == {"reminder", "overrun"}
+    assert all(m["channel"] == "outbox" for m in world.messages())
+    assert report.sent == 2  # the outbox copies; the hung lane's are still in flight
+
+    world.clock.advance(timedelta(minutes=3))  # past the delivery deadline (2 min)
+    service.dispatch(wait=1.0)
+    fallbacks = service.store.query("SELECT * FROM notifications WHERE fallback_of IS NOT NULL")
+    assert {r["kind"] for r in fallbacks} == {"reminder", "overrun"}
+    assert all(r["status"] == "sent" and r["channel"] == "outbox" for r in fallbacks)
+    notices = world.messages("admin")
+    assert len(notices) == 1  # to the director (no admin role here), on another channel
+    assert {n["recipient"]["id"] for n in notices} == {"sam.webster@example.org"}
+    assert "'slow' is not delivering" in notices[0]["subject"]
+    assert "Maria" not in notices[0]["text"]  # who was alerted is in the record, not here
+
+    world.clock.advance(timedelta(minutes=3))
+    service.dispatch(wait=1.0)
+    assert len(world.messages("admin")) == 1  # once per outage, not once per pass
+
+    scripted_channels["slow"].set(OK)  # the server answers again (the hung send fails)
+    _wait_until(service.dispatcher.idle)
+    world.clock.advance(timedelta(minutes=1))  # the failed send's retry falls due
+    service.dispatch(wait=2.0)
+    accepted = scripted_channels["slow"].accepted
+    assert {m.kind for m in accepted} >= {"reminder", "overrun"}  # the backlog drained
+    assert any("'slow' is delivering again" in n["subject"] for n in world.messages("admin"))
+
+
+def _wait_until(condition, seconds: float = 10) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def _daemon_thread(service: Service) -> threading.Thread:
+    thread = threading.Thread(target=service.run, kwargs={"install_signal_handlers": False})
+    thread.start()
+    return thread
+
+
+def test_stop_finishes_in_seconds_while_a_channel_hangs(
+    world: World, scripted_channels: dict[str, Script]
+):
+    """SIGTERM's path (stop) returns promptly even with a send that never returns."""
+    world.channels = SLOW_AND_OUTBOX
+    world.daemon = 'sweep_interval = "1s"\n'
+    world.write_calendar(home_visit(start=T0, end=T0))  # due at once, on the real clock too
+    service = Service(load_config(world.write_config()))
+    scripted_channels["slow"].set(HANG)
+    thread = _daemon_thread(service)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not scripted_channels["slow"].attempts:
+        time.sleep(0.05)
+    assert scripted_channels["slow"].attempts, "the hung channel was never tried"
+    started = time.monotonic()
+    service.stop()
+    thread.join(15)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 8
+
+
+def test_watchdog_is_pinged_only_while_delivery_makes_progress(
+    world: World, scripted_channels: dict[str, Script], tmp_path: Path, monkeypatch
+):
+    """With the dispatch loop stuck, WATCHDOG=1 stops (systemd restarts us) and an admin hears."""
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(0.2)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    world.channels = """
+[[channels]]
+name = "pager"
+type = "scripted"
+"""
+    world.daemon = 'sweep_interval = "1s"\n'
+    world.write_calendar(home_visit())
+    service = Service(load_config(world.write_config()))
+    service.stall_limit = 1.0
+    stuck, release = threading.Event(), threading.Event()
+    real_dispatch = service.dispatcher.dispatch
+
+    def dispatch(wait: float | None = None):  # type: ignore[no-untyped-def]
+        if stuck.is_set():
+            release.wait(60)  # a delivery loop that stopped making progress
+        return real_dispatch(wait)
+
+    monkeypatch.setattr(service.dispatcher, "dispatch", dispatch)
+    thread = _daemon_thread(service)
+    try:
+        received = _datagrams(sock, seconds=1.5)
+        assert "READY=1" in received and "WATCHDOG=1" in received
+        stuck.set()
+        service._loops["dispatch"].wake()
+        _datagrams(sock, seconds=2.0)  # the limit passes
+        assert "WATCHDOG=1" not in _datagrams(sock, seconds=2.0)
+        notices = [m for m in scripted_channels["pager"].accepted if m.kind == "admin"]
+        assert notices and "delivery has stopped" in notices[0].subject
+    finally:
+        release.set()
+        service.stop()
+        thread.join(15)
+        sock.close()
+
+
+def _datagrams(sock: socket.socket, seconds: float) -> list[str]:
+    got: list[str] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            got.append(sock.recv(256).decode())
+        except TimeoutError:
+            continue
+    return got
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a POSIX system")
+def test_outbox_writes_a_burst_in_one_fsync(world: World, monkeypatch):
+    """A burst of messages to the outbox costs one fsync, not one per line."""
+    calls: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
+    world.write_calendar(*(home_visit(f"visit-{i}") for i in range(30)))
+    service = world.service()
+    world.at(DEADLINE + timedelta(seconds=1))
+    service.sync_all()
+    service.sweep()
+    calls.clear()
+    service.dispatch()
+    assert len(world.messages("reminder")) == 30
+    assert len(calls) == 1
