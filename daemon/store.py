@@ -302,6 +302,14 @@ class Store:
         processes opening a new database at once queue instead of applying one twice.
         """
         conn = self.db.conn
+        try:
+            done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+        except sqlite3.OperationalError as err:
+            if "no such table" not in str(err):
+                raise
+            done = set()  # a new database
+        if all(name in done for name, _ in MIGRATIONS):
+            return []  # the usual open: no write lock taken, nothing written
         applied = []
         for name, sql in MIGRATIONS:
             with self.transaction():
