@@ -178,6 +178,7 @@ class Dispatcher:
         self._sent_unrecorded: dict[int, datetime] = {}
         self._unrecorded_lock = threading.Lock()
         self._record_broken = False  # logged once per episode
+        self._last_delivery: dict[str, datetime] = {}  # channel -> last accepted send
         # Channels in an announced outage (also kept in meta, so a restart remembers them):
         # checked on every successful send, so kept in memory.
         self._outages = {
@@ -409,6 +410,9 @@ class Dispatcher:
             channel=row["channel"],
             visit_id=row["visit_id"],
         )
+        self._last_delivery[row["channel"]] = max(
+            when, self._last_delivery.get(row["channel"], when)
+        )
         return self._recovered(conn, row["channel"], when)
 
     def _fallback(self, conn: sqlite3.Connection, row: dict[str, Any], now: datetime) -> int:
@@ -460,10 +464,15 @@ class Dispatcher:
                 for row in late:
                     report.fallbacks += self._fallback(conn, row, now)
                 for name, rows in by_channel.items():
-                    if name not in self._outages:
+                    if name not in self._outages and not self._delivered_lately(name, now):
                         report.notices += self._outage(conn, name, rows, now)
         except sqlite3.Error as err:
             log.error("deadline_check_failed", error=str(err))
+
+    def _delivered_lately(self, channel: str, now: datetime) -> bool:
+        """A channel that delivered within the deadline is up, whatever it owes from before."""
+        last = self._last_delivery.get(channel)
+        return last is not None and now - last < self.delivery_deadline
 
     def _has_fallback(self, row: dict[str, Any]) -> bool:
         config = self.configs.get(row["channel"])
@@ -520,6 +529,12 @@ class Dispatcher:
         if not row:
             return 0
         conn.execute("DELETE FROM meta WHERE key = ?", (meta,))
+        # What waited through the outage goes now, not at the end of its backoff.
+        conn.execute(
+            "UPDATE notifications SET next_attempt_at = ? WHERE channel = ?"
+            " AND status = 'pending' AND next_attempt_at > ?",
+            (ts(now), channel, ts(now)),
+        )
         log.warning("channel_recovered", channel=channel)
         if self.notify_admins is None:
             return 0
