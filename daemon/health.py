@@ -17,10 +17,10 @@ from datetime import date, datetime, timedelta
 
 import structlog
 
-from visitwatch.connectors.base import Message, Recipient
+from visitwatch.connectors.base import Message
 from visitwatch.daemon.clock import Clock
-from visitwatch.daemon.config import Config, StaffMember
-from visitwatch.daemon.escalation import Addressee, Watcher, enqueue
+from visitwatch.daemon.config import Config
+from visitwatch.daemon.escalation import Addressee, Watcher, admin_addressees, enqueue
 from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.store import Store, from_ts, ts
 
@@ -39,11 +39,7 @@ class HealthMonitor:
         self.clock = clock
 
     def admins(self) -> list[Addressee]:
-        for role in ("admin", "director", "manager"):
-            people = self.watcher.directory.with_role(role)
-            if people:
-                return [Addressee(_recipient(p), f"role:{role}") for p in people]
-        return []
+        return admin_addressees(self.watcher.directory)
 
     def admin_messages(self, subject: str, text: str) -> list[Message]:
         """An admin notice as messages in memory, for when the record cannot queue it."""
@@ -170,7 +166,3 @@ class HealthMonitor:
                 now,
             )
         return written
-
-
-def _recipient(member: StaffMember) -> Recipient:
-    return Recipient(member.id, member.name, member.email, member.mobile)

@@ -406,5 +406,5 @@ timeout = "2s"
     tick(service)
     assert recipients(world, "overrun") == ["maria.jones@example.org"]
     outlook = service.store.one("SELECT last_error FROM sources WHERE name = 'outlook'")
-    assert "cannot reach the Entra token endpoint" in outlook["last_error"]
+    assert "cannot reach Entra" in outlook["last_error"]
     assert "not-a-real-secret" not in outlook["last_error"]
