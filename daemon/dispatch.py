@@ -37,7 +37,7 @@ import structlog
 from visitwatch.connectors.base import Channel, ConnectorError, Message, Recipient
 from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import ConnectorConfig
-from visitwatch.daemon.store import Store, from_ts, ts
+from visitwatch.daemon.store import Store, from_ts, record_unwritable, ts
 
 log = structlog.get_logger(__name__)
 
@@ -176,6 +176,9 @@ class Dispatcher:
         self._lanes_lock = threading.Lock()
         # Sent, but the record could not say so yet (disk full): row id -> when.
         self._sent_unrecorded: dict[int, datetime] = {}
+        # Sent from memory (never queued: the record could not be written): key -> when.
+        self._from_memory: dict[str, datetime] = {}
+        self._from_memory_busy: set[str] = set()
         self._unrecorded_lock = threading.Lock()
         self._record_broken = False  # logged once per episode
         self._last_delivery: dict[str, datetime] = {}  # channel -> last accepted send
@@ -340,7 +343,7 @@ class Dispatcher:
             self._record_works()
             return
         except sqlite3.Error as err:
-            if len(rows) > 1 and not _disk_trouble(err):
+            if len(rows) > 1 and not record_unwritable(err):
                 for row, outcome in zip(rows, outcomes, strict=True):
                     self._record([row], [outcome], report)
                 return
@@ -467,7 +470,10 @@ class Dispatcher:
                     if name not in self._outages and not self._delivered_lately(name, now):
                         report.notices += self._outage(conn, name, rows, now)
         except sqlite3.Error as err:
-            log.error("deadline_check_failed", error=str(err))
+            if record_unwritable(err):
+                self._record_failed([], [], now, err)
+            else:
+                log.error("deadline_check_failed", error=str(err))
 
     def _delivered_lately(self, channel: str, now: datetime) -> bool:
         """A channel that delivered within the deadline is up, whatever it owes from before."""
@@ -548,16 +554,20 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ no record
 
-    def send_unrecorded(self, messages: Iterable[Message], *, local_ok: bool = False) -> int:
-        """Deliver messages that could not be queued in the record, straight from memory.
+    def send_unrecorded(
+        self, items: Iterable[tuple[str, Message]], *, local_ok: bool = False
+    ) -> int:
+        """Deliver messages the record could not queue, straight from memory.
 
-        Used when the database cannot be written (a full disk) or delivery has stalled:
-        each goes to every channel that can take it and needs no local write (unless
-        ``local_ok``), on a thread of its own, and is logged. Returns how many were handed
-        over.
+        Used when the database cannot be written (a full disk) or delivery has stalled.
+        ``items`` pairs each message with the notification key it would have had, less the
+        channel ("" for none). Each goes to every channel that can take it and needs no
+        local write (unless ``local_ok``), on a thread of its own; a key already sent (or
+        being sent) is not sent again, and when the record catches up, the row with that
+        key is marked sent instead of going out twice. Returns how many sends started.
         """
         handed = 0
-        for message in messages:
+        for prefix, message in items:
             for name, channel in self.channels.items():
                 if channel.writes_locally and not local_ok:
                     continue
@@ -571,6 +581,12 @@ class Dispatcher:
                 field_name = channel.address_field
                 if field_name and not getattr(message.recipient, field_name, ""):
                     continue
+                key = f"{prefix}|{name}" if prefix else ""
+                with self._unrecorded_lock:
+                    if key and (key in self._from_memory or key in self._from_memory_busy):
+                        continue
+                    if key:
+                        self._from_memory_busy.add(key)
                 copy = Message(
                     message.id,
                     message.kind,
@@ -583,23 +599,16 @@ class Dispatcher:
                 )
                 threading.Thread(
                     target=self._send_unrecorded_one,
-                    args=(channel, copy),
+                    args=(channel, copy, key),
                     name=f"unrecorded:{name}",
                     daemon=True,
                 ).start()
                 handed += 1
         return handed
 
-    @staticmethod
-    def _send_unrecorded_one(channel: Channel, message: Message) -> None:
+    def _send_unrecorded_one(self, channel: Channel, message: Message, key: str) -> None:
         try:
             channel.send(message)
-            log.warning(
-                "notification_sent_unrecorded",
-                kind=message.kind,
-                channel=channel.name,
-                visit_id=message.visit_id,
-            )
         except Exception as err:
             log.error(
                 "notification_unrecorded_failed",
@@ -608,11 +617,24 @@ class Dispatcher:
                 visit_id=message.visit_id,
                 error=str(err),
             )
+        else:
+            if key:
+                with self._unrecorded_lock:
+                    self._from_memory[key] = self.clock.now()
+            log.warning(
+                "notification_sent_unrecorded",
+                kind=message.kind,
+                channel=channel.name,
+                visit_id=message.visit_id,
+            )
+        finally:
+            with self._unrecorded_lock:
+                self._from_memory_busy.discard(key)
 
     def _catch_up(self, row: dict[str, Any], report: DispatchReport) -> bool:
         """A row sent while the record could not be written: write it now, do not resend."""
         with self._unrecorded_lock:
-            when = self._sent_unrecorded.get(row["id"])
+            when = self._sent_unrecorded.get(row["id"]) or self._from_memory.get(row["key"])
         if when is None:
             return False
         try:
@@ -622,6 +644,7 @@ class Dispatcher:
             return True  # still cannot write: keep it in memory, never send it twice
         with self._unrecorded_lock:
             self._sent_unrecorded.pop(row["id"], None)
+            self._from_memory.pop(row["key"], None)
         report.sent += 1
         return True
 
@@ -647,22 +670,6 @@ class Dispatcher:
         if self._record_broken:
             self._record_broken = False
             log.warning("record_writable_again")
-
-
-def _disk_trouble(err: sqlite3.Error) -> bool:
-    code = getattr(err, "sqlite_errorcode", None)
-    if code is not None and code & 0xFF in _DISK_CODES:  # extended codes keep the primary low
-        return True
-    return "disk" in str(err) or "readonly" in str(err)
-
-
-# SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY, SQLITE_CANTOPEN (primary codes).
-_DISK_CODES = {13, 10, 8, 14}
-
-
-def record_unwritable(err: BaseException) -> bool:
-    """Whether ``err`` means the record cannot be written at all (disk full, I/O error)."""
-    return isinstance(err, sqlite3.Error) and _disk_trouble(err)
 
 
 def to_message(row: dict[str, Any]) -> Message:

@@ -22,12 +22,12 @@ from typing import Any, TypeVar
 
 import structlog
 
-from visitwatch.connectors.base import Recipient, VisitwatchError
+from visitwatch.connectors.base import Message, Recipient, VisitwatchError
 from visitwatch.daemon import lifecycle, messages
 from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import Config, ConnectorConfig, Directory, StaffMember
 from visitwatch.daemon.lifecycle import TERMINAL, VisitClock
-from visitwatch.daemon.store import Store, from_ts, ts
+from visitwatch.daemon.store import Store, from_ts, record_unwritable, ts
 from visitwatch.policies.model import EscalationStep
 
 log = structlog.get_logger(__name__)
@@ -127,21 +127,30 @@ class Watcher:
     def _advance_safely(self, conn: sqlite3.Connection, row: dict[str, Any], now: datetime) -> int:
         try:
             changed = self._advance(row, now)  # a savepoint: a failure rolls back this visit
+        except sqlite3.Error as err:
+            if record_unwritable(err):
+                raise  # not this visit's fault: the whole sweep goes from memory
+            return self._advance_failed(conn, row, now, err)
         except Exception as err:
-            # One bad row must not stall every other visit: look again in a minute.
-            conn.execute(
-                "UPDATE visits SET next_action_at = ? WHERE id = ?",
-                (ts(now + timedelta(minutes=1)), row["id"]),
-            )
-            if row["id"] not in self._failing:
-                self._failing.add(row["id"])
-                log.exception("sweep_failed", visit_id=row["id"])
-                self._sweep_failure_notice(conn, row, now, err)
-            return 0
+            return self._advance_failed(conn, row, now, err)
         if row["id"] in self._failing:
             self._failing.discard(row["id"])
             log.info("sweep_recovered", visit_id=row["id"])
         return changed
+
+    def _advance_failed(
+        self, conn: sqlite3.Connection, row: dict[str, Any], now: datetime, err: Exception
+    ) -> int:
+        # One bad row must not stall every other visit: look again in a minute.
+        conn.execute(
+            "UPDATE visits SET next_action_at = ? WHERE id = ?",
+            (ts(now + timedelta(minutes=1)), row["id"]),
+        )
+        if row["id"] not in self._failing:
+            self._failing.add(row["id"])
+            log.error("sweep_failed", visit_id=row["id"], exc_info=err)
+            self._sweep_failure_notice(conn, row, now, err)
+        return 0
 
     def clock_of(self, row: dict[str, Any]) -> VisitClock:
         prestart_due = None
@@ -203,20 +212,7 @@ class Watcher:
                     plan.state,
                 )
             fresh = {**row, "state": plan.state, "step": plan.step, "repeats": plan.repeats}
-            for alert in plan.alerts:
-                token = f"{row['deadline']}:{alert.step_index}:{alert.repeat}:{int(alert.help)}"
-                if alert.ack_round:
-                    token += f":ack{alert.ack_round}"
-                skip_worker = alert.help  # the worker asked for help; do not remind them
-                targets = self.addressees(alert.step.to, fresh)
-                if row["acknowledged_at"]:
-                    # An ack covers what was raised; what comes after goes to the acker too.
-                    targets += self.acknowledger(fresh)
-                chosen: dict[str, Addressee] = {}
-                for target in targets:
-                    if not (skip_worker and target.relation == "worker"):
-                        chosen.setdefault(target.recipient.id, target)
-                addressees = list(chosen.values())
+            for alert, token, addressees in self._alert_targets(row, fresh, plan):
                 rung = f"{row['deadline']}:{alert.step_index}"
                 self.notify(conn, fresh, alert.kind, addressees, now, token, rung=rung)
                 log.info(
@@ -230,6 +226,68 @@ class Watcher:
             if plan.prestart_notice:
                 self._compliance_notice(conn, fresh, now, "prestart")
         return 1 if plan.differs_from(stored) else 0
+
+    def _alert_targets(
+        self, row: dict[str, Any], fresh: dict[str, Any], plan: lifecycle.Plan
+    ) -> list[tuple[lifecycle.Alert, str, list[Addressee]]]:
+        """Each alert of ``plan`` with its idempotency token and the people it goes to."""
+        found = []
+        for alert in plan.alerts:
+            token = f"{row['deadline']}:{alert.step_index}:{alert.repeat}:{int(alert.help)}"
+            if alert.ack_round:
+                token += f":ack{alert.ack_round}"
+            skip_worker = alert.help  # the worker asked for help; do not remind them
+            targets = self.addressees(alert.step.to, fresh)
+            if row["acknowledged_at"]:
+                # An ack covers what was raised; what comes after goes to the acker too.
+                targets += self.acknowledger(fresh)
+            chosen: dict[str, Addressee] = {}
+            for target in targets:
+                if not (skip_worker and target.relation == "worker"):
+                    chosen.setdefault(target.recipient.id, target)
+            found.append((alert, token, list(chosen.values())))
+        return found
+
+    def unrecorded_alerts(self, now: datetime) -> list[tuple[str, Message]]:
+        """The alerts due now, built in memory without writing anything.
+
+        For when the record cannot be written (a full disk): the sweep cannot claim visits
+        or queue notifications, but the alerts they would raise must still go out. Each
+        comes with the notification key it would have had (minus the channel), so that
+        when the record catches up nothing is sent twice.
+        """
+        rows = self.store.query(
+            "SELECT * FROM visits WHERE next_action_at IS NOT NULL AND next_action_at <= ?",
+            (ts(now),),
+        )
+        found = []
+        for row in rows:
+            try:
+                plan = lifecycle.plan(self.clock_of(row), self.ladder, now, self.ack_timeout)
+                fresh = {**row, "state": plan.state, "step": plan.step, "repeats": plan.repeats}
+                view = self.view(fresh)
+                for alert, token, addressees in self._alert_targets(row, fresh, plan):
+                    for addressee in addressees:
+                        subject, text = messages.alert(view, alert.kind, now, addressee.relation)
+                        key = f"{row['id']}|{alert.kind}|{token}|{addressee.recipient.id}"
+                        found.append(
+                            (
+                                key,
+                                Message(
+                                    0,
+                                    alert.kind,
+                                    row["id"],
+                                    addressee.recipient,
+                                    "",
+                                    subject,
+                                    text,
+                                    now,
+                                ),
+                            )
+                        )
+            except Exception:  # one bad row must not hide the others' alerts
+                log.exception("unrecorded_alert_failed", visit_id=row["id"])
+        return found
 
     # ------------------------------------------------------------------ people
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -52,7 +53,7 @@ from visitwatch.daemon.dispatch import (
 )
 from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.health import HealthMonitor
-from visitwatch.daemon.store import DaemonLock, Store, ts
+from visitwatch.daemon.store import DaemonLock, Store, record_unwritable, ts
 from visitwatch.daemon.sync import Syncer, SyncReport
 from visitwatch.policies import Policy
 
@@ -115,6 +116,7 @@ class Service:
         self._loops: dict[str, Loop] = {}
         self._clock_steps = ClockSteps()
         self._dispatch_stalled = False
+        self._record_down = False  # the database could not be written at the last sweep
         # Delivery counts as stuck (no watchdog ping, an admin notice) after this long.
         self.stall_limit = 2 * config.daemon.sweep_interval.total_seconds() + 30
 
@@ -172,12 +174,46 @@ class Service:
         return reports
 
     def sweep(self) -> int:
-        changed = self.watcher.sweep()
+        try:
+            changed = self.watcher.sweep()
+        except sqlite3.Error as err:
+            if not record_unwritable(err):
+                raise
+            self._sweep_from_memory(err)
+            return 0
+        if self._record_down:
+            self._record_down = False
+            log.warning("record_writable_again")
         try:
             self.health.check()
         except Exception:  # a health check must never stop the sweep that raises alerts
             log.exception("health_check_failed")
         return changed
+
+    def _sweep_from_memory(self, err: sqlite3.Error) -> None:
+        """The record cannot be written (a full disk): alerts still go out, from memory.
+
+        They go through channels that need no local write (console, e-mail, Graph mail),
+        each once; when the disk frees, the sweep writes them into the record and the
+        dispatcher marks them sent instead of sending them again. An admin is told at
+        once, and the log says it once per episode.
+        """
+        if not self._record_down:
+            self._record_down = True
+            log.error("record_unwritable", error=str(err))
+            self.dispatcher.send_unrecorded(
+                [
+                    ("", m)
+                    for m in self.health.admin_messages(
+                        "visitwatch: the record cannot be written",
+                        f"visitwatch cannot write its database ({err}); the disk may be full. "
+                        "Alerts that fall due still go out through the channels that need no "
+                        "local file, but they are not being recorded. Free space where "
+                        f"{self.config.daemon.database} lives; the record catches up by itself.",
+                    )
+                ]
+            )
+        self.dispatcher.send_unrecorded(self.watcher.unrecorded_alerts(self.clock.now()))
 
     def dispatch(self, wait: float | None = None) -> DispatchReport:
         """Deliver what is due; ``wait`` as in :meth:`Dispatcher.dispatch`."""
@@ -368,12 +404,15 @@ class Service:
             self._dispatch_stalled = True
             log.error("dispatch_stalled", seconds=round(stuck_for))
             self.dispatcher.send_unrecorded(
-                self.health.admin_messages(
-                    "visitwatch: alert delivery has stopped",
-                    f"The delivery loop has made no progress for {round(stuck_for)} s, so "
-                    "alerts may not be going out. systemd will restart visitwatch; if this "
-                    "repeats, run `visitwatch status` and check the journal.",
-                ),
+                [
+                    ("", m)
+                    for m in self.health.admin_messages(
+                        "visitwatch: alert delivery has stopped",
+                        f"The delivery loop has made no progress for {round(stuck_for)} s, so "
+                        "alerts may not be going out. systemd will restart visitwatch; if this "
+                        "repeats, run `visitwatch status` and check the journal.",
+                    )
+                ],
                 local_ok=True,
             )
 

@@ -48,6 +48,22 @@ def from_ts(text: str | None) -> datetime | None:
     return datetime.strptime(text, _TS_FORMAT).replace(tzinfo=UTC)
 
 
+# SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY, SQLITE_CANTOPEN: primary result codes that
+# mean nothing can be written now, whatever is being written.
+_UNWRITABLE = {13, 10, 8, 14}
+
+
+def record_unwritable(err: BaseException) -> bool:
+    """Whether ``err`` means the record cannot be written at all (a full disk, I/O errors)."""
+    if not isinstance(err, sqlite3.Error):
+        return False
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _UNWRITABLE  # extended codes keep the primary in the low byte
+    text = str(err).lower()
+    return "disk" in text or "readonly" in text or "read-only" in text
+
+
 # --------------------------------------------------------------------------- schema
 
 # Ordered and named; each runs once, in its own transaction. Append, never edit.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import threading
 import time
 from datetime import timedelta
@@ -233,3 +234,51 @@ def test_outbox_writes_a_burst_in_one_fsync(world: World, monkeypatch):
     service.dispatch()
     assert len(world.messages("reminder")) == 30
     assert len(calls) == 1
+
+
+def test_a_full_disk_still_sends_due_alerts_from_memory_and_the_record_catches_up(
+    world: World, scripted_channels: dict[str, Script], monkeypatch
+):
+    """With the record unwritable, alerts go out once from memory; nothing twice afterwards."""
+    world.channels = """
+[[channels]]
+name = "pager"
+type = "scripted"
+
+[[channels]]
+name = "outbox"
+type = "outbox"
+path = "outbox.jsonl"
+"""
+    world.write_calendar(home_visit())
+    service = world.service()
+    world.at(DEADLINE - timedelta(minutes=1))
+    tick(service)
+    pager = scripted_channels["pager"]
+    real_transaction = service.store.transaction
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(service.store, "transaction", full)
+    world.at(DEADLINE + timedelta(seconds=5))
+    for _ in range(3):  # three sweeps while the disk is full
+        service.sweep()
+        service.dispatch(wait=0.5)
+    _wait_until(lambda: len(pager.accepted) >= 2)
+    time.sleep(0.2)  # nothing more is on its way
+    kinds = sorted(m.kind for m in pager.accepted)
+    assert kinds == ["admin", "reminder"]  # each once, however many sweeps
+    assert "cannot be written" in next(m for m in pager.accepted if m.kind == "admin").subject
+    assert world.messages() == []  # the outbox is a local file: it waits for the disk
+
+    monkeypatch.setattr(service.store, "transaction", real_transaction)  # space freed
+    tick(service)
+    tick(service)
+    assert sorted(m.kind for m in pager.accepted) == ["admin", "reminder"]  # not sent twice
+    assert [m["kind"] for m in world.messages()] == ["reminder"]  # the record caught up
+    rows = service.store.query("SELECT channel, status FROM notifications WHERE kind = 'reminder'")
+    assert sorted((r["channel"], r["status"]) for r in rows) == [
+        ("outbox", "sent"),
+        ("pager", "sent"),
+    ]
