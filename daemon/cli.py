@@ -204,9 +204,12 @@ def cmd_ack(args: argparse.Namespace) -> int:
         if args.safe:
             print(f"visit {visit['id']} resolved: confirmed safe by {args.by}; all clear sent")
         else:
+            minutes = int(service.config.policy.ack_timeout.total_seconds() // 60)
             print(
-                f"visit {visit['id']} acknowledged by {args.by}: repeats stopped. When the "
-                f"worker is confirmed safe: visitwatch ack {visit['id']} --by ... --safe"
+                f"visit {visit['id']} acknowledged by {args.by}: repeats paused. Later rungs "
+                f"still go out (to you too), and if the worker is not confirmed safe within "
+                f"{minutes} min you and the next rung are alerted again. When the worker is "
+                f"confirmed safe: visitwatch ack {visit['id']} --by ... --safe"
             )
     return 0
 
