@@ -282,3 +282,31 @@ path = "outbox.jsonl"
         ("outbox", "sent"),
         ("pager", "sent"),
     ]
+
+
+def test_a_clock_stepped_back_an_hour_delays_the_sweep_by_one_interval_at_most(
+    world: World, scripted_channels: dict[str, Script]
+):
+    """Loops wait on the monotonic clock: after a step back and forth, the reminder is on time."""
+    world.channels = """
+[[channels]]
+name = "pager"
+type = "scripted"
+"""
+    world.daemon = 'sweep_interval = "1s"\n'
+    world.write_calendar(home_visit())
+    service = world.service()
+    world.at(DEADLINE - timedelta(seconds=30))
+    thread = _daemon_thread(service)
+    try:
+        _wait_until(lambda: service.store.get_meta("last_sweep_at") is not None)
+        world.at(DEADLINE - timedelta(hours=1))  # NTP steps the clock back an hour ...
+        time.sleep(1.5)
+        world.at(DEADLINE + timedelta(seconds=1))  # ... and forward again, past the deadline
+        stepped = time.monotonic()
+        pager = scripted_channels["pager"]
+        _wait_until(lambda: any(m.kind == "reminder" for m in pager.accepted), seconds=10)
+        assert time.monotonic() - stepped < 5  # one sweep interval, not an hour (hang check)
+    finally:
+        service.stop()
+        thread.join(15)
