@@ -217,22 +217,25 @@ class Dispatcher:
         report.stalled = [n for n, lane in self._lanes.items() if lane.stalled(self._stall())]
         return report
 
-    def next_due(self) -> datetime | None:
-        """When the next retry or delivery deadline falls (for the daemon's sleep)."""
-        now = self.clock.now()
+    def next_due(self, after: datetime) -> datetime | None:
+        """When the next retry or delivery deadline falls after a pass that ran at ``after``.
+
+        What was due at ``after`` is in a lane already (or a stalled one), and a lane that
+        finishes wakes the loop itself, so only later moments count: a backlog stuck in a
+        hung channel must not keep the loop spinning over it.
+        """
         row = self.store.one(
-            "SELECT MIN(next_attempt_at) AS retry, MIN(created) AS oldest FROM notifications"
-            " WHERE status = 'pending'"
+            "SELECT (SELECT MIN(next_attempt_at) FROM notifications WHERE status = 'pending'"
+            " AND next_attempt_at > :after) AS retry, (SELECT MIN(created) FROM notifications"
+            " WHERE status = 'pending' AND created > :late) AS oldest",
+            {"after": ts(after), "late": ts(after - self.delivery_deadline)},
         )
-        if not row or (row["retry"] is None and row["oldest"] is None):
-            return None
         moments = []
-        if row["retry"]:
+        if row and row["retry"]:
             moments.append(from_ts(row["retry"]))
-        if row["oldest"]:
+        if row and row["oldest"]:
             moments.append(from_ts(row["oldest"]) + self.delivery_deadline)
-        # What is due already is in a lane (or a stalled one): look again soon, not at once.
-        return max(min(moments), now + timedelta(milliseconds=200))
+        return min(moments) if moments else None
 
     def idle(self) -> bool:
         """True when no lane has anything queued or in a send."""

@@ -384,8 +384,9 @@ class Service:
         return _seconds_until(self.watcher.next_due(), self.clock.now())
 
     def _dispatch_step(self) -> float | None:
+        started = self.clock.now()
         self.dispatcher.dispatch(wait=0)
-        return _seconds_until(self.dispatcher.next_due(), self.clock.now())
+        return _seconds_until(self.dispatcher.next_due(after=started), self.clock.now())
 
     def _write_back_step(self) -> float | None:
         self.write_back()
