@@ -30,10 +30,11 @@ overrun, escalation and help.
   ``delivery_deadline`` after it was written has, by the next delivery pass, an admin notice
   about its channel's outage. None blocks another: once a delivery pass is over, no
   notification due on a channel that works is still waiting.
-- I3: after a visit ends (resolved, or cancelled or removed in the calendar) no alert is
-  written or delivered for it, only the all-clear (or "ended" notice) and admin notices; and
-  everyone who received an overrun, escalation or help alert for it gets the all-clear (or
-  "ended" notice) written at or after the moment it ended.
+- I3: after a visit is resolved no alert for it is written or delivered, only the all-clear
+  and admin notices; after it is cancelled or removed in the calendar none is written (one
+  raised before still goes out, then the "ended" notice). Everyone who received an overrun,
+  escalation or help alert for it gets the all-clear (or "ended" notice) written at or
+  after the moment it ended.
 - I4: within one ladder epoch each non-repeating rung (reminder, overrun) reaches each
   person on each channel at most once, and the repeating top rung at most once per moment;
   after a sweep at or after the current deadline, the worker has been reminded in this epoch
@@ -257,7 +258,10 @@ class VisitLifecycle(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.folder = Path(tempfile.mkdtemp(prefix="visitwatch-props-"))
+        # Thousands of short runs, each committing often: RAM is faster than disk for that.
+        shm = Path("/dev/shm")
+        where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+        self.folder = Path(tempfile.mkdtemp(prefix="visitwatch-props-", dir=where))
         self.clock = FrozenClock(START)
         self.calendar: dict[str, Entry] = {}
         self.ever: list[str] = []
@@ -597,6 +601,9 @@ class VisitLifecycle(RuleBasedStateMachine):
             row = visits.get(self.vid(uid))
             if row is None or row["state"] in TERMINAL or entry.cancelled:
                 continue
+            window = self.service.syncer.window(self.now) if self.service else None
+            if window and not (window.start <= entry.start and entry.end <= window.end):
+                continue  # outside the calendar window: edits there are not read
             wanted = entry.expected_return
             if row["extended_until"]:
                 wanted = max(wanted, from_ts(row["extended_until"]))
@@ -608,9 +615,11 @@ class VisitLifecycle(RuleBasedStateMachine):
         return problems
 
     def reaches_or_reported(self, n: dict[str, Any], notes: list[dict[str, Any]]) -> bool:
-        """Sent or pending, or failed with a delivered fallback or an admin notice."""
+        """Sent or pending, or failed with (by the next sweep) a delivered fallback or a notice."""
         if n["status"] in ("sent", "pending"):
             return True
+        if n["id"] not in self.ledger.failed:
+            return True  # failed since the last sweep, whose health check reports it
         return self.failure_reported(n, notes)
 
     def failure_reported(self, n: dict[str, Any], notes: list[dict[str, Any]]) -> bool:
@@ -718,15 +727,20 @@ class VisitLifecycle(RuleBasedStateMachine):
             closing = "all_clear" if row["state"] == "resolved" else "ended"
             rows = by_visit.get(vid, [])
             for n in rows:
-                if n["kind"] in ALERT_KINDS and (
-                    n["created"] > ended or (n["sent_at"] and n["sent_at"] > ended)
-                ):
+                # A help request or alert already raised when the calendar cancels a visit
+                # still goes out (then the "ended" notice); after a resolution it must not.
+                sent_late = row["state"] == "resolved" and (n["sent_at"] or "") > ended
+                if n["kind"] in ALERT_KINDS and (n["created"] > ended or sent_late):
                     problems.append(
                         f"I3: {n['kind']} #{n['id']} to {n['recipient_id']} written at "
                         f"{n['created']} / sent at {n['sent_at']} after visit {vid} was "
                         f"{row['state']} at {ended}"
                     )
-                elif n["created"] > ended and n["kind"] not in ("all_clear", "ended", "admin"):
+                elif (
+                    n["created"] > ended
+                    and n["fallback_of"] is None  # a copy of what was raised before is not new
+                    and n["kind"] not in ("all_clear", "ended", "admin")
+                ):
                     problems.append(
                         f"I3: {n['kind']} #{n['id']} written after visit {vid} was {row['state']}"
                     )
@@ -835,10 +849,12 @@ LONG = settings(
 
 KNOWN_FAILURES = (
     "issue 6, being fixed: I4 an escalation and its first repeat go out at the same moment"
-    " when a sweep finds a visit long overdue; I5 check-ins before the start are accepted"
+    " when a sweep finds a visit long overdue; I3 alerts raised before a resolution are"
+    " still delivered after it; I5 check-ins before the start are accepted"
 )
 
 
+@pytest.mark.timeout(600)  # passing takes seconds; shrinking a failure can take minutes
 @pytest.mark.xfail(reason=KNOWN_FAILURES, strict=False)
 def test_lifecycle_promises_hold_whatever_happens() -> None:
     """I0-I5 hold after every step of random calendars, clocks, people and channel faults."""
@@ -846,6 +862,7 @@ def test_lifecycle_promises_hold_whatever_happens() -> None:
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(4 * 3600)
 @pytest.mark.xfail(reason=KNOWN_FAILURES, strict=False)
 def test_lifecycle_promises_hold_over_thousands_of_runs() -> None:
     """The same promises over thousands of longer runs (``make soak``)."""
