@@ -1,8 +1,9 @@
 """Run every benchmark and print its figures."""
 
-from bench import sweep, sync
+from bench import latency, sweep, sync
 from visitwatch.daemon import logs
 
 logs.configure("warning")  # as the daemon runs; debug output would dominate the timings
 sweep.main()
 sync.main()
+latency.main([])
