@@ -123,6 +123,10 @@ class Lane:
         self._queue.put(batch)
         return batch
 
+    def held(self) -> set[int]:
+        with self._lock:
+            return set(self.in_flight)
+
     def stalled(self, limit: float) -> bool:
         started = self.busy_since
         return started is not None and time.monotonic() - started > limit
@@ -265,11 +269,23 @@ class Dispatcher:
             return lane
 
     def _submit_due(self, now: datetime, report: DispatchReport) -> list[_Batch]:
-        rows = self.store.query(
-            "SELECT * FROM notifications WHERE status = 'pending' AND next_attempt_at <= ?"
-            " ORDER BY id",
+        # Ids first, through the partial index on pending rows (the history never slows
+        # this), then whole rows only for those no lane already holds.
+        due = self.store.query(
+            "SELECT id, channel FROM notifications INDEXED BY notifications_pending"
+            " WHERE status = 'pending' AND next_attempt_at <= ?",
             (ts(now),),
         )
+        held = self._held()
+        wanted = sorted(r["id"] for r in due if r["id"] not in held)
+        rows = []
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            rows += self.store.query(
+                f"SELECT * FROM notifications WHERE id IN ({','.join('?' * len(chunk))})"
+                " AND status = 'pending' ORDER BY id",
+                chunk,
+            )
         by_channel: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             if row["channel"] not in self.channels:
@@ -285,13 +301,21 @@ class Dispatcher:
                 batches.append(batch)
         return batches
 
+    def _held(self) -> set[int]:
+        with self._lanes_lock:
+            lanes = list(self._lanes.values())
+        held: set[int] = set()
+        for lane in lanes:
+            held |= lane.held()
+        return held
+
     # ------------------------------------------------------------------ one lane
 
     def _deliver_batch(self, batch: _Batch) -> None:
         name = batch.rows[0]["channel"]
         channel = self.channels[name]
         for start in range(0, len(batch.rows), BATCH):
-            rows = batch.rows[start : start + BATCH]
+            rows = self._still_pending(batch.rows[start : start + BATCH])
             pending = [r for r in rows if not self._catch_up(r, batch.report)]
             if not pending:
                 continue
@@ -302,6 +326,26 @@ class Dispatcher:
                 for row in pending:
                     self._record([row], [self._send_one(channel, row)], batch.report)
         self.on_progress()
+
+    def _still_pending(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows read before another batch of this lane sent them are not sent again.
+
+        Only this lane sends for its channel, so a row still pending here is not being
+        sent by anyone else.
+        """
+        ids = [r["id"] for r in rows]
+        try:
+            pending = {
+                r["id"]
+                for r in self.store.query(
+                    f"SELECT id FROM notifications WHERE id IN ({','.join('?' * len(ids))})"
+                    " AND status = 'pending'",
+                    ids,
+                )
+            }
+        except sqlite3.Error:
+            return rows  # cannot read: sending twice is better than not at all
+        return [r for r in rows if r["id"] in pending]
 
     @staticmethod
     def _send_one(channel: Channel, row: dict[str, Any]) -> BaseException | None:

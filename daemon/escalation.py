@@ -111,10 +111,11 @@ class Watcher:
                 )
                 for row in rows:
                     changed += self._advance_safely(conn, row, now)
-            if len(rows) < batch:
-                break
+                if len(rows) < batch:
+                    # In the last batch's transaction: one commit (one fsync) per sweep.
+                    self.store.set_meta("last_sweep_at", ts(now) or "")
+                    break
             after = (rows[-1]["next_action_at"], rows[-1]["id"])
-        self.store.set_meta("last_sweep_at", ts(now) or "")
         return changed
 
     def next_due(self) -> datetime | None:

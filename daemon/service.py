@@ -53,7 +53,7 @@ from visitwatch.daemon.dispatch import (
 )
 from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.health import HealthMonitor
-from visitwatch.daemon.store import DaemonLock, Store, record_unwritable, ts
+from visitwatch.daemon.store import DaemonLock, Store, record_unwritable
 from visitwatch.daemon.sync import Syncer, SyncReport
 from visitwatch.policies import Policy
 
@@ -174,6 +174,7 @@ class Service:
         return reports
 
     def sweep(self) -> int:
+        """Advance what is due and check health; how many visits changed or notices were written."""
         try:
             changed = self.watcher.sweep()
         except sqlite3.Error as err:
@@ -185,10 +186,11 @@ class Service:
             self._record_down = False
             log.warning("record_writable_again")
         try:
-            self.health.check()
+            notices = self.health.check()
         except Exception:  # a health check must never stop the sweep that raises alerts
             log.exception("health_check_failed")
-        return changed
+            notices = 0
+        return changed + notices
 
     def _sweep_from_memory(self, err: sqlite3.Error) -> None:
         """The record cannot be written (a full disk): alerts still go out, from memory.
@@ -373,15 +375,14 @@ class Service:
 
     def _sweep_step(self) -> float | None:
         self._clock_steps.check(self._polls_now)
-        self.sweep()
-        loops = self._loops
-        if self.store.one(
-            "SELECT 1 FROM notifications WHERE status = 'pending' AND next_attempt_at <= ? LIMIT 1",
-            (ts(self.clock.now()),),
-        ):
-            loops["dispatch"].wake()
-        self._watchdog(loops["dispatch"])
-        return _seconds_until(self.watcher.next_due(), self.clock.now())
+        written = self.sweep()
+        if written:
+            self._loops["dispatch"].wake()
+        self._watchdog(self._loops["dispatch"])
+        delay = _seconds_until(self.watcher.next_due(), self.clock.now())
+        # Deadlines a moment apart share one pass (a burst costs one commit per batch, not
+        # one per deadline); a write that makes something due wakes the loop at once.
+        return None if delay is None else max(delay, SWEEP_GAP)
 
     def _dispatch_step(self) -> float | None:
         started = self.clock.now()
@@ -446,6 +447,10 @@ class Service:
                 log.exception("close_failed", connector=connector.name)
         if store:
             self.store.close()
+
+
+# The sweep loop's shortest sleep between passes it schedules itself.
+SWEEP_GAP = 0.2
 
 
 class Loop:

@@ -217,6 +217,15 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE visits ADD COLUMN ack_realerts INTEGER NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        "0004_pending_notifications_by_created",
+        """
+        -- The dispatcher looks for notifications waiting past the delivery deadline on every
+        -- pass: through this index its cost follows what is pending, not the history.
+        CREATE INDEX notifications_pending_created ON notifications (created)
+            WHERE status = 'pending';
+        """,
+    ),
 ]
 
 
