@@ -296,8 +296,7 @@ class Store:
             try:
                 yield conn
             except BaseException:
-                conn.execute(f"ROLLBACK TO {name}")
-                conn.execute(f"RELEASE {name}")
+                _quietly(conn, f"ROLLBACK TO {name}", f"RELEASE {name}")
                 raise
             finally:
                 self._local.depth = depth - 1
@@ -306,10 +305,12 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            # A COMMIT that fails (a full disk) leaves the transaction open: roll it back
+            # below, or every later "transaction" would nest inside it and never commit.
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _quietly(conn, "ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
         return [dict(row) for row in self.db.conn.execute(sql, params).fetchall()]
@@ -426,6 +427,17 @@ def _use_wal(conn: sqlite3.Connection) -> None:
                 f"could not switch the database to WAL mode (journal mode {mode or 'locked'})"
             )
         time.sleep(0.01)
+
+
+def _quietly(conn: sqlite3.Connection, *statements: str) -> None:
+    """Undo after an error without hiding it: SQLite may have rolled back already."""
+    for statement in statements:
+        if not conn.in_transaction:
+            return
+        try:
+            conn.execute(statement)
+        except sqlite3.Error:
+            return
 
 
 def _split_sql(script: str) -> list[str]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -310,3 +312,77 @@ type = "scripted"
     finally:
         service.stop()
         thread.join(15)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs (root only): a real filesystem that fills up."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    filler = folder / "filler"
+    with open(filler, "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_really_full_disk_sends_from_memory_and_leaves_no_transaction_open(
+    small_disk: Path, scripted_channels: dict[str, Script]
+):
+    """On a full tmpfs the sweep fails at write or commit; alerts still go, then the record heals."""
+    from visitwatch.daemon.clock import FrozenClock
+
+    world = World(small_disk, FrozenClock(T0))
+    world.channels = """
+[[channels]]
+name = "pager"
+type = "scripted"
+
+[[channels]]
+name = "outbox"
+type = "outbox"
+path = "outbox.jsonl"
+"""
+    world.write_calendar(*(home_visit(f"visit-{i}") for i in range(20)))
+    try:
+        service = world.service()
+        world.at(DEADLINE - timedelta(minutes=1))
+        tick(service)
+        filler = _fill(small_disk)
+        world.at(DEADLINE + timedelta(seconds=5))
+        service.sweep()
+        service.sweep()
+        assert not service.store.db.conn.in_transaction
+        pager = scripted_channels["pager"]
+        _wait_until(lambda: sum(m.kind == "reminder" for m in pager.accepted) == 20)
+        assert sum(m.kind == "admin" for m in pager.accepted) == 1
+
+        filler.unlink()  # space freed
+        tick(service)
+        tick(service)
+        assert sum(m.kind == "reminder" for m in pager.accepted) == 20  # none twice
+        assert len(world.messages("reminder")) == 20  # the outbox and the record caught up
+        sent = service.store.one(
+            "SELECT COUNT(*) AS n FROM notifications WHERE kind = 'reminder' AND status = 'sent'"
+        )
+        assert sent["n"] == 40
+    finally:
+        world.close()
