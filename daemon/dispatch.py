@@ -185,7 +185,6 @@ class Dispatcher:
         self._from_memory_busy: set[str] = set()
         self._unrecorded_lock = threading.Lock()
         self._record_broken = False  # logged once per episode
-        self._last_delivery: dict[str, datetime] = {}  # channel -> last accepted send
         # Channels in an announced outage (also kept in meta, so a restart remembers them):
         # checked on every successful send, so kept in memory.
         self._outages = {
@@ -460,14 +459,12 @@ class Dispatcher:
             channel=row["channel"],
             visit_id=row["visit_id"],
         )
-        self._last_delivery[row["channel"]] = max(
-            when, self._last_delivery.get(row["channel"], when)
-        )
         return self._recovered(conn, row["channel"], when)
 
     def _fallback(self, conn: sqlite3.Connection, row: dict[str, Any], now: datetime) -> int:
-        config = self.configs.get(row["channel"])
-        if config is None or not config.fallback or row["fallback_of"] is not None:
+        """A copy on the channel's fallback; fallbacks chain, never back to a channel tried."""
+        target = self._fallback_channel(conn, row)
+        if target is None:
             return 0
         return conn.execute(
             "INSERT OR IGNORE INTO notifications (key, visit_id, kind, recipient_id,"
@@ -476,8 +473,24 @@ class Dispatcher:
             " SELECT key || '|fallback', visit_id, kind, recipient_id, recipient_name,"
             " recipient_email, recipient_mobile, recipient_relation, ?, subject, text, ?, ?, id"
             " FROM notifications WHERE id = ?",
-            (config.fallback, ts(now), ts(now), row["id"]),
+            (target, ts(now), ts(now), row["id"]),
         ).rowcount
+
+    def _fallback_channel(self, conn: sqlite3.Connection, row: dict[str, Any]) -> str | None:
+        config = self.configs.get(row["channel"])
+        if config is None or not config.fallback:
+            return None
+        tried = {row["channel"]}
+        parent = row["fallback_of"]
+        while parent is not None:
+            up = conn.execute(
+                "SELECT channel, fallback_of FROM notifications WHERE id = ?", (parent,)
+            ).fetchone()
+            if up is None:
+                break
+            tried.add(up[0])
+            parent = up[1]
+        return None if config.fallback in tried else config.fallback
 
     def _isolated(self, row: dict[str, Any], error: str) -> None:
         """Take a row that cannot be handled out of the queue; the health check reports it."""
@@ -496,40 +509,44 @@ class Dispatcher:
     # ------------------------------------------------------------------ deadlines
 
     def _past_deadline(self, now: datetime, report: DispatchReport) -> None:
-        """Fallback copies and one admin notice per channel outage for what is waiting too long."""
+        """Send to the fallback what waits too long, and open an outage (one admin notice).
+
+        A notification gets its fallback copy when it has waited ``delivery_deadline``, or
+        at once when its channel is in an announced outage or stuck in a send longer than
+        ``send_timeout`` (a help request must not wait out the deadline again). A channel
+        whose notifications wait past the deadline is in an outage until nothing on it
+        does, however often it delivers meanwhile (a server that answers byte by byte).
+        """
+        cutoff = ts(now - self.delivery_deadline)
+        troubled = sorted(self._outages | set(self.lanes_stalled()))
         late = self.store.query(
-            "SELECT n.* FROM notifications n WHERE n.status = 'pending' AND n.created <= ?"
+            "SELECT n.* FROM notifications n WHERE n.status = 'pending' AND (n.created <= ?"
+            f" OR n.channel IN ({','.join('?' * len(troubled))}))"
             " AND NOT EXISTS (SELECT 1 FROM notifications f WHERE f.fallback_of = n.id)"
             " ORDER BY n.id",
-            (ts(now - self.delivery_deadline),),
+            (cutoff, *troubled),
         )
-        late = [r for r in late if self._has_fallback(r) or r["channel"] not in self._outages]
-        if not late:
+        overdue = [r for r in late if r["created"] <= cutoff]
+        opening = {r["channel"] for r in overdue} - self._outages
+        late = [r for r in late if self._has_fallback(r)]
+        if not late and not opening:
             return
-        by_channel: dict[str, list[dict[str, Any]]] = {}
-        for row in late:
-            by_channel.setdefault(row["channel"], []).append(row)
         try:
             with self.store.transaction() as conn:
                 for row in late:
                     report.fallbacks += self._fallback(conn, row, now)
-                for name, rows in by_channel.items():
-                    if name not in self._outages and not self._delivered_lately(name, now):
-                        report.notices += self._outage(conn, name, rows, now)
+                for name in sorted(opening):
+                    rows = [r for r in overdue if r["channel"] == name]
+                    report.notices += self._outage(conn, name, rows, now)
         except sqlite3.Error as err:
             if record_unwritable(err):
                 self._record_failed([], [], now, err)
             else:
                 log.error("deadline_check_failed", error=str(err))
 
-    def _delivered_lately(self, channel: str, now: datetime) -> bool:
-        """A channel that delivered within the deadline is up, whatever it owes from before."""
-        last = self._last_delivery.get(channel)
-        return last is not None and now - last < self.delivery_deadline
-
     def _has_fallback(self, row: dict[str, Any]) -> bool:
         config = self.configs.get(row["channel"])
-        return bool(config and config.fallback and row["fallback_of"] is None)
+        return bool(config and config.fallback)
 
     def _outage(
         self, conn: sqlite3.Connection, channel: str, rows: list[dict[str, Any]], now: datetime
@@ -553,10 +570,9 @@ class Dispatcher:
             else "It has no fallback channel: make sure the people waiting for these "
             "messages are told another way."
         )
-        minutes = max(1, round(self.delivery_deadline.total_seconds() / 60))
         text = (
             f"The channel {channel!r} has not delivered {len(rows)} notification(s) within "
-            f"{minutes} min. The oldest is #{oldest['id']}, a {oldest['kind']} notification"
+            f"{_spoken(self.delivery_deadline)}. The oldest is #{oldest['id']}, a {oldest['kind']} notification"
             + (f" for visit {oldest['visit_id']}" if oldest["visit_id"] else "")
             + f".\nLast error: {why}\n\n{fallback}\nvisitwatch keeps retrying and tells you "
             "when the channel delivers again. `visitwatch status` lists what is waiting."
@@ -574,7 +590,21 @@ class Dispatcher:
         )
 
     def _recovered(self, conn: sqlite3.Connection, channel: str, now: datetime) -> int:
+        """A send went through on a channel in an outage: drain, and close it once caught up."""
         if channel not in self._outages:
+            return 0
+        # What waited through the outage goes now, not at the end of its backoff.
+        conn.execute(
+            "UPDATE notifications SET next_attempt_at = ? WHERE channel = ?"
+            " AND status = 'pending' AND next_attempt_at > ?",
+            (ts(now), channel, ts(now)),
+        )
+        still_late = conn.execute(
+            "SELECT 1 FROM notifications WHERE status = 'pending' AND created <= ?"
+            " AND channel = ? LIMIT 1",
+            (ts(now - self.delivery_deadline), channel),
+        ).fetchone()
+        if still_late:
             return 0
         meta = f"outage:{channel}"
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (meta,)).fetchone()
@@ -582,12 +612,6 @@ class Dispatcher:
         if not row:
             return 0
         conn.execute("DELETE FROM meta WHERE key = ?", (meta,))
-        # What waited through the outage goes now, not at the end of its backoff.
-        conn.execute(
-            "UPDATE notifications SET next_attempt_at = ? WHERE channel = ?"
-            " AND status = 'pending' AND next_attempt_at > ?",
-            (ts(now), channel, ts(now)),
-        )
         log.warning("channel_recovered", channel=channel)
         if self.notify_admins is None:
             return 0
@@ -595,7 +619,7 @@ class Dispatcher:
             conn,
             f"recovered:{channel}:{row[0]}",
             f"visitwatch: channel {channel!r} is delivering again",
-            f"The channel {channel!r} delivered again; what was waiting is being sent.",
+            f"The channel {channel!r} is delivering again and has caught up with what was waiting.",
             now,
         )
 
@@ -717,6 +741,11 @@ class Dispatcher:
         if self._record_broken:
             self._record_broken = False
             log.warning("record_writable_again")
+
+
+def _spoken(span: timedelta) -> str:
+    seconds = round(span.total_seconds())
+    return f"{seconds} s" if seconds < 120 else f"{round(seconds / 60)} min"
 
 
 def to_message(row: dict[str, Any]) -> Message:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import T0, World, home_visit, tick
-from tests.scripted import HANG, OK, TEMPORARY, Script
+from tests.scripted import HANG, OK, PERMANENT, TEMPORARY, Script
 from visitwatch.daemon.config import load_config
 from visitwatch.daemon.dispatch import MAX_RETRY, retry_delay
 from visitwatch.daemon.service import Service
@@ -386,3 +386,86 @@ path = "outbox.jsonl"
         assert sent["n"] == 40
     finally:
         world.close()
+
+
+def test_during_an_announced_outage_a_help_request_goes_to_the_fallback_at_once(
+    world: World, scripted_channels: dict[str, Script]
+):
+    """Once a channel is known to be out, new alerts do not wait out the deadline again."""
+    world.channels = SLOW_AND_OUTBOX.replace(
+        'path = "outbox.jsonl"', 'path = "outbox.jsonl"\nkinds = ["admin"]'
+    )
+    world.write_calendar(home_visit())
+    service = world.service()
+    scripted_channels["slow"].set(TEMPORARY)
+    world.at(DEADLINE + timedelta(minutes=1))
+    tick(service)
+    world.clock.advance(timedelta(minutes=3))
+    tick(service)  # the reminder waited past the deadline: outage announced
+    assert any("'slow' is not delivering" in m["subject"] for m in world.messages("admin"))
+    visit = service.store.one("SELECT id FROM visits")
+    service.watcher.request_help(visit["id"])
+    service.dispatch(wait=1.0)  # no time passes
+    helps = [m for m in world.messages() if m["kind"] == "help"]
+    assert helps and all(m["channel"] == "outbox" for m in helps)
+
+
+CHAIN = """
+[[channels]]
+name = "mail"
+type = "scripted"
+fallback = "sms"
+
+[[channels]]
+name = "sms"
+type = "scripted"
+kinds = ["admin"]
+fallback = "{last}"
+
+[[channels]]
+name = "outbox"
+type = "outbox"
+path = "outbox.jsonl"
+kinds = ["admin"]
+"""
+
+
+def test_fallbacks_chain_to_a_channel_that_works(
+    world: World, scripted_channels: dict[str, Script]
+):
+    """mail -> sms -> outbox: when the first two fail for good, the outbox gets the alert."""
+    world.channels = CHAIN.format(last="outbox")
+    world.write_calendar(home_visit())
+    service = world.service()
+    for name in ("mail", "sms"):
+        scripted_channels.setdefault(name, Script()).set(PERMANENT)
+    world.at(DEADLINE + timedelta(seconds=5))
+    tick(service)
+    assert [m["kind"] for m in world.messages() if m["kind"] != "admin"] == ["reminder"]
+    chain = service.store.query(
+        "SELECT channel, status FROM notifications WHERE kind = 'reminder' ORDER BY id"
+    )
+    assert [(r["channel"], r["status"]) for r in chain] == [
+        ("mail", "failed"),
+        ("sms", "failed"),
+        ("outbox", "sent"),
+    ]
+
+
+def test_a_fallback_cycle_stops_at_a_channel_already_tried(
+    world: World, scripted_channels: dict[str, Script]
+):
+    """mail -> sms -> mail: each channel is tried once, then the admin hears of the failure."""
+    world.channels = CHAIN.format(last="mail")
+    world.write_calendar(home_visit())
+    service = world.service()
+    for name in ("mail", "sms"):
+        scripted_channels.setdefault(name, Script()).set(PERMANENT)
+    world.at(DEADLINE + timedelta(seconds=5))
+    tick(service)
+    tick(service)
+    chain = service.store.query(
+        "SELECT channel, status FROM notifications WHERE kind = 'reminder' ORDER BY id"
+    )
+    assert [(r["channel"], r["status"]) for r in chain] == [("mail", "failed"), ("sms", "failed")]
+    assert any("reminder" in n["subject"] for n in world.messages("admin"))
