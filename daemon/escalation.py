@@ -118,6 +118,18 @@ class Watcher:
             after = (rows[-1]["next_action_at"], rows[-1]["id"])
         return changed
 
+    def reconsider_all(self) -> int:
+        """Make every watched visit due now (after a wall-clock step): the sweep recomputes
+        each one's next action from its stored deadline, instead of trusting times computed
+        on a clock that was wrong."""
+        now = ts(self.clock.now())
+        with self.store.transaction() as conn:
+            changed = conn.execute(
+                "UPDATE visits SET next_action_at = ? WHERE next_action_at > ?", (now, now)
+            ).rowcount
+        self.wake()
+        return changed
+
     def next_due(self) -> datetime | None:
         """When the sweep next has something to do (through the visits_next_action index)."""
         row = self.store.one(

@@ -162,6 +162,11 @@ def plan(
             # After an outage, send the latest repeat once rather than every missed one, and
             # none if the rung itself goes out in this same sweep.
             done = int((now - base) / last.repeat)
+            if 0 <= done < repeats:
+                # The wall clock went back (it was fast, and NTP corrected it): the count came
+                # from the wrong clock. Count again from now, taking the repeat due now as not
+                # sent, or the next would wait as long as the clock was fast.
+                repeats = max(done - 1, 0)
             if done > repeats:
                 if step - 1 not in fired_now:
                     due = base + done * last.repeat

@@ -374,7 +374,7 @@ class Service:
         return scheduler
 
     def _sweep_step(self) -> float | None:
-        self._clock_steps.check(self._polls_now)
+        self._clock_steps.check(self._on_clock_step)
         written = self.sweep()
         if written:
             self._loops["dispatch"].wake()
@@ -418,8 +418,11 @@ class Service:
                 local_ok=True,
             )
 
-    def _polls_now(self) -> None:
-        """After a wall-clock step, run every poll now: APScheduler times them by the wall."""
+    def _on_clock_step(self) -> None:
+        """After a wall-clock step, recompute every deadline's next action and run every poll
+        now: times computed (by us, and by APScheduler for the polls) on the old clock are
+        wrong by the size of the step."""
+        self.watcher.reconsider_all()
         scheduler = self._scheduler
         if scheduler is None:
             return

@@ -469,3 +469,27 @@ def test_a_fallback_cycle_stops_at_a_channel_already_tried(
     )
     assert [(r["channel"], r["status"]) for r in chain] == [("mail", "failed"), ("sms", "failed")]
     assert any("reminder" in n["subject"] for n in world.messages("admin"))
+
+
+def test_after_the_clock_was_an_hour_fast_repeats_resume_at_once_not_an_hour_later(
+    world: World, scripted_channels: dict[str, Script]
+):
+    """A clock fast by an hour then corrected must not silence the repeating escalation."""
+    world.channels = """
+[[channels]]
+name = "pager"
+type = "scripted"
+"""
+    world.write_calendar(home_visit())
+    service = world.service()
+    pager = scripted_channels["pager"]
+    world.at(DEADLINE + timedelta(minutes=50))
+    tick(service)  # reminder, overrun, escalation
+    world.clock.advance(timedelta(hours=1))  # the clock jumps an hour ahead ...
+    tick(service)
+    world.clock.advance(timedelta(hours=-1))  # ... and NTP sets it right
+    service._on_clock_step()  # what the sweep loop does when it notices the step
+    escalations = sum(m.kind == "escalation" for m in pager.accepted)
+    world.clock.advance(timedelta(minutes=16))  # one repeat interval (15 min) later
+    tick(service)
+    assert sum(m.kind == "escalation" for m in pager.accepted) == escalations + 1
