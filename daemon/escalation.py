@@ -414,10 +414,13 @@ class Watcher:
                 )
         return written
 
-    def channels_for(self, kind: str, recipient: Recipient) -> list[ConnectorConfig]:
+    def channels_for(
+        self, kind: str, recipient: Recipient, *, any_kind: bool = False
+    ) -> list[ConnectorConfig]:
+        """The channels that take ``kind`` for ``recipient`` (``any_kind``: ignore ``kinds``)."""
         chosen = []
         for channel in self.config.channels:
-            if channel.kinds is not None and kind not in channel.kinds:
+            if not any_kind and channel.kinds is not None and kind not in channel.kinds:
                 continue
             needs = getattr(channel.cls, "address_field", None)
             if needs and not getattr(recipient, needs, ""):

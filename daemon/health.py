@@ -65,12 +65,23 @@ class HealthMonitor:
         now: datetime,
         avoid_channel: str = "",
     ) -> int:
-        """Queue an admin notice, once per ``key``; on another channel than ``avoid_channel``
-        where there is one (the one in trouble), else on that one too: better than silence."""
+        """Queue an admin notice, once per ``key``, avoiding ``avoid_channel`` (the one in
+        trouble) whenever any other channel can reach the admin."""
         written = 0
         for addressee in self.admins():
-            channels = self.watcher.channels_for("admin", addressee.recipient)
-            channels = [c for c in channels if c.name != avoid_channel] or channels
+            recipient = addressee.recipient
+            channels = self.watcher.channels_for("admin", recipient)
+            # Not on the channel in trouble where another takes admin notices; else on any
+            # other that reaches this admin, whatever its kinds; else on that one after all.
+            channels = (
+                [c for c in channels if c.name != avoid_channel]
+                or [
+                    c
+                    for c in self.watcher.channels_for("admin", recipient, any_kind=True)
+                    if c.name != avoid_channel
+                ]
+                or channels
+            )
             if not channels:
                 log.error("admin_unreachable", key=key, relation=addressee.relation)
             for channel in channels:

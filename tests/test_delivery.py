@@ -493,3 +493,30 @@ type = "scripted"
     world.clock.advance(timedelta(minutes=16))  # one repeat interval (15 min) later
     tick(service)
     assert sum(m.kind == "escalation" for m in pager.accepted) == escalations + 1
+
+
+def test_an_outage_notice_takes_another_channel_even_one_not_meant_for_admin_notices(
+    world: World, scripted_channels: dict[str, Script]
+):
+    """When only the broken channel carries admin notices, the notice goes on another anyway."""
+    world.channels = """
+[[channels]]
+name = "mail"
+type = "scripted"
+
+[[channels]]
+name = "outbox"
+type = "outbox"
+path = "outbox.jsonl"
+kinds = ["reminder", "overrun", "escalation", "help"]
+"""
+    world.write_calendar(home_visit())
+    service = world.service()
+    scripted_channels["mail"].set(HANG)
+    world.at(DEADLINE + timedelta(seconds=5))
+    tick_quickly = lambda: (service.sync_all(), service.sweep(), service.dispatch(wait=0.5))  # noqa: E731
+    tick_quickly()
+    world.clock.advance(timedelta(minutes=3))
+    tick_quickly()
+    notices = world.messages("admin")
+    assert len(notices) == 1 and "'mail' is not delivering" in notices[0]["subject"]
