@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import sqlite3
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +23,7 @@ from visitwatch.daemon.config import Config, config_path, load_config
 from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.reach import unreachable
 from visitwatch.daemon.service import Service
-from visitwatch.daemon.store import from_ts, ts
+from visitwatch.daemon.store import from_ts, record_unwritable, ts
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +40,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Errors written for people: no traceback, just what is wrong and how to fix it.
         print(f"visitwatch: {err}", file=sys.stderr)
         return 2
+    except sqlite3.Error as err:
+        if not record_unwritable(err):
+            raise
+        print(
+            f"visitwatch: cannot write the record ({err}); the disk may be full. Nothing was "
+            "recorded: if you were checking in or acknowledging, tell your manager another "
+            "way, and tell your admin.",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -233,14 +246,18 @@ def _acting(args: argparse.Namespace) -> Iterator[Service]:
 
 
 def _deliver_now(service: Service) -> None:
-    """Send what the command queued, unless the daemon is running (it will, within seconds)."""
+    """Send what the command queued, or ask the running daemon to (SIGUSR1) at once."""
     if service.lock.acquire():
         try:
             service.dispatch()
         finally:
             service.lock.release()
-    else:
-        print("(the running daemon delivers the notifications)")
+        return
+    try:
+        os.kill(int(service.lock.holder()), signal.SIGUSR1)
+        print("(the running daemon delivers the notifications now)")
+    except (ValueError, OSError):  # another user's daemon: it looks within sweep_interval
+        print("(the running daemon delivers the notifications within seconds)")
 
 
 def _duration(text: str) -> timedelta:

@@ -283,6 +283,8 @@ class Service:
             if install_signal_handlers:
                 signal.signal(signal.SIGTERM, self._on_signal)
                 signal.signal(signal.SIGINT, self._on_signal)
+                # A CLI action (check-in, ack, help) asks the daemon to look now.
+                signal.signal(signal.SIGUSR1, self._on_wake)
             self.start()
             log.info(
                 "daemon_started",
@@ -305,6 +307,16 @@ class Service:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _on_wake(self, _signum: int, _frame: Any) -> None:
+        self.wake()
+
+    def wake(self) -> None:
+        """Sweep and deliver now: another process changed the record."""
+        for name in ("sweep", "dispatch"):
+            loop = self._loops.get(name)
+            if loop is not None:
+                loop.wake()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.info("signal_received", signal=signal.Signals(signum).name)
@@ -438,6 +450,11 @@ class Service:
             func(*args)
         except ConnectorError as err:
             log.warning("job_failed", job=job, error=str(err))
+        except sqlite3.Error as err:
+            if not record_unwritable(err):
+                log.exception("job_crashed", job=job)
+            else:  # the sweep reports this once per episode; no traceback every poll
+                log.warning("job_skipped", job=job, reason="the record cannot be written")
         except Exception:
             log.exception("job_crashed", job=job)
 
