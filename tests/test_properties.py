@@ -980,3 +980,18 @@ def test_a_visit_reopened_and_checked_in_again_owes_no_second_all_clear() -> Non
         lambda m: m.check_in(uid),
         lambda m: m.dispatch(),
     )
+
+
+def test_a_visit_reopened_then_helped_gets_a_second_all_clear() -> None:
+    """I3: resolved, re-opened by a calendar move, help asked, resolved: the all-clear again."""
+    uid = "visit-0"
+    replay(
+        "mail+sms",
+        lambda m: m.add_entry(starts_in=0, minutes=5, return_after=None, worker=""),
+        lambda m: m.ask_for_help(uid),
+        lambda m: m.check_in(uid),
+        lambda m: m.edit_entry(uid, shift=60, minutes=None, return_after=None),
+        lambda m: m.ask_for_help(uid),
+        lambda m: m.edit_entry(uid, shift=-60, minutes=None, return_after=None),
+        lambda m: m.check_in(uid),
+    )
