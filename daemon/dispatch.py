@@ -213,6 +213,10 @@ class Dispatcher:
                 if not batch.done.wait(max(0.0, give_up - time.monotonic())):
                     continue
                 report.add(batch.report)
+            if batches:
+                # A late row whose first try just failed, or that now sits in a lane, opens
+                # its outage now, not a pass later.
+                self._past_deadline(self.clock.now(), report)
             if not batches or not all(b.done.is_set() for b in batches):
                 break
             if not any(b.report.fallbacks or b.report.notices for b in batches):
@@ -526,9 +530,19 @@ class Dispatcher:
             " ORDER BY n.id",
             (cutoff, *troubled),
         )
-        overdue = [r for r in late if r["created"] <= cutoff]
+        # Waiting counts against a channel once it has been tried or handed the row: rows
+        # nobody has tried yet (the machine was asleep) get their chance first.
+        held = self._held()
+        overdue = [
+            r
+            for r in late
+            if r["created"] <= cutoff
+            and (r["attempts"] or r["id"] in held or r["channel"] in troubled)
+        ]
         opening = {r["channel"] for r in overdue} - self._outages
-        late = [r for r in late if self._has_fallback(r)]
+        late = [
+            r for r in late if self._has_fallback(r) and (r["channel"] in troubled or r in overdue)
+        ]
         if not late and not opening:
             return
         try:

@@ -43,6 +43,10 @@ _ADDRESS_LABELS = {"email": "e-mail address", "mobile": "mobile number"}
 T = TypeVar("T")
 
 
+# Pending notifications of these kinds are not sent once their visit is resolved.
+SUPERSEDED_BY_RESOLUTION = (*ALERT_KINDS, "compliance", "extended")
+
+
 class ActionError(VisitwatchError):
     """A check-in or acknowledgement that cannot be done (unknown visit, already resolved)."""
 
@@ -498,6 +502,7 @@ class Watcher:
             " recipient_relation FROM notifications WHERE visit_id = ? AND (kind IN"
             " ('overrun', 'escalation', 'help') OR (kind = 'reminder'"
             " AND recipient_relation != 'worker')) AND fallback_of IS NULL"
+            " AND status != 'superseded'"
             " GROUP BY recipient_id ORDER BY MIN(id)",
             (visit_id,),
         ).fetchall()
@@ -688,7 +693,16 @@ class Watcher:
             "state": lifecycle.RESOLVED, "ended_at": ts(now), "next_action_at": None, **fields,
         })  # fmt: skip
         self._record_checkin(conn, row["id"], now, action, by, via)
-        self.notify(conn, row, "all_clear", self.alerted(conn, row["id"]), now, "resolved", how)
+        # Alerts still waiting to go out would now be false alarms: the worker is safe.
+        conn.execute(
+            "UPDATE notifications SET status = 'superseded', next_attempt_at = NULL,"
+            " last_error = ? WHERE visit_id = ? AND status = 'pending' AND kind IN"
+            f" ({', '.join(repr(k) for k in SUPERSEDED_BY_RESOLUTION)})",
+            (f"not sent: the visit was resolved first ({how})", row["id"]),
+        )
+        # One all clear per resolution: a visit re-opened and resolved again gets another.
+        token = f"resolved:{ts(now)}"
+        self.notify(conn, row, "all_clear", self.alerted(conn, row["id"]), now, token, how)
 
     def acknowledge(
         self, ref: str, by: str, safe: bool = False, via: str = "cli"

@@ -37,6 +37,7 @@ class HealthMonitor:
         self.config = config
         self.watcher = watcher
         self.clock = clock
+        self._unreportable: set[int] = set()  # failed reports of failures, logged once
 
     def admins(self) -> list[Addressee]:
         return admin_addressees(self.watcher.directory)
@@ -124,15 +125,27 @@ class HealthMonitor:
         # Only recent failures: older ones were reported when they happened, and the sweep
         # (which runs this) must not slow down as the record grows.
         rows = conn.execute(
-            "SELECT n.* FROM notifications n WHERE n.status = 'failed' AND n.kind != 'admin'"
+            "SELECT n.* FROM notifications n WHERE n.status = 'failed'"
+            # An admin notice that failed is reported once, elsewhere; a failed report of a
+            # failed report is not reported again (no loop).
+            " AND n.key NOT LIKE 'admin|undelivered:%'"
             " AND n.created >= ? AND NOT EXISTS (SELECT 1 FROM notifications f"
             " WHERE f.fallback_of = n.id AND f.status = 'sent')",
             (ts(now - RECENT),),
         ).fetchall()
+        for row in conn.execute(
+            "SELECT id, channel FROM notifications WHERE status = 'failed' AND kind = 'admin'"
+            " AND key LIKE 'admin|undelivered:%' AND created >= ?",
+            (ts(now - RECENT),),
+        ).fetchall():
+            if row["id"] not in self._unreportable:
+                self._unreportable.add(row["id"])
+                log.error("admin_notice_undeliverable", notification=row["id"], channel=row[1])
         for row in rows:
             text = (
-                f"A {row['kind']} notification (#{row['id']}) for visit {row['visit_id']} could "
-                f"not be delivered to {row['recipient_name']} via {row['channel']}.\n"
+                f"A {row['kind']} notification (#{row['id']})"
+                + (f" for visit {row['visit_id']}" if row["visit_id"] else f": {row['subject']},")
+                + f" could not be delivered to {row['recipient_name']} via {row['channel']}.\n"
                 f"Error: {row['last_error']}\n\n"
                 "Make sure the recipient has been told. `visitwatch status` lists every "
                 "undelivered notification."

@@ -663,6 +663,10 @@ class VisitLifecycle(RuleBasedStateMachine):
         return self.failure_reported(n, notes)
 
     def failure_reported(self, n: dict[str, Any], notes: list[dict[str, Any]]) -> bool:
+        if n["key"].startswith("admin|undelivered:"):
+            # The report of a failure that fails itself ends the chain (else reports of
+            # reports would never end): it is logged, and `check` lists unreachable admins.
+            return True
         for other in notes:
             if other["fallback_of"] == n["id"] and other["status"] == "sent":
                 return True
@@ -752,6 +756,18 @@ class VisitLifecycle(RuleBasedStateMachine):
                         f"{n['channel']}) failed and no admin was told "
                         f"(error: {n['last_error']})"
                     )
+            elif status == "superseded":
+                # Withdrawn unsent: only an alert whose visit was resolved (worker safe) after
+                # it was written; the visit may since have been re-opened by a calendar edit.
+                resolved = self.query(
+                    "SELECT 1 FROM audit WHERE visit_id = ? AND to_state = 'resolved' AND at >= ?",
+                    (n["visit_id"], n["created"]),
+                )
+                if n["kind"] == "admin" or not resolved:
+                    problems.append(
+                        f"I2: notification {n['id']} ({n['kind']}) was withdrawn unsent, but "
+                        "its visit is not resolved"
+                    )
             else:
                 problems.append(f"I2: notification {n['id']} has unknown status {status!r}")
         return problems
@@ -788,7 +804,9 @@ class VisitLifecycle(RuleBasedStateMachine):
             last_alert: dict[str, int] = {}
             for n in rows:
                 original = n["fallback_of"] is None
-                if original and n["kind"] in ("overrun", "escalation", "help"):
+                # An alert withdrawn unsent when the visit was resolved told nobody anything.
+                told = n["status"] != "superseded"
+                if original and told and n["kind"] in ("overrun", "escalation", "help"):
                     last_alert[n["recipient_id"]] = n["id"]
             last_closing: dict[str, int] = {}
             for n in rows:
