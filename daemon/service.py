@@ -203,17 +203,12 @@ class Service:
         if not self._record_down:
             self._record_down = True
             log.error("record_unwritable", error=str(err))
-            self.dispatcher.send_unrecorded(
-                [
-                    ("", m)
-                    for m in self.health.admin_messages(
-                        "visitwatch: the record cannot be written",
-                        f"visitwatch cannot write its database ({err}); the disk may be full. "
-                        "Alerts that fall due still go out through the channels that need no "
-                        "local file, but they are not being recorded. Free space where "
-                        f"{self.config.daemon.database} lives; the record catches up by itself.",
-                    )
-                ]
+            self._tell_admins_from_memory(
+                "visitwatch: the record cannot be written",
+                f"visitwatch cannot write its database ({err}); the disk may be full. "
+                "Alerts that fall due still go out through the channels that need no "
+                "local file, but they are not being recorded. Free space where "
+                f"{self.config.daemon.database} lives; the record catches up by itself.",
             )
         self.dispatcher.send_unrecorded(self.watcher.unrecorded_alerts(self.clock.now()))
 
@@ -417,18 +412,19 @@ class Service:
         if not self._dispatch_stalled:
             self._dispatch_stalled = True
             log.error("dispatch_stalled", seconds=round(stuck_for))
-            self.dispatcher.send_unrecorded(
-                [
-                    ("", m)
-                    for m in self.health.admin_messages(
-                        "visitwatch: alert delivery has stopped",
-                        f"The delivery loop has made no progress for {round(stuck_for)} s, so "
-                        "alerts may not be going out. systemd will restart visitwatch; if this "
-                        "repeats, run `visitwatch status` and check the journal.",
-                    )
-                ],
+            self._tell_admins_from_memory(
+                "visitwatch: alert delivery has stopped",
+                f"The delivery loop has made no progress for {round(stuck_for)} s, so "
+                "alerts may not be going out. systemd will restart visitwatch; if this "
+                "repeats, run `visitwatch status` and check the journal.",
                 local_ok=True,
             )
+
+    def _tell_admins_from_memory(self, subject: str, text: str, *, local_ok: bool = False) -> None:
+        """An admin notice that cannot wait for the record (or for the delivery loop)."""
+        self.dispatcher.send_unrecorded(
+            [("", m) for m in self.health.admin_messages(subject, text)], local_ok=local_ok
+        )
 
     def _on_clock_step(self) -> None:
         """After a wall-clock step, recompute every deadline's next action and run every poll
