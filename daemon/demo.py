@@ -14,6 +14,7 @@ from pathlib import Path
 
 from icalendar import Calendar, Event
 
+from visitwatch.connectors.base import VisitwatchError
 from visitwatch.daemon.sync import visit_id
 
 SOURCE = "demo-calendar"
@@ -84,12 +85,34 @@ def calendar(now: datetime) -> bytes:
     return cal.to_ical()
 
 
+# Written into every demo folder: only a folder carrying it is ever wiped.
+MARKER = ".visitwatch-demo"
+
+
+class DemoFolderInUse(VisitwatchError):
+    pass
+
+
 def prepare(folder: Path, now: datetime | None = None) -> Path:
-    """Write config and calendar into ``folder`` (wiping an earlier demo); return the config."""
+    """Write config and calendar into ``folder`` (wiping an earlier demo); return the config.
+
+    Only a folder an earlier demo created (it carries the marker file) is wiped; an empty
+    or missing folder is used; anything else is refused, so a mistyped ``--dir`` can never
+    delete someone's files.
+    """
     now = now or datetime.now(UTC)
     if folder.exists():
-        shutil.rmtree(folder)
+        if (folder / MARKER).is_file():
+            shutil.rmtree(folder)
+        elif folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        else:
+            raise DemoFolderInUse(
+                f"{folder} exists and was not made by `visitwatch demo`; the demo wipes its "
+                "folder on each run, so it will not use this one. Pick a new --dir."
+            )
     folder.mkdir(parents=True)
+    (folder / MARKER).write_text("made by `visitwatch demo`; wiped on its next run\n")
     (folder / "calendar.ics").write_bytes(calendar(now))
     template = resources.files("visitwatch.daemon").joinpath("demo.toml").read_text()
     config_file = folder / "visitwatch.toml"

@@ -321,3 +321,20 @@ def test_redaction_hides_personal_fields_above_debug():
     assert warning["visit_id"] == "v1"
     assert {warning[k] for k in ("name", "address", "staff_id")} == {"[redacted]"}
     assert debug["name"] == "Asha Khan"
+
+
+def test_demo_never_wipes_a_folder_it_did_not_make(tmp_path: Path):
+    """`demo --dir` refuses a folder holding someone's files, and reuses its own."""
+    precious = tmp_path / "work"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("four years of work")
+    refused = run_cli("demo", "--dir", str(precious), "--prepare-only")
+    assert refused.returncode == 2
+    assert "not made by `visitwatch demo`" in refused.stderr
+    assert (precious / "thesis.txt").read_text() == "four years of work"
+
+    own = tmp_path / "demo"
+    assert run_cli("demo", "--dir", str(own), "--prepare-only").returncode == 0
+    (own / "leftover.jsonl").write_text("{}\n")
+    assert run_cli("demo", "--dir", str(own), "--prepare-only").returncode == 0
+    assert not (own / "leftover.jsonl").exists()  # its own folder is wiped and rebuilt

