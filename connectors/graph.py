@@ -80,13 +80,21 @@ SELECT = (
     "changeKey,lastModifiedDateTime"
 )
 
-# Categories write_back puts on an entry, by visit state. Others are removed only.
+# Labels write_back puts on an entry, by visit state. They carry visitwatch's prefix so they
+# can never be mistaken for a check-in or help category ("Safe", "Checked in", "Help"), and
+# so that only they are ever removed: a category without the prefix is a person's.
+LABEL_PREFIX = "visitwatch: "
 WRITE_BACK_CATEGORIES: dict[str, str] = {
-    "resolved": "Checked in",
-    "overdue": "Overdue",
-    "escalated": "Escalated",
+    "resolved": "visitwatch: safe",
+    "overdue": "visitwatch: overdue",
+    "escalated": "visitwatch: escalated",
 }
-_OUR_CATEGORIES = frozenset(WRITE_BACK_CATEGORIES.values())
+
+
+def _is_label(category: str) -> bool:
+    """A category visitwatch wrote (any state, this version or a later one)."""
+    return " ".join(category.split()).casefold().startswith(LABEL_PREFIX.strip().casefold())
+
 
 # A delta token Graph no longer honours: start the round again from a full read.
 _EXPIRED_CODES = frozenset({"syncStateNotFound", "resyncRequired", "syncStateInvalid"})
@@ -175,7 +183,7 @@ class GraphCalendarSource(CalendarSource):
         "write_back": Option(
             "bool",
             default=False,
-            help='mark entries "Checked in", "Overdue", "Escalated" (needs Calendars.ReadWrite)',
+            help='label entries "visitwatch: overdue", "...: escalated", "...: safe" (ReadWrite)',
         ),
         "directory": Option(
             "bool",
@@ -305,29 +313,45 @@ class GraphCalendarSource(CalendarSource):
         )
 
     def write_back(self, uid: str, recurrence_id: str, state: str) -> None:
-        """Mirror a visit's state onto its Outlook entry as a category."""
+        """Mirror a visit's state onto its Outlook entry as a ``visitwatch: ...`` category.
+
+        The entry's categories are read just before the change and merged: a worker may
+        have set "Help" or "Safe" since the last poll, and only visitwatch's own labels are
+        ever replaced or removed.
+        """
         if not self.settings.get("write_back"):
             return
         found = self._index.get((uid, recurrence_id))
         if found is None:
             log.info("graph.write_back_unknown", source=self.name)
             return
-        mailbox, graph_id, categories = found
-        wanted = [c for c in categories if c not in _OUR_CATEGORIES]
-        if state in WRITE_BACK_CATEGORIES:
-            wanted.append(WRITE_BACK_CATEGORIES[state])
-        if tuple(wanted) == categories:
-            return
+        mailbox, graph_id, _categories = found
         path = f"{mailbox_path(mailbox)}/events/{quote(graph_id, safe='')}"
         try:
-            self.client.request("PATCH", path, json={"categories": wanted}, mailbox=mailbox)
+            current_entry = self.client.get(path, params={"$select": "categories"}, mailbox=mailbox)
         except GraphError as err:
+            if err.status == 404:
+                # Deleted since the poll: nothing to mark; the next sync sees it gone.
+                log.info("graph.write_back_gone", source=self.name, mailbox=mailbox)
+                return
             raise ConnectorError(
-                f"source {self.name!r}: cannot mark the entry in {mailbox}: {err}",
+                f"source {self.name!r}: cannot read the entry to mark in {mailbox}: {err}",
                 permanent=err.permanent,
             ) from err
+        current = [str(c) for c in current_entry.get("categories") or []]
+        wanted = [c for c in current if not _is_label(c)]
+        if state in WRITE_BACK_CATEGORIES:
+            wanted.append(WRITE_BACK_CATEGORIES[state])
+        if wanted != current:
+            try:
+                self.client.request("PATCH", path, json={"categories": wanted}, mailbox=mailbox)
+            except GraphError as err:
+                raise ConnectorError(
+                    f"source {self.name!r}: cannot mark the entry in {mailbox}: {err}",
+                    permanent=err.permanent,
+                ) from err
+            log.info("graph.written_back", source=self.name, mailbox=mailbox, state=state)
         self._index[(uid, recurrence_id)] = (mailbox, graph_id, tuple(wanted))
-        log.info("graph.written_back", source=self.name, mailbox=mailbox, state=state)
 
     def check(self) -> str:
         token = self.client.token()

@@ -898,7 +898,7 @@ class FakeGraph:
                 )
             case "GET", ["users", "{m}", "events", "{id}"]:
                 return self._need(roles, "calendar.read") or self._get_event(
-                    segments[1], segments[3]
+                    segments[1], segments[3], query
                 )
             case "PATCH", ["users", "{m}", "events", "{id}"]:
                 return self._need(roles, "calendar.write") or self._patch_event(
@@ -1065,7 +1065,7 @@ class FakeGraph:
             body["@odata.deltaLink"] = link + "$deltatoken=" + token
         return _Reply(200, body)
 
-    def _get_event(self, mailbox: str, event_id: str) -> _Reply:
+    def _get_event(self, mailbox: str, event_id: str, query: Mapping[str, str]) -> _Reply:
         if self._mailbox(mailbox) is None:
             return self._unknown_user(mailbox)
         event = self._event(mailbox, event_id)
@@ -1073,6 +1073,10 @@ class FakeGraph:
             return _graph_error(
                 404, "ErrorItemNotFound", "The specified object was not found in the store."
             )
+        if query.get("$select"):
+            # Graph returns the selected properties, the id and the etag.
+            keep = {"id", "@odata.etag", *query["$select"].split(",")}
+            return _Reply(200, {k: copy.deepcopy(v) for k, v in event.items() if k in keep})
         return _Reply(200, copy.deepcopy(event))
 
     def _patch_event(self, mailbox: str, event_id: str, body: Any) -> _Reply:

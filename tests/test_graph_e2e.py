@@ -149,7 +149,7 @@ def test_overrun_in_a_shared_mailbox_reaches_the_manager_as_outlook_mail(
 
     try:
         wait_for(lambda: mail_to(MARIA) and any(
-            "Overdue" in p.body.get("categories", []) for p in list(graph.patches)
+            "visitwatch: overdue" in p.body.get("categories", []) for p in list(graph.patches)
         ), 60, "the manager's Outlook mail and the write-back")  # fmt: skip
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -166,6 +166,8 @@ def test_overrun_in_a_shared_mailbox_reaches_the_manager_as_outlook_mail(
     reads = graph.requests_to("GET", f"/v1.0/users/{SHARED}/calendarView")
     assert len(reads) >= 2
     assert all(r.header("Authorization").startswith("Bearer ") for r in reads)
-    assert [p.event_id for p in graph.patches if "Overdue" in p.body["categories"]] == ["visit-1"]
+    assert [p.event_id for p in graph.patches if "visitwatch: overdue" in p.body["categories"]] == [
+        "visit-1"
+    ]
     # The log is JSON and carries no personal data.
     assert "Asha" not in err and "Brook Street" not in err

@@ -20,6 +20,8 @@ import pytest
 import responses
 from responses import matchers
 
+from tests.graph_server import FakeGraph
+from tests.graph_server import graph_event as fake_event
 from visitwatch.connectors import graph_client
 from visitwatch.connectors.base import (
     Attendee,
@@ -28,8 +30,10 @@ from visitwatch.connectors.base import (
     FetchResult,
     TimeWindow,
 )
-from visitwatch.connectors.graph import GraphCalendarSource
+from visitwatch.connectors.graph import WRITE_BACK_CATEGORIES, GraphCalendarSource
 from visitwatch.connectors.options import validate_options
+from visitwatch.policies.extraction import category_key
+from visitwatch.policies.model import PolicySettings
 
 TENANT = "7f3c1a2e-0000-4000-8000-000000000001"
 CLIENT = "11111111-1111-1111-1111-111111111111"
@@ -918,9 +922,13 @@ def test_delta_links_of_several_mailboxes_go_through_one_batch(
 def test_write_back_patches_our_category_only(
     mock: responses.RequestsMock, make_source: Callable[..., GraphCalendarSource]
 ) -> None:
-    """write_back swaps our categories, keeping the user's own, on the event's mailbox."""
+    """write_back swaps our label, keeping the user's own, on the event's mailbox."""
     add_token(mock)
-    mock.get(view_url(), json=page(gevent("AAMk1", categories=["Home Visit", "Overdue"])))
+    mock.get(view_url(), json=page(gevent("AAMk1", categories=["Home Visit"])))
+    mock.get(
+        f"{GRAPH}/users/{ASHA}/events/AAMk1",
+        json={"id": "AAMk1", "categories": ["Home Visit", "visitwatch: overdue"]},
+    )
     mock.patch(f"{GRAPH}/users/{ASHA}/events/AAMk1", json={})
     source = make_source(delta=False, write_back=True)
     event = source.fetch(WINDOW).events[0]
@@ -930,8 +938,100 @@ def test_write_back_patches_our_category_only(
 
     patches = [c for c in mock.calls if c.request.method == "PATCH"]
     assert len(patches) == 1
-    assert json.loads(patches[0].request.body) == {"categories": ["Home Visit", "Checked in"]}
+    assert json.loads(patches[0].request.body) == {"categories": ["Home Visit", "visitwatch: safe"]}
     assert patches[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+# write_back against FakeGraph over TLS: the worker's own categories must survive.
+
+
+@pytest.fixture
+def fake_graph(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGraph]:
+    with FakeGraph(roles=("Calendars.ReadWrite",), enforce_roles=True) as graph:
+        monkeypatch.setenv("VW_FAKE_GRAPH_SECRET", graph.client_secret)
+        yield graph
+
+
+def fake_source(graph: FakeGraph, tmp_path: Path, **extra: Any) -> GraphCalendarSource:
+    table = graph.config_table("VW_FAKE_GRAPH_SECRET", mailboxes=[ASHA], **extra)
+    settings, problems = validate_options(table, GraphCalendarSource.options, "s", tmp_path)
+    assert problems == [], [str(p) for p in problems]
+    context = ConnectorContext(ZoneInfo("Europe/London"), tmp_path / "state", tmp_path, "vw")
+    source = GraphCalendarSource("outlook", settings, context)
+    source.client._sleep = lambda seconds: None
+    return source
+
+
+def categories_on(graph: FakeGraph, event_id: str) -> list[str]:
+    with graph.lock:
+        return list(next(e for e in graph.events[ASHA] if e["id"] == event_id)["categories"])
+
+
+def written_visit(graph: FakeGraph, tmp_path: Path) -> tuple[GraphCalendarSource, Any]:
+    now = datetime.now(UTC).replace(microsecond=0)
+    graph.add_event(ASHA, fake_event("v1", "Home visit", now - timedelta(hours=1), now))
+    source = fake_source(graph, tmp_path, write_back=True)
+    window = TimeWindow.around(now, timedelta(days=1), timedelta(days=1))
+    [event] = source.fetch(window).events
+    return source, event
+
+
+def test_write_back_keeps_a_help_category_set_after_the_last_poll(
+    fake_graph: FakeGraph, tmp_path: Path
+) -> None:
+    """ "Help" set in Outlook since the last poll survives the "overdue" mark (read, then merged)."""
+    source, event = written_visit(fake_graph, tmp_path)
+    fake_graph.update_event(ASHA, "v1", categories=["Home Visit", "Help"])
+
+    source.write_back(event.uid, event.recurrence_id, "overdue")
+
+    assert categories_on(fake_graph, "v1") == ["Home Visit", "Help", "visitwatch: overdue"]
+    [read] = [
+        r for r in fake_graph.requests_to("GET", f"/v1.0/users/{ASHA}/events/v1")
+        if r.query.get("$select") == "categories"
+    ]  # fmt: skip
+    assert fake_graph.requests.index(read) < fake_graph.requests.index(
+        fake_graph.requests_to("PATCH", f"/v1.0/users/{ASHA}/events/v1")[0]
+    )
+
+
+def test_write_back_replaces_only_its_own_labels(fake_graph: FakeGraph, tmp_path: Path) -> None:
+    """Overdue, escalated, safe, re-opened: each replaces visitwatch's label, nothing else."""
+    source, event = written_visit(fake_graph, tmp_path)
+    # The worker's "Safe", and categories that look like ours but were set by people.
+    mine = ["Home Visit", "Safe", "Overdue", "Checked in", "Escalated"]
+    fake_graph.update_event(ASHA, "v1", categories=mine)
+
+    seen = []
+    for state in ("overdue", "escalated", "resolved", "in_progress"):
+        source.write_back(event.uid, event.recurrence_id, state)
+        seen.append(categories_on(fake_graph, "v1"))
+
+    assert seen == [
+        [*mine, "visitwatch: overdue"],
+        [*mine, "visitwatch: escalated"],
+        [*mine, "visitwatch: safe"],
+        mine,
+    ]
+
+
+def test_write_back_labels_are_not_check_in_or_help_categories() -> None:
+    """No label visitwatch writes can be read back as a check-in or a help request."""
+    defaults = PolicySettings(name="test", title="test")
+    ours = {category_key(c) for c in WRITE_BACK_CATEGORIES.values()}
+    theirs = {category_key(c) for c in (*defaults.checkin_categories, *defaults.help_categories)}
+    assert ours and not ours & theirs
+    assert all(c.startswith("visitwatch: ") for c in WRITE_BACK_CATEGORIES.values())
+
+
+def test_write_back_of_an_entry_deleted_since_the_poll_patches_nothing(
+    fake_graph: FakeGraph, tmp_path: Path
+) -> None:
+    """The entry is gone when visitwatch goes to mark it: nothing is sent, nothing raised."""
+    source, event = written_visit(fake_graph, tmp_path)
+    fake_graph.delete_event(ASHA, "v1")
+    source.write_back(event.uid, event.recurrence_id, "overdue")
+    assert fake_graph.patches == []
 
 
 def test_write_back_is_a_no_op_when_off(
