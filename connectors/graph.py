@@ -63,6 +63,7 @@ from visitwatch.connectors.base import (
     TimeWindow,
 )
 from visitwatch.connectors.graph_client import (
+    EXPIRED_DELTA_CODES,
     GRAPH_OPTIONS,
     GraphClient,
     GraphError,
@@ -96,8 +97,6 @@ def _is_label(category: str) -> bool:
     return " ".join(category.split()).casefold().startswith(LABEL_PREFIX.strip().casefold())
 
 
-# A delta token Graph no longer honours: start the round again from a full read.
-_EXPIRED_CODES = frozenset({"syncStateNotFound", "resyncRequired", "syncStateInvalid"})
 # Calendars (some shared or resource calendars) where calendarView/delta is refused.
 _DELTA_REFUSED_CODES = frozenset(
     {"ErrorInvalidRequest", "NotSupported", "ErrorNotSupported", "ErrorInvalidUrlQuery"}
@@ -491,7 +490,7 @@ class GraphCalendarSource(CalendarSource):
         try:
             return self._read_delta(plan, inner, span)
         except GraphError as err:
-            if err.status == 410 or err.code in _EXPIRED_CODES:
+            if err.status == 410 or err.code.casefold() in EXPIRED_DELTA_CODES:
                 # The round is gone on Graph's side: read everything now, and start a new
                 # round on the next fetch.
                 self._deltas.pop(plan.key, None)

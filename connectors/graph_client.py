@@ -27,9 +27,11 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import msal
 import requests
@@ -39,7 +41,6 @@ from visitwatch.connectors.base import ConnectorError, Option, Secret
 
 log = structlog.get_logger(__name__)
 
-SCOPE = ["https://graph.microsoft.com/.default"]
 BATCH_LIMIT = 20  # Graph's maximum number of requests in one $batch
 MAX_ATTEMPTS = 5
 MAX_WAIT_SECONDS = 120.0
@@ -58,6 +59,10 @@ GRAPH_OPTIONS: dict[str, Option] = {
     "ca_file": Option("path", help="CA bundle to trust (a TLS-inspecting proxy)"),
     "timeout": Option("duration", default="30s"),
 }  # fmt: skip
+
+# Error codes of a delta token Graph no longer honours, case-folded: Graph spells them
+# "SyncStateNotFound" for Outlook and "syncStateNotFound" for directory resources.
+EXPIRED_DELTA_CODES = frozenset({"syncstatenotfound", "resyncrequired", "syncstateinvalid"})
 
 _TOKEN_HINTS = {
     "AADSTS7000215": "the client secret is wrong: copy the secret's Value, not its ID",
@@ -80,31 +85,99 @@ class GraphError(ConnectorError):
         self.code = code
 
 
-def load_certificate(path: Path, password: Secret | None) -> dict[str, Any]:
-    """msal's ``client_credential`` for a PEM (key + certificate) or PFX file."""
-    if path.suffix.lower() in (".pfx", ".p12"):
-        credential: dict[str, Any] = {"private_key_pfx_path": str(path)}
-        if password:
-            credential["passphrase"] = password.reveal()
-        return credential
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+def scope_for(graph_url: str) -> list[str]:
+    """The token scope of the Graph at ``graph_url``: its host, for national clouds too.
 
+    ``https://graph.microsoft.us/v1.0`` (US Government) asks for
+    ``https://graph.microsoft.us/.default``; a token for the global cloud is refused there.
+    """
+    parts = urlsplit(graph_url.strip())
+    return [f"{parts.scheme or 'https'}://{parts.netloc}/.default"]
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: delay-seconds or an HTTP date (RFC 9110), else None."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
     try:
-        pem = path.read_bytes()
-        cert = x509.load_pem_x509_certificate(pem)
-    except (OSError, ValueError) as err:
-        raise ConnectorError(
-            f"cannot read the certificate {path}: {err}; it must hold the private key and the "
-            "certificate in PEM form (or give a .pfx)", permanent=True,
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def _certificate_problem(path: Path, detail: str) -> ConnectorError:
+    return ConnectorError(f"certificate {path}: {detail}", permanent=True)
+
+
+def load_certificate(path: Path, password: Secret | None) -> dict[str, Any]:
+    """msal's ``client_credential`` for a PEM (key + certificate) or PFX file.
+
+    The key and certificate are opened here, so a wrong passphrase is reported as a
+    certificate problem (msal would report it later as if Entra did not know the tenant).
+    The certificate goes to msal as ``public_certificate``, from which msal (>= 1.35)
+    names it by its SHA-256 thumbprint instead of the deprecated SHA-1 one.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    passphrase = password.reveal().encode() if password else None
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise _certificate_problem(path, f"cannot be read ({err.strerror})") from err
+    if path.suffix.lower() in (".pfx", ".p12"):
+        try:
+            key, cert, _chain = pkcs12.load_key_and_certificates(data, passphrase)
+        except ValueError as err:
+            raise _certificate_problem(
+                path,
+                "the PFX cannot be opened: check certificate_password (wrong or missing "
+                "passphrase) and that the file is a PKCS#12 (.pfx) file",
+            ) from err
+        if key is None or cert is None:
+            raise _certificate_problem(
+                path, "the PFX must hold both the private key and the certificate"
+            )
+        credential: dict[str, Any] = {
+            "private_key_pfx_path": str(path),
+            "public_certificate": True,  # msal reads the certificate from the PFX (SHA-256)
+        }
+        if passphrase:
+            credential["passphrase"] = password.reveal() if password else ""
+        return credential
+    try:
+        cert = x509.load_pem_x509_certificate(data)
+    except ValueError as err:
+        raise _certificate_problem(
+            path, f"no certificate found ({err}); it must hold the private key and the "
+            "certificate in PEM form (or give a .pfx)",
+        ) from err  # fmt: skip
+    try:
+        serialization.load_pem_private_key(data, passphrase)
+    except TypeError as err:  # encrypted without a passphrase, or a passphrase for a plain key
+        raise _certificate_problem(
+            path, f"the private key and certificate_password do not match ({err})"
+        ) from err
+    except ValueError as err:
+        raise _certificate_problem(
+            path, "the private key cannot be read: check certificate_password (an encrypted "
+            "key needs its passphrase) and that the file holds the key in PEM form",
         ) from err  # fmt: skip
     credential = {
-        "private_key": pem.decode(),
-        "thumbprint": cert.fingerprint(hashes.SHA1()).hex(),  # SHA-1: the thumbprint Entra shows
+        "private_key": data.decode(),
         "public_certificate": cert.public_bytes(serialization.Encoding.PEM).decode(),
     }
-    if password:
-        credential["passphrase"] = password.reveal()
+    if passphrase:
+        credential["passphrase"] = password.reveal() if password else ""
     return credential
 
 
@@ -192,7 +265,7 @@ class GraphClient:
         app = self._application()
         try:
             # msal's token cache has its own lock; concurrent misses each ask Entra.
-            result = app.acquire_token_for_client(scopes=SCOPE)
+            result = app.acquire_token_for_client(scopes=scope_for(self.base))
         except requests.Timeout as err:
             raise GraphError(
                 f"the Entra token endpoint ({host}) did not answer within {self.timeout:g}s"
@@ -291,7 +364,9 @@ class GraphClient:
             except requests.RequestException as err:
                 if attempt == MAX_ATTEMPTS:
                     raise GraphError(f"Graph did not answer ({type(err).__name__})") from err
-                waited += self._wait(None, attempt)
+                pause = self._pause(None, attempt)
+                self._sleep_for(pause, attempt)
+                waited += pause
                 continue
             if response.status_code < 400:
                 return response
@@ -300,22 +375,25 @@ class GraphClient:
                 self._refresh()
                 continue
             if response.status_code in (429, 503, 504) and attempt < MAX_ATTEMPTS:
-                pause = self._wait(response.headers.get("Retry-After"), attempt)
-                waited += pause
-                if waited <= MAX_WAIT_SECONDS:
+                pause = self._pause(response.headers.get("Retry-After"), attempt)
+                if waited + pause <= MAX_WAIT_SECONDS:
+                    self._sleep_for(pause, attempt)
+                    waited += pause
                     continue
             raise self.error(response, mailbox)
         raise GraphError("Graph kept failing; giving up for now")  # pragma: no cover
 
-    def _wait(self, retry_after: str | None, attempt: int) -> float:
-        try:
-            base = float(retry_after) if retry_after is not None else 2.0**attempt
-        except ValueError:
+    def _pause(self, retry_after: str | None, attempt: int) -> float:
+        """How long to wait before attempt ``attempt + 1``: Retry-After (seconds or an HTTP
+        date) or an exponential backoff, with jitter to spread clients told the same."""
+        base = retry_after_seconds(retry_after)
+        if base is None:
             base = 2.0**attempt
-        pause = base * (1 + 0.2 * self._jitter())  # jitter: spread clients that were told the same
+        return base * (1 + 0.2 * self._jitter())
+
+    def _sleep_for(self, pause: float, attempt: int) -> None:
         log.info("graph_throttled", wait_seconds=round(pause, 1), attempt=attempt)
         self._sleep(pause)
-        return pause
 
     def error(self, response: requests.Response, mailbox: str = "") -> GraphError:
         status = response.status_code
@@ -337,11 +415,11 @@ class GraphClient:
                 f"{where}not found ({code or 404}): {detail}. Check the mailbox address and "
                 "calendar name", status=status, code=code, permanent=True,
             )  # fmt: skip
-        if status == 410 or code in ("syncStateNotFound", "resyncRequired", "syncStateInvalid"):
+        if status == 410 or code.casefold() in EXPIRED_DELTA_CODES:
             return GraphError(
                 f"{where}delta state expired ({code or 410})",
                 status=status,
-                code=code or "syncStateNotFound",
+                code=code or "SyncStateNotFound",
                 permanent=False,
             )
         permanent = 400 <= status < 500 and status not in (408, 409, 429)
@@ -379,24 +457,35 @@ class GraphClient:
         """
         results: dict[str, dict[str, Any]] = {}
         pending = list(requests_)
+        waited = 0.0
         for attempt in range(1, MAX_ATTEMPTS + 1):
             throttled: list[dict[str, Any]] = []
-            retry_after: list[float] = []
+            pauses: list[float] = []
             for start in range(0, len(pending), BATCH_LIMIT):
                 chunk = pending[start : start + BATCH_LIMIT]
                 answer = self.request("POST", "$batch", json={"requests": chunk}).json()
                 by_id = {r["id"]: r for r in chunk}
                 for inner in answer.get("responses", []):
-                    if inner.get("status") in (429, 503, 504) and attempt < MAX_ATTEMPTS:
+                    # Kept as the answer even when retried: a retry that is given up on
+                    # leaves the caller the throttled answer to judge.
+                    results[inner["id"]] = inner
+                    if inner.get("status") in (429, 503, 504) and inner["id"] in by_id:
                         throttled.append(by_id[inner["id"]])
                         header = (inner.get("headers") or {}).get("Retry-After")
-                        retry_after.append(float(header) if header else 2.0**attempt)
-                    else:
-                        results[inner["id"]] = inner
-            if not throttled:
+                        pauses.append(self._pause(header, attempt))
+            if not throttled or attempt == MAX_ATTEMPTS:
                 break
-            self._wait(str(max(retry_after)), attempt)
-            pending = throttled
+            # Wait for the longest Retry-After, unless that would pass the cap: then the
+            # requests that asked for longer are given back as they are.
+            retry = [
+                r for r, p in zip(throttled, pauses, strict=True) if waited + p <= MAX_WAIT_SECONDS
+            ]
+            if not retry:
+                break
+            pause = max(p for p in pauses if waited + p <= MAX_WAIT_SECONDS)
+            self._sleep_for(pause, attempt)
+            waited += pause
+            pending = retry
         return results
 
     def close(self) -> None:

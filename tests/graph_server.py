@@ -77,7 +77,7 @@ _FAILURE_CODES = {
     401: ("InvalidAuthenticationToken", "Access token has expired or is not yet valid."),
     403: ("ErrorAccessDenied", "Access is denied. Check credentials and try again."),
     404: ("ErrorItemNotFound", "The specified object was not found in the store."),
-    410: ("syncStateNotFound", "The sync state generation is not found."),
+    410: ("SyncStateNotFound", "The sync state generation is not found."),
     429: ("ApplicationThrottled", "Application is over its MailboxConcurrency limit."),
     500: ("InternalServerError", "An internal server error occurred."),
     503: ("ServiceUnavailable", "Service is temporarily unavailable."),
@@ -644,7 +644,7 @@ class FakeGraph:
         released.set()
 
     def expire_delta_tokens(self) -> None:
-        """Forget every delta and skip token: using one gets 410 ``syncStateNotFound``."""
+        """Forget every delta and skip token: using one gets 410 ``SyncStateNotFound``."""
         with self.lock:
             self._delta_tokens.clear()
             self._delta_pages.clear()
@@ -841,6 +841,16 @@ class FakeGraph:
                 "The request body must contain the following parameter: 'client_assertion' or "
                 "'client_secret'.",
             )  # fmt: skip
+        scope = urlsplit(str(form.get("scope", "")))
+        if scope.hostname != "127.0.0.1" or scope.path != "/.default":
+            # Tokens are for a Graph on loopback (this one, or a test's silent server), as
+            # graph.microsoft.us is US Government's: a token for another cloud's Graph is
+            # refused, as Entra refuses a resource it does not know.
+            return _oauth_error(
+                400, "invalid_resource", 500011,
+                f"The resource principal named {form.get('scope')} was not found in the "
+                f"tenant named {self.tenant}.",
+            )  # fmt: skip
         now = int(datetime.now(UTC).timestamp())
         roles = tuple(self.roles)
         header = {"typ": "JWT", "alg": "RS256", "kid": "fake-graph"}
@@ -1027,12 +1037,12 @@ class FakeGraph:
         if "$skiptoken" in query:
             pages = self._delta_pages.pop(query["$skiptoken"], None)
             if pages is None:
-                return _graph_error(410, "syncStateNotFound", "The sync state is not found.")
+                return _graph_error(410, "SyncStateNotFound", "The sync state is not found.")
             return self._delta_page(mailbox, pages)
         if "$deltatoken" in query:
             state = self._delta_tokens.get(query["$deltatoken"])
             if state is None:
-                return _graph_error(410, "syncStateNotFound", "The sync state is not found.")
+                return _graph_error(410, "SyncStateNotFound", "The sync state is not found.")
             current = {e["id"]: e for e in self._in_window(state.mailbox, state.start, state.end)}
             changed = [e for i, e in current.items() if state.snapshot.get(i) != _fingerprint(e)]
             removed = [_removed(i) for i in state.snapshot if i not in current]

@@ -462,7 +462,7 @@ def test_window_moving_to_a_new_day_starts_a_new_delta_round(
 def test_expired_delta_token_falls_back_to_a_full_read(
     mock: responses.RequestsMock, make_source: Callable[..., GraphCalendarSource]
 ) -> None:
-    """410 syncStateNotFound: read calendarView in full now, a fresh delta round next time."""
+    """410 SyncStateNotFound: read calendarView in full now, a fresh delta round next time."""
     add_token(mock)
     link = f"{view_url(delta=True)}?$deltatoken=old"
     fresh = {"startDateTime": "2026-11-22T00:00:00Z", "endDateTime": "2026-12-08T00:00:00Z"}
@@ -474,7 +474,7 @@ def test_expired_delta_token_falls_back_to_a_full_read(
     mock.get(
         link,
         status=410,
-        json=graph_error("syncStateNotFound", "The sync state generation is not found."),
+        json=graph_error("SyncStateNotFound", "The sync state generation is not found."),
     )
     mock.get(view_url(), json=page(gevent("AAMk1"), gevent("AAMk9", subject="New visit")))
     source = make_source()
@@ -491,6 +491,25 @@ def test_expired_delta_token_falls_back_to_a_full_read(
 
     source.fetch(WINDOW)
     assert query(graph_calls(mock)[-1].request.url) == {k: [v] for k, v in fresh.items()}
+
+
+@pytest.mark.parametrize("code", ["SyncStateNotFound", "syncStateNotFound", "resyncRequired"])
+def test_expired_delta_code_is_recognised_in_any_case(
+    mock: responses.RequestsMock, make_source: Callable[..., GraphCalendarSource], code: str
+) -> None:
+    """An expired round named by its code alone (400), in Graph's spellings: a full read."""
+    add_token(mock)
+    link = f"{view_url(delta=True)}?$deltatoken=old"
+    mock.get(view_url(delta=True), json=page(gevent("AAMk1"), delta_link=link))
+    mock.get(link, status=400, json=graph_error(code, "The sync state is not found."))
+    mock.get(view_url(), json=page(gevent("AAMk1"), gevent("AAMk9", subject="New visit")))
+    source = make_source()
+    source.fetch(WINDOW)
+
+    result = source.fetch(WINDOW)
+
+    assert result.complete and result.problems == []
+    assert {e.subject for e in result.events} == {"Home visit - Carter family", "New visit"}
 
 
 def test_calendar_refusing_delta_is_read_in_full_from_then_on(
