@@ -4,7 +4,10 @@ Used when a source has ``directory = true``: instead of keeping names, mobiles a
 in the config, visitwatch reads them from Entra (application permission ``User.Read.All``).
 
 Two requests per person (the user, then ``/manager``) travel in ``$batch`` requests, ten
-people per batch. Answers are cached in ``state_dir/graph-directory.json`` and re-read only
+people per batch. ``/users/{x}`` accepts only an object id or a user principal name, so a
+guest (whose UPN is ``name_domain#EXT#@tenant``) or a user whose address changed is not
+found there: those are looked up again with ``$filter=mail eq '...'``, and how many
+were found neither way is logged as a count (the addresses are often families'). Answers are cached in ``state_dir/graph-directory.json`` and re-read only
 when older than ``max_age``: the directory changes rarely, and an alert must not wait for
 Graph. When Graph cannot be read the cached entry is used however old it is, because a
 stale mobile number is better than none when a worker is overdue.
@@ -25,6 +28,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 
@@ -84,6 +88,7 @@ class GraphDirectory:
         self.max_age = max_age
         self._lock = threading.Lock()  # lookups from the sync and dispatch threads
         self._cache: dict[str, _Entry] | None = None  # read from the file on first use
+        self.unmatched = 0  # ids found neither by UPN nor by mail in the last fetch
 
     def lookup(self, ids: Iterable[str]) -> dict[str, Person]:
         """The people with these ids, fetched or from the cache.
@@ -142,13 +147,12 @@ class GraphDirectory:
             )
             return {}
         fetched: dict[str, Person | None] = {}
+        by_mail: dict[int, str] = {}
         for n, staff_id in enumerate(ids):
             try:
                 person = _person(staff_id, answers.get(f"u{n}"), answers.get(f"m{n}"))
             except _NotFound:
-                # Often a family's address on an invitation: personal data, so debug only.
-                log.debug("directory.not_found", staff_id=staff_id)
-                fetched[staff_id] = None
+                by_mail[n] = staff_id  # not an id or UPN: perhaps a guest's or renamed mail
                 continue
             except _Failed as failed:
                 log.warning(
@@ -161,7 +165,65 @@ class GraphDirectory:
                 continue
             log.debug("directory.fetched", staff_id=staff_id, name=person.name)
             fetched[staff_id] = person
+        if by_mail:
+            fetched.update(self._fetch_by_mail(by_mail, cached))
+        self.unmatched = sum(1 for i in ids if i in fetched and fetched[i] is None)
+        if self.unmatched:
+            # A count only: the ids are often families' addresses on an invitation.
+            log.warning("directory.not_matched", count=self.unmatched, looked_up=len(ids))
         return fetched
+
+    def _fetch_by_mail(self, ids: Mapping[int, str], cached: set[str]) -> dict[str, Person | None]:
+        """People ``/users/{x}`` did not find, looked up by ``mail``, then their managers."""
+        found: dict[str, Person | None] = {}
+        try:
+            answers = self.client.batch([
+                {"id": f"f{n}", "method": "GET",
+                 "url": f"/users?$filter={quote(_mail_filter(i), safe='')}&$select={USER_FIELDS}"}
+                for n, i in ids.items()
+            ])  # fmt: skip
+        except ConnectorError as err:
+            log.warning("directory.fetch_failed", people=len(ids), error=str(err))
+            return found
+        users: dict[int, Mapping[str, Any]] = {}
+        for n, staff_id in ids.items():
+            answer = answers.get(f"f{n}")
+            body = answer.get("body") if answer is not None else None
+            if answer is None or answer.get("status") != 200 or not isinstance(body, dict):
+                failure = _failure(answer)
+                log.warning("directory.person_failed", lookup=n, status=failure.status,
+                            code=failure.code, using_cache=staff_id in cached)  # fmt: skip
+                continue
+            matches = [u for u in body.get("value") or [] if isinstance(u, dict)]
+            if len(matches) == 1 and matches[0].get("id"):
+                users[n] = matches[0]
+            else:
+                # None, or several users sharing the address: not someone we can name.
+                log.debug("directory.not_found", staff_id=staff_id, matches=len(matches))
+                found[staff_id] = None
+        if not users:
+            return found
+        try:
+            managers = self.client.batch([
+                {"id": f"m{n}", "method": "GET",
+                 "url": f"{mailbox_path(str(u['id']))}/manager?$select={MANAGER_FIELDS}"}
+                for n, u in users.items()
+            ])  # fmt: skip
+        except ConnectorError as err:
+            log.warning("directory.fetch_failed", people=len(users), error=str(err))
+            return found
+        for n, user in users.items():
+            staff_id = ids[n]
+            try:
+                person = _person(staff_id, {"status": 200, "body": user}, managers.get(f"m{n}"))
+            except (_NotFound, _Failed) as failed:
+                log.warning("directory.person_failed", lookup=n,
+                            status=getattr(failed, "status", 404),
+                            code=getattr(failed, "code", ""), using_cache=staff_id in cached)  # fmt: skip
+                continue
+            log.debug("directory.fetched", staff_id=staff_id, name=person.name)
+            found[staff_id] = person
+        return found
 
     # ------------------------------------------------------------------ the cache file
 
@@ -216,6 +278,11 @@ class GraphDirectory:
         except OSError as err:
             # The answers are still in memory; only the next start pays for a fetch.
             log.warning("directory.cache_not_written", path=str(self.path), error=str(err))
+
+
+def _mail_filter(address: str) -> str:
+    """``mail eq '...'`` with the address quoted for OData (a quote is doubled)."""
+    return "mail eq '" + address.replace("'", "''") + "'"
 
 
 class _Failed(Exception):

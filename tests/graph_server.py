@@ -23,7 +23,9 @@ What it serves (``{tenant}`` must be :attr:`FakeGraph.tenant`; ``{m}`` is a mail
 ``GET|PATCH /v1.0/users/{m}/events/{id}``                   one event; PATCH is recorded in
                                                             :attr:`FakeGraph.patches`
 ``POST /v1.0/users/{m}/sendMail``                           recorded in :attr:`FakeGraph.sent`
-``GET  /v1.0/users/{id}`` and ``/v1.0/users/{id}/manager``  from ``people`` and ``managers``
+``GET  /v1.0/users/{id}`` and ``/v1.0/users/{id}/manager``  from ``people`` and ``managers``,
+                                                            by id or UPN only
+``GET  /v1.0/users?$filter=mail eq '...'``                  ``people`` by mail
 ``POST /v1.0/$batch``                                       inner requests go to the above
 ==========================================================  =================================
 
@@ -43,6 +45,7 @@ import copy
 import hashlib
 import ipaddress
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -70,6 +73,8 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "mail.send": ("Mail.Send",),
     "user.read": ("User.Read.All", "Directory.Read.All"),
 }
+
+_MAIL_FILTER = re.compile(r"mail eq '((?:[^']|'')*)'", re.IGNORECASE)
 
 # The default body of an injected failure, by status: what Graph itself would say.
 _FAILURE_CODES = {
@@ -484,8 +489,9 @@ class FakeGraph:
     ``events``
         ``{mailbox: [graph_event(...), ...]}``: each mailbox's calendar.
     ``people``
-        ``{key: graph_user(...)}``; ``/users/{x}`` finds a person by key, ``id``, ``mail``
-        or ``userPrincipalName`` (case-insensitive).
+        ``{mail: graph_user(...)}``; ``/users/{x}`` finds a person by ``id`` or
+        ``userPrincipalName`` only (case-insensitive), as Graph does; ``$filter=mail eq``
+        finds them by ``mail``.
     ``managers``
         ``{person key: manager's person key}``; no entry means ``/manager`` answers 404.
     ``mailboxes``
@@ -916,6 +922,8 @@ class FakeGraph:
                 )
             case "POST", ["users", "{m}", "sendMail"]:
                 return self._need(roles, "mail.send") or self._send_mail(segments[1], body)
+            case "GET", ["users"]:
+                return self._need(roles, "user.read") or self._users(query)
             case "GET", ["users", "{m}"]:
                 return self._need(roles, "user.read") or self._user(segments[1], query)
             case "GET", ["users", "{m}", "manager"]:
@@ -938,20 +946,34 @@ class FakeGraph:
         )
 
     def _mailbox(self, name: str) -> str | None:
-        """The key ``name`` is known under (in ``events``, ``people`` or ``mailboxes``)."""
+        """The key ``name`` is known under (in ``events``, ``people`` or ``mailboxes``).
+
+        Outlook resources (calendars, sendMail) are addressed by the mailbox's SMTP address
+        as well as by id or UPN, so a mailbox is also found by ``mail``.
+        """
         wanted = name.lower()
         for key in [*self.events, *self.mailboxes]:
             if key.lower() == wanted:
                 return key
         key = self._person_key(name)
         if key is None:
+            key = next(
+                (k for k, u in self.people.items() if str(u.get("mail") or "").lower() == wanted),
+                None,
+            )
+        if key is None:
             return None
         return self.people[key].get("mail") or key
 
     def _person_key(self, name: str) -> str | None:
+        """The ``people`` key of the user ``/users/{name}`` names: by id or UPN only.
+
+        Graph documents ``/users/{id | userPrincipalName}``: a guest's or renamed user's
+        mail address does not find them there (use ``$filter=mail eq '...'``).
+        """
         wanted = name.lower()
         for key, user in self.people.items():
-            names = (key, user.get("id"), user.get("mail"), user.get("userPrincipalName"))
+            names = (user.get("id"), user.get("userPrincipalName"))
             if any(isinstance(n, str) and n.lower() == wanted for n in names):
                 return key
         return None
@@ -1135,6 +1157,18 @@ class FakeGraph:
             return dict(user)
         return {name: user.get(name) for name in query["$select"].split(",")}
 
+    def _users(self, query: Mapping[str, str]) -> _Reply:
+        """``GET /users?$filter=mail eq '...'``, the one filter this server understands."""
+        found = _MAIL_FILTER.fullmatch(query.get("$filter", "").strip())
+        if found is None:
+            return _graph_error(400, "Request_UnsupportedQuery", "Unsupported Query.")
+        wanted = found.group(1).replace("''", "'").lower()
+        users = [u for u in self.people.values() if str(u.get("mail") or "").lower() == wanted]
+        return _Reply(200, {
+            "@odata.context": f"{self.graph_url}/$metadata#users",
+            "value": [self._select(u, query) for u in users],
+        })  # fmt: skip
+
     def _user(self, name: str, query: Mapping[str, str]) -> _Reply:
         key = self._person_key(name)
         if key is None:
@@ -1152,7 +1186,7 @@ class FakeGraph:
     def _manager(self, name: str, query: Mapping[str, str]) -> _Reply:
         key = self._person_key(name)
         manager_key = self.managers.get(key) if key is not None else None
-        manager = self._person_key(manager_key) if manager_key is not None else None
+        manager = manager_key if manager_key in self.people else None
         if key is None or manager is None:
             return _graph_error(
                 404, "Request_ResourceNotFound",

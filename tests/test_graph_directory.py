@@ -236,3 +236,56 @@ def test_unreadable_cache_is_ignored(
 
     assert people[MARIA].name == "Maria Jones"
     assert json.loads((tmp_path / CACHE_FILE).read_text(encoding="utf-8"))["version"] == 1
+
+
+GUEST = "gina.guest@partner.org"
+RENAMED = "asha.patel@contoso.org"
+
+
+def test_guests_and_renamed_users_are_found_by_mail(
+    fake_graph: FakeGraph, client: GraphClient, tmp_path: Path
+) -> None:
+    """/users/{x} takes an id or UPN only: a guest or a renamed user is found by mail instead."""
+    fake_graph.add_person(
+        GUEST, "Gina Guest", upn="gina.guest_partner.org#EXT#@contoso.onmicrosoft.com",
+        manager=MARIA,
+    )  # fmt: skip
+    # Renamed: the mail address changed, the UPN (sign-in name) did not.
+    fake_graph.add_person(RENAMED, "Asha Patel", upn="akhan@contoso.org", mobile="07700 900777")
+
+    people = GraphDirectory(client, tmp_path, Clock(T0)).lookup([GUEST, RENAMED, BEN])
+
+    assert people[GUEST] == Person(GUEST, "Gina Guest", GUEST, "", MARIA)
+    assert people[RENAMED].mobile == "07700 900777" and people[RENAMED].manager_id is None
+    assert people[BEN].name == "Ben Okafor"
+    filters = [r.query["$filter"] for r in fake_graph.requests if "$filter" in r.query]
+    assert sorted(filters) == [f"mail eq '{RENAMED}'", f"mail eq '{GUEST}'"]
+
+
+def test_mail_filter_escapes_quotes(
+    fake_graph: FakeGraph, client: GraphClient, tmp_path: Path
+) -> None:
+    """An address with an apostrophe is quoted for OData ('' inside the string)."""
+    fake_graph.add_person("o'brien@partner.org", "Sean O'Brien", upn="obrien_partner#EXT#@x.org")
+
+    people = GraphDirectory(client, tmp_path, Clock(T0)).lookup(["o'brien@partner.org"])
+
+    assert people["o'brien@partner.org"].name == "Sean O'Brien"
+    assert [r.query["$filter"] for r in fake_graph.requests if "$filter" in r.query] == [
+        "mail eq 'o''brien@partner.org'"
+    ]
+
+
+def test_people_not_matched_are_counted(
+    fake_graph: FakeGraph, client: GraphClient, tmp_path: Path
+) -> None:
+    """Ids found neither by UPN nor by mail are reported as a count, without their addresses."""
+    directory = GraphDirectory(client, tmp_path, Clock(T0))
+    with capture_logs() as logs:
+        people = directory.lookup([ASHA, "nobody@contoso.org", "family@example.com"])
+
+    assert list(people) == [ASHA]
+    assert directory.unmatched == 2
+    [event] = [e for e in logs if e["event"] == "directory.not_matched"]
+    assert event["log_level"] == "warning" and event["count"] == 2
+    assert "nobody" not in json.dumps(event) and "family@" not in json.dumps(event)
