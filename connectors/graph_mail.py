@@ -145,6 +145,13 @@ class GraphMailChannel(Channel):
         )
 
     def check(self) -> str:
+        """Token, permission and sender, as far as they can be seen without sending.
+
+        With Exchange RBAC for Applications (the mailbox-scoped set-up the README advises)
+        ``Mail.Send`` is granted in Exchange and never appears in the token, and the sender
+        cannot be looked up without ``User.Read.All``: neither is a fault, so check() says
+        what it could not verify instead of asking for a tenant-wide grant.
+        """
         client = self.client
         token = client.token()
         roles = _token_roles(token)
@@ -153,13 +160,9 @@ class GraphMailChannel(Channel):
         elif "Mail.Send" in roles:
             permission = "token ok (Mail.Send granted)"
         else:
-            granted = ", ".join(sorted(roles)) or "none"
-            raise ConnectorError(
-                f"the app registration lacks the Microsoft Graph application permission "
-                f"Mail.Send, or admin consent has not been granted for it (the token's roles: "
-                f"{granted}); add it under API permissions as an application (not delegated) "
-                "permission and grant admin consent",
-                permanent=True,
+            permission = (
+                "token ok (no Mail.Send in the token: expected with RBAC for Applications, "
+                f'where the "Application Mail.Send" role must cover {self.sender})'
             )
         try:
             client.request(
@@ -170,10 +173,12 @@ class GraphMailChannel(Channel):
             )
         except GraphError as err:
             if err.status == 403:
-                # Looking users up needs User.Read.All, which sending does not: not a fault.
+                # Looking users up needs User.Read.All, which sending does not, and RBAC
+                # scoping may restrict it: cannot verify, not a fault.
                 return (
-                    f"{permission}; sender {self.sender} could not be looked up "
-                    "(no User.Read.All), so it is checked by the first message"
+                    f"{permission}; cannot verify sender {self.sender}: the lookup was denied "
+                    "(no User.Read.All, or RBAC for Applications scoping restricts it), so the "
+                    "first message checks it"
                 )
             if err.status == 404:
                 raise ConnectorError(

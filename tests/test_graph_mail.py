@@ -437,28 +437,28 @@ def test_check_confirms_mail_send_and_finds_the_sender(
     assert "select=id%2Cmail" in call.request.url or "select=id,mail" in call.request.url
 
 
-def test_check_without_mail_send_role_fails(
+def test_check_passes_on_rbac_for_applications_without_demanding_tenant_wide_mail_send(
     rsps: responses.RequestsMock, context: ConnectorContext
 ) -> None:
-    """A token without the Mail.Send role fails check() with the permission and consent to fix."""
+    """RBAC for Applications (as the README advises): no Mail.Send in the token, the lookup
+    denied; check() passes, says it cannot verify, and never asks for a tenant-wide grant."""
     rsps.replace(
         responses.POST,
         TOKEN_URL,
-        json={
-            "token_type": "Bearer",
-            "expires_in": 3599,
-            "access_token": make_token(["Calendars.Read"]),
-        },
+        json={"token_type": "Bearer", "expires_in": 3599, "access_token": make_token([])},
+    )
+    rsps.get(
+        USER_URL,
+        status=403,
+        json=graph_error("ErrorAccessDenied", "Access is denied. Check credentials and try again."),
     )
     channel = make_channel(context)
 
-    with pytest.raises(ConnectorError) as caught:
-        channel.check()
+    result = channel.check()
 
-    assert caught.value.permanent is True
-    assert "Mail.Send" in str(caught.value) and "admin consent" in str(caught.value)
-    assert "Calendars.Read" in str(caught.value)  # what the token did carry
-    assert calls_to(rsps, USER_URL) == []
+    assert "RBAC for Applications" in result and "cannot verify" in result
+    assert f"sender {SENDER}" in result
+    assert "admin consent" not in result and "grant" not in result.lower()
 
 
 def test_check_passes_when_the_sender_cannot_be_looked_up(
@@ -477,7 +477,7 @@ def test_check_passes_when_the_sender_cannot_be_looked_up(
     result = channel.check()
 
     assert result.startswith("token ok (Mail.Send granted)")
-    assert f"sender {SENDER} could not be looked up" in result
+    assert f"cannot verify sender {SENDER}" in result
 
 
 def test_check_fails_for_a_sender_that_does_not_exist(
@@ -570,9 +570,14 @@ def test_fake_graph_check_without_user_read_all(
     fake_graph.people[SENDER] = graph_user(SENDER, "visitwatch")
     channel = fake_channel(fake_graph, context)
 
-    assert "could not be looked up" in channel.check()
+    assert f"cannot verify sender {SENDER}" in channel.check()
 
-    fake_graph.roles.append("User.Read.All")
+    fake_graph.roles[:] = []  # RBAC for Applications: nothing in the token, not a failure
+    fake_graph.revoke_tokens()
+    channel.client._refresh()  # and the client's cached token with them
+    assert "no Mail.Send in the token" in channel.check()
+
+    fake_graph.roles[:] = ["Mail.Send", "User.Read.All"]
     fake_graph.revoke_tokens()  # the next token carries the new role
     assert channel.check() == f"token ok (Mail.Send granted); sender {SENDER} found"
 
