@@ -578,7 +578,8 @@ def test_fake_graph_check_without_user_read_all(
     assert "no Mail.Send in the token" in channel.check()
 
     fake_graph.roles[:] = ["Mail.Send", "User.Read.All"]
-    fake_graph.revoke_tokens()  # the next token carries the new role
+    fake_graph.revoke_tokens()
+    channel.client._refresh()  # the next token carries the new role
     assert channel.check() == f"token ok (Mail.Send granted); sender {SENDER} found"
 
 
