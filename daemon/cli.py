@@ -86,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("help", cmd_help, "ask for help during a visit: alerts the whole ladder now")
     p.add_argument("visit")
     p.add_argument("--by", default="")
+    p = command("sources", cmd_sources, "calendar sources: confirm a held read")
+    actions = p.add_subparsers(metavar="ACTION", dest="action", required=True)
+    confirm = actions.add_parser(
+        "confirm",
+        help="apply a read held by the removal guard (its visits really were cancelled)",
+        description="Apply a read held by the removal guard: the visits it no longer lists "
+        "really were cancelled. Visits already under way are never ended.",
+    )
+    confirm.add_argument("name", help="the source's name, as in the config")
+    confirm.add_argument("--by", default="", help="who confirms (kept in the record)")
     p = command("demo", cmd_demo, "run the daemon on a generated demo calendar")
     p.add_argument("--dir", default=".visitwatch-demo", help="state folder (wiped each run)")
     p.add_argument(
@@ -234,6 +244,44 @@ def cmd_help(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sources(args: argparse.Namespace) -> int:
+    service = Service(_load(args))
+    try:
+        return _confirm_held(service, args.name, args.by.strip() or "an admin")
+    finally:
+        service.close()
+
+
+def _confirm_held(service: Service, name: str, by: str) -> int:
+    """Mark the held read of ``name`` as confirmed: the next read applies it."""
+    if name not in {s.name for s in service.config.sources}:
+        known = ", ".join(s.name for s in service.config.sources) or "none"
+        raise VisitwatchError(f"no calendar source is named {name!r} (sources: {known})")
+    now = service.clock.now()
+    with service.store.transaction() as conn:
+        held = conn.execute(
+            "SELECT held_removals, held_since FROM sources WHERE name = ?", (name,)
+        ).fetchone()
+        if held is None or not held["held_removals"]:
+            raise VisitwatchError(
+                f"calendar source {name!r} has no held read to confirm (`visitwatch status` "
+                "shows held reads)"
+            )
+        conn.execute(
+            "UPDATE sources SET held_confirmed_at = ?, held_confirmed_by = ? WHERE name = ?",
+            (ts(now), by, name),
+        )
+        service.store.audit(conn, None, now, f"held read of {name!r} confirmed", by, source=name)
+    count = len(json.loads(held["held_removals"]))
+    poll = service.config.daemon.poll_interval
+    print(
+        f"confirmed: the {count} visits {name!r} no longer lists are removed at its next read "
+        f"(within {int(poll.total_seconds() // 60) or 1} min), if the calendar still says so. "
+        "Visits already under way are not ended: their worker is asked whether they are safe."
+    )
+    return 0
+
+
 @contextmanager
 def _acting(args: argparse.Namespace) -> Iterator[Service]:
     """A service for one action; what the action queued is delivered before closing."""
@@ -335,6 +383,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in data["sources"]:
         health = f"ERROR: {s['last_error']}" if s.get("last_error") else "ok"
         print(f"  {s['name']}: {health}; last success {local(s.get('last_success_at'))}")
+        if s.get("incomplete"):
+            print(f"    INCOMPLETE: the last {s['incomplete']} reads (nothing removed)")
+        if s.get("held_removals"):
+            count = len(json.loads(s["held_removals"]))
+            confirmed = (
+                f"; confirmed by {s['held_confirmed_by']}, applied at the next read"
+                if s.get("held_confirmed_at")
+                else f"; confirm with `visitwatch sources confirm {s['name']}`"
+            )
+            print(
+                f"    HELD since {local(s.get('held_since'))}: a read would remove {count} of "
+                f"{s.get('held_live')} watched visits{confirmed}"
+            )
     if data["problems"]:
         print(f"\nUNREADABLE ENTRIES ({len(data['problems'])})")
         for p in data["problems"]:

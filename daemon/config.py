@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from visitwatch.connectors.base import Channel, Option, VisitwatchError
+from visitwatch.connectors.base import Channel, Option, Secret, VisitwatchError
 from visitwatch.connectors.options import ConfigProblem, validate_options
 from visitwatch.connectors.registry import (
     CHANNELS,
@@ -50,6 +51,21 @@ DAEMON_OPTIONS: dict[str, Option] = {
         default="30s",
         help="the longest one delivery attempt may take before it counts as failed",
     ),
+    "removal_guard": Option(
+        "float",
+        default=0.5,
+        help="a read that would remove more than this share of a source's watched visits "
+        "(and at least removal_guard_min of them), or all of them, is held, not applied",
+    ),
+    "removal_guard_min": Option(
+        "int", default=3, help="the fewest removals the removal_guard share applies to"
+    ),
+    "removal_hold": Option(
+        "duration",
+        default="30m",
+        help="a held read is applied once it has repeated this long (or an admin confirms "
+        "it with `visitwatch sources confirm NAME`)",
+    ),
     "public_base_url": Option("str", default="", help="where staff reach check-in links"),
     "log_level": Option("str", default="info", choices=("debug", "info", "warning", "error")),
 }
@@ -61,6 +77,13 @@ STAFF_OPTIONS: dict[str, Option] = {
     "mobile": Option("str", default=""),
     "role": Option("str", default="worker", help="worker, manager, director, admin, ..."),
     "manager": Option("str", default="", help="the id of this person's line manager"),
+}
+
+# Per-source overrides of the [daemon] removal guard (sync.py); absent: the daemon's.
+SOURCE_COMMON: dict[str, Option] = {
+    "removal_guard": Option("float", help="this source's removal_guard share"),
+    "removal_guard_min": Option("int", help="this source's removal_guard_min"),
+    "removal_hold": Option("duration", help="this source's removal_hold"),
 }
 
 CHANNEL_COMMON: dict[str, Option] = {
@@ -77,6 +100,7 @@ NOTIFICATION_KINDS = (
     "all_clear",
     "extended",
     "ended",
+    "removed",  # a visit under way was removed from the calendar: is the worker safe?
     "admin",
 )
 
@@ -170,6 +194,10 @@ class DaemonSettings:
     delivery_deadline: timedelta = timedelta(minutes=2)
     # The longest one delivery attempt may take before it counts as failed.
     send_timeout: timedelta = timedelta(seconds=30)
+    # The mass-removal guard (sync.py): share, fewest removals, how long a held read waits.
+    removal_guard: float = 0.5
+    removal_guard_min: int = 3
+    removal_hold: timedelta = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -276,6 +304,7 @@ def _parse_daemon(
         value = settings.get(key)
         if isinstance(value, timedelta) and value <= timedelta(0):
             problems.append(ConfigProblem(f"daemon.{key}", "must be longer than zero"))
+    problems += _guard_problems(settings, "daemon")
     for key in ("database", "state_dir"):
         if isinstance(settings.get(key), Path):
             problems += _unusable_path(f"daemon.{key}", settings[key], folder=key == "state_dir")
@@ -366,9 +395,15 @@ def _parse_connectors(
         is_channel = issubclass(cls, Channel)
         if is_channel:
             options.update(CHANNEL_COMMON)
+        else:
+            options.update(SOURCE_COMMON)
         settings, found = validate_options(
             entry, options, prefix, config_dir, ignore=frozenset({"name", "type"})
         )
+        if not is_channel and not found:
+            found = _guard_problems(settings, prefix) + _construction_problems(
+                cls, settings, prefix
+            )
         problems += found
         if found:
             continue
@@ -391,6 +426,85 @@ def _parse_connectors(
             )
         )
     return result
+
+
+def _guard_problems(settings: Mapping[str, Any], prefix: str) -> list[ConfigProblem]:
+    problems = []
+    share = settings.get("removal_guard")
+    if share is not None and not 0 <= share < 1:
+        problems.append(
+            ConfigProblem(
+                f"{prefix}.removal_guard",
+                f"{share} is not a share",
+                "a number from 0 up to (not including) 1, e.g. 0.5",
+            )
+        )
+    minimum = settings.get("removal_guard_min")
+    if minimum is not None and minimum < 1:
+        problems.append(ConfigProblem(f"{prefix}.removal_guard_min", "must be at least 1"))
+    hold = settings.get("removal_hold")
+    if isinstance(hold, timedelta) and hold <= timedelta(0):
+        problems.append(ConfigProblem(f"{prefix}.removal_hold", "must be longer than zero"))
+    return problems
+
+
+def _construction_problems(
+    cls: type, settings: Mapping[str, Any], prefix: str
+) -> list[ConfigProblem]:
+    """What would stop the source from being built, as config problems with their key.
+
+    Checked here so that `check` and start-up fail early, instead of the daemon starting
+    without the source. Judged by the options a source declares, so any source with a
+    url/path pair, or a Microsoft 365 app registration, is checked the same way.
+    """
+    options = getattr(cls, "options", {})
+    problems = []
+    if "url" in options and "path" in options:
+        url, path = settings.get("url"), settings.get("path")
+        if (url is None) == (path is None):
+            given = "both were given" if url is not None else "neither was given"
+            problems.append(
+                ConfigProblem(
+                    f"{prefix}.url",
+                    f"give exactly one of url or path ({given})",
+                    'url = "https://..." (or { env = "NAME" }) for a feed, path for a file',
+                )
+            )
+        if url is not None:
+            value = url.reveal() if isinstance(url, Secret) else str(url)
+            parts = urlsplit(value.strip())
+            if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+                # Only the scheme is shown: the rest of a calendar URL is often its secret.
+                shown = f"a {parts.scheme}:// address" if parts.scheme else "not an address"
+                problems.append(
+                    ConfigProblem(
+                        f"{prefix}.url",
+                        f"must be an http:// or https:// address ({shown})",
+                    )
+                )
+    if "tenant_id" in options:
+        for key, what in (
+            ("tenant_id", "the directory (tenant) id from Entra"),
+            ("client_id", "the app registration's client id"),
+        ):
+            if not str(settings.get(key) or "").strip():
+                problems.append(ConfigProblem(f"{prefix}.{key}", "is empty", f"give {what}"))
+        if (
+            "client_secret" in options
+            and "certificate" in options
+            and bool(settings.get("client_secret")) == bool(settings.get("certificate"))
+        ):
+            problems.append(
+                ConfigProblem(
+                    f"{prefix}.client_secret",
+                    "give exactly one of client_secret and certificate",
+                )
+            )
+    if "mailboxes" in options and not [m for m in settings.get("mailboxes") or [] if m.strip()]:
+        problems.append(
+            ConfigProblem(f"{prefix}.mailboxes", "is empty", "list the mailboxes to read")
+        )
+    return problems
 
 
 def _cross_check(

@@ -2,7 +2,10 @@
 
 Checked after every sweep, each a cheap query:
 
-- a calendar source that keeps failing: visits booked there are not being seen;
+- a calendar source that keeps failing: visits booked there are not being seen (after two
+  failed reads, or at the first when a visit from it is under way or due soon); one that
+  could not even be built; one whose reads keep coming back incomplete; one whose read
+  is held by the mass-removal guard (sync.py), saying how to confirm it;
 - an alert that could not be delivered on any channel;
 - a Graph client secret or certificate about to expire (it would silently stop monitoring).
 
@@ -12,7 +15,10 @@ so it is sent once per outage, per failed alert, per expiry threshold.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
+from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 
 import structlog
@@ -21,12 +27,16 @@ from visitwatch.connectors.base import Message
 from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import Config
 from visitwatch.daemon.escalation import Addressee, Watcher, admin_addressees, enqueue
+from visitwatch.daemon.lifecycle import TERMINAL
 from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.store import Store, from_ts, ts
 
 log = structlog.get_logger(__name__)
 
-SOURCE_FAILURES_BEFORE_NOTICE = 3
+# Failed reads in a row before an admin hears, so one hiccup raises nothing: within two
+# poll intervals. At the first failure when a visit from the source is under way.
+SOURCE_FAILURES_BEFORE_NOTICE = 2
+INCOMPLETE_READS_BEFORE_NOTICE = 2
 EXPIRY_WARNINGS_DAYS = (30, 14, 7)
 RECENT = timedelta(days=2)
 
@@ -38,6 +48,8 @@ class HealthMonitor:
         self.watcher = watcher
         self.clock = clock
         self._unreportable: set[int] = set()  # failed reports of failures, logged once
+        # Sources the daemon could not build, name -> error (Service.source_errors).
+        self.source_errors: Mapping[str, str] = {}
 
     def admins(self) -> list[Addressee]:
         return admin_addressees(self.watcher.directory)
@@ -53,6 +65,9 @@ class HealthMonitor:
         now = self.clock.now()
         with self.store.transaction() as conn:
             written = self._sources(conn, now)
+            written += self._unbuilt_sources(conn, now)
+            written += self._incomplete_reads(conn, now)
+            written += self._held_reads(conn, now)
             written += self._undelivered(conn, now)
             written += self._expiring_secrets(conn, now)
         return written
@@ -96,9 +111,12 @@ class HealthMonitor:
     def _sources(self, conn: sqlite3.Connection, now: datetime) -> int:
         written = 0
         poll = self.config.daemon.poll_interval
-        for source in conn.execute(
-            "SELECT * FROM sources WHERE failures >= ?", (SOURCE_FAILURES_BEFORE_NOTICE,)
-        ).fetchall():
+        soon = ts(now + self.config.policy.grace)
+        for source in conn.execute("SELECT * FROM sources WHERE failures >= 1").fetchall():
+            if source["failures"] < SOURCE_FAILURES_BEFORE_NOTICE and not self._under_way(
+                conn, source["name"], soon
+            ):
+                continue
             last_ok = from_ts(source["last_success_at"])
             since = fmt_local(last_ok, self.config.daemon.timezone) if last_ok else "never"
             text = (
@@ -114,6 +132,101 @@ class HealthMonitor:
                 conn,
                 f"source:{source['name']}:{source['last_success_at']}",
                 f"visitwatch: calendar {source['name']!r} cannot be read",
+                text,
+                now,
+            )
+        return written
+
+    @staticmethod
+    def _under_way(conn: sqlite3.Connection, source: str, soon: str | None) -> bool:
+        """Is a visit from ``source`` in progress, or starting or due within the grace period?"""
+        terminal = ", ".join(f"'{state}'" for state in sorted(TERMINAL))
+        return (
+            conn.execute(
+                f"SELECT 1 FROM visits WHERE source = ? AND state NOT IN ({terminal})"
+                " AND (start <= ? OR deadline <= ?) LIMIT 1",
+                (source, soon, soon),
+            ).fetchone()
+            is not None
+        )
+
+    def _unbuilt_sources(self, conn: sqlite3.Connection, now: datetime) -> int:
+        written = 0
+        for name, error in self.source_errors.items():
+            text = (
+                f"The calendar source {name!r} could not be started: {error}\n\n"
+                "No visit booked there is watched until this is fixed and visitwatch is "
+                "restarted. Run `visitwatch check`."
+            )
+            written += self.notify(
+                conn,
+                f"unbuilt:{name}:{_digest(error)}",
+                f"visitwatch: calendar {name!r} cannot be used",
+                text,
+                now,
+            )
+        return written
+
+    def _incomplete_reads(self, conn: sqlite3.Connection, now: datetime) -> int:
+        written = 0
+        for source in conn.execute(
+            "SELECT * FROM sources WHERE incomplete >= ?", (INCOMPLETE_READS_BEFORE_NOTICE,)
+        ).fetchall():
+            since = from_ts(source["incomplete_since"])
+            text = (
+                f"The last {source['incomplete']} reads of the calendar source "
+                f"{source['name']!r} were incomplete (since "
+                f"{fmt_local(since, self.config.daemon.timezone) if since else '?'}).\n"
+                f"Reason: {source['incomplete_reason']}\n\n"
+                "Visits already known from it are still watched and none is removed, but "
+                "entries visitwatch could not read are not watched. `visitwatch status` lists "
+                "the unreadable entries."
+            )
+            written += self.notify(
+                conn,
+                f"incomplete:{source['name']}:{source['incomplete_since']}",
+                f"visitwatch: calendar {source['name']!r} reads are incomplete",
+                text,
+                now,
+            )
+        return written
+
+    def _held_reads(self, conn: sqlite3.Connection, now: datetime) -> int:
+        written = 0
+        tz = self.config.daemon.timezone
+        for source in conn.execute(
+            "SELECT * FROM sources WHERE held_removals IS NOT NULL"
+        ).fetchall():
+            ids = json.loads(source["held_removals"])
+            marks = ", ".join("?" * len(ids))
+            visits = conn.execute(
+                f"SELECT id, worker_label, start, state FROM visits WHERE id IN ({marks})"
+                " ORDER BY start",
+                ids,
+            ).fetchall()
+            hold = getattr(self.config.daemon, "removal_hold", None) or timedelta(minutes=30)
+            since = from_ts(source["held_since"])
+            applies = fmt_local(since + hold, tz) if since else "later"
+            listing = "\n".join(
+                f"  {v['id']}  {v['state']:<11} {v['worker_label']}, {fmt_local(from_ts(v['start']), tz)}"
+                for v in visits
+            )
+            name = source["name"]
+            text = (
+                f"The calendar source {name!r} no longer lists {len(ids)} of the "
+                f"{source['held_live']} visits visitwatch watches from it. That many "
+                "removals at once is more often a broken or emptied calendar than real "
+                "cancellations, so nothing has been removed: these stay watched.\n\n"
+                f"{listing}\n\n"
+                f"If the calendar still says so, they are removed at its first read after "
+                f"{applies}. If they really were cancelled, confirm now with "
+                f"`visitwatch sources confirm {name}`. If not, fix the calendar. Visits "
+                "already under way are never ended: their worker is asked whether they are safe."
+            )
+            written += self.notify(
+                conn,
+                f"held:{name}:{source['held_since']}",
+                f"visitwatch: calendar {name!r} would remove {len(ids)} visits: held",
                 text,
                 now,
             )
@@ -190,3 +303,7 @@ class HealthMonitor:
                 now,
             )
         return written
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

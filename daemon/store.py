@@ -226,6 +226,28 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE status = 'pending';
         """,
     ),
+    (
+        "0005_calendar_safety",
+        """
+        -- A read that would remove many of a source's visits is held, not applied (sync.py):
+        -- which visits it would remove (JSON ids), since when, out of how many, and whether
+        -- an admin confirmed it (`visitwatch sources confirm NAME`).
+        ALTER TABLE sources ADD COLUMN held_removals TEXT;
+        ALTER TABLE sources ADD COLUMN held_since TEXT;
+        ALTER TABLE sources ADD COLUMN held_live INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE sources ADD COLUMN held_confirmed_at TEXT;
+        ALTER TABLE sources ADD COLUMN held_confirmed_by TEXT;
+        -- Reads in a row that were incomplete (cut short, damaged): they never remove visits.
+        ALTER TABLE sources ADD COLUMN incomplete INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE sources ADD COLUMN incomplete_since TEXT;
+        ALTER TABLE sources ADD COLUMN incomplete_reason TEXT;
+        -- A started visit whose entry left the calendar: still watched, people were asked.
+        ALTER TABLE visits ADD COLUMN removed_at TEXT;
+        -- The entry's categories at the last read (JSON): a check-in or help category counts
+        -- only when it is new since then, never judged by modification times.
+        ALTER TABLE visits ADD COLUMN categories TEXT;
+        """,
+    ),
 ]
 
 

@@ -4,6 +4,18 @@ fetch(window) -> recognise -> extract -> check -> upsert, one transaction per en
 broken entry is recorded as a problem and every other entry is still watched (principle 4).
 A source that cannot be read keeps its last good visits: they stay watched, and the
 failure is recorded on the source's health for ``visitwatch status``.
+
+Only a complete, believable read ends a visit (principle 8):
+
+- an incomplete read (cut short by its time budget, damaged) may add and update, never
+  remove; it is recorded as a problem, and repeated ones reach an admin (health.py);
+- a read that would remove all, or more than ``removal_guard`` (a share, once at least
+  ``removal_guard_min`` visits), of a source's watched visits is **held**: nothing is
+  removed until the same read has repeated for ``removal_hold`` or an admin confirms it
+  (``visitwatch sources confirm NAME``); health.py tells the admins;
+- a visit already under way (in progress, due, overdue) whose entry is removed is never
+  ended: its worker and everyone alerted are asked whether the worker is safe, and the
+  ladder goes on until someone checks in or confirms safe.
 """
 
 from __future__ import annotations
@@ -11,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,7 +39,13 @@ from visitwatch.connectors.base import (
 from visitwatch.daemon import lifecycle
 from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import Config
-from visitwatch.daemon.escalation import CONFLICT_RETRIES, VersionConflict, Watcher
+from visitwatch.daemon.escalation import (
+    CONFLICT_RETRIES,
+    Addressee,
+    VersionConflict,
+    Watcher,
+    enqueue,
+)
 from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.store import Store, from_ts, ts
 from visitwatch.policies import Policy
@@ -39,6 +57,13 @@ log = structlog.get_logger(__name__)
 # new occurrences of a recurring series enter it without the feed changing.
 REPROCESS_EVERY = timedelta(hours=1)
 BATCH = 200
+# The mass-removal guard's defaults ([daemon] settings, or per source).
+REMOVAL_GUARD = 0.5
+REMOVAL_GUARD_MIN = 3
+REMOVAL_HOLD = timedelta(minutes=30)
+INCOMPLETE_READ = "the read was incomplete (cut short or damaged): no visit was removed"
+# The notification kind of "removed from the calendar while in progress: is X safe?".
+REMOVED_KIND = "removed"
 
 
 @dataclass
@@ -52,6 +77,8 @@ class SyncReport:
     changed: int = 0
     ended: int = 0
     failed: int = 0  # entries whose processing raised: the feed is read again next poll
+    held: int = 0  # removals held by the mass-removal guard
+    complete: bool = True
     problems: list[EventProblem] = field(default_factory=list)
     error: str = ""
 
@@ -86,7 +113,8 @@ class Syncer:
         state = self.store.one("SELECT * FROM sources WHERE name = ?", (source.name,)) or {}
         processed = from_ts(state.get("processed_at"))
         known = None
-        if processed and now - processed < REPROCESS_EVERY:
+        if processed and now - processed < REPROCESS_EVERY and not state.get("held_removals"):
+            # A held read is read again at every poll: it is applied only if it repeats.
             known = state.get("fingerprint")
         try:
             result = source.fetch(window, known)
@@ -121,18 +149,27 @@ class Syncer:
             before = (report.new, report.changed, report.ended)
             with self.store.transaction():
                 for event in result.events[chunk_start : chunk_start + BATCH]:
-                    seen.add((event.uid, event.recurrence_id))
+                    key = (event.uid, event.recurrence_id)
+                    if key in seen:
+                        report.problems.append(_duplicate(event))
+                        continue
+                    seen.add(key)
                     self._process_safely(event, existing, now, report)
             if (report.new, report.changed, report.ended) != before:
                 self.watcher.wake()  # committed: something may be due sooner than planned
+        report.complete = result.complete
         if result.complete:
             # An entry that could not be read is not a removed one: keep watching it.
             seen |= {key for key in existing if key[0] in {p.uid for p in report.problems}}
-            report.ended += self._end_removed(existing, seen, window, now)
+            report.ended += self._apply_removals(source, state, existing, seen, window, now, report)
+        else:
+            report.problems.append(EventProblem(source.name, "", INCOMPLETE_READ))
         self._record_problems(source.name, report.problems, now)
-        # A feed whose processing failed anywhere is not marked as seen: the next poll
-        # processes it again instead of skipping it as unchanged.
-        self._succeeded(source, now, None if report.failed else result.fingerprint, report)
+        self._record_completeness(source.name, result.complete, report.problems, now)
+        # A feed whose processing failed anywhere, or that was incomplete, is not marked as
+        # seen: the next poll processes it again instead of skipping it as unchanged.
+        fingerprint = None if report.failed or not result.complete else result.fingerprint
+        self._succeeded(source, now, fingerprint, report)
         log.info(
             "source_synced",
             source=source.name,
@@ -141,6 +178,8 @@ class Syncer:
             new=report.new,
             changed=report.changed,
             ended=report.ended,
+            held=report.held,
+            complete=report.complete,
             problems=len(report.problems),
         )
         return report
@@ -190,6 +229,9 @@ class Syncer:
         findings = self.policy.check(event, details)
         fields = self._fields(event, kind, details, findings)
         fingerprint = _fingerprint(fields, details)
+        # What the entry's categories were at the previous read: only those new since then
+        # can be a check-in or a help request (none at the first read).
+        previous = _categories(row)
 
         if row is None:
             row = self._insert(event, fields, fingerprint, now)
@@ -206,26 +248,34 @@ class Syncer:
                 self.watcher.end_monitoring(conn, row, now, "cancelled in the calendar")
             report.ended += 1
             return
-        if details.checked_in and self._honour_category(event, row, now, timedelta(0)):
+        if row.get("removed_at"):
+            # Back in the calendar after it was removed while under way.
+            with self.store.transaction() as conn:
+                conn.execute("UPDATE visits SET removed_at = NULL WHERE id = ?", (row["id"],))
+        if previous is None:
+            return
+        known = {c.casefold() for c in previous}
+        added = tuple(c for c in event.categories if c.casefold() not in known)
+        if not added:
+            return
+        fresh = self.policy.extract(replace(event, categories=added), kind, self.tz)
+        if fresh.checked_in and self._started(row, now, timedelta(0)):
             self.watcher.check_in(row["id"], via="calendar")
         elif (
-            details.help_requested
+            fresh.help_requested
             and not details.checked_in
             and not row["help_requested_at"]
-            and self._honour_category(event, row, now, timedelta(minutes=15))
+            and self._started(row, now, timedelta(minutes=15))
         ):
             self.watcher.request_help(row["id"], via="calendar")
 
-    def _honour_category(
-        self, event: CalendarEvent, row: dict[str, Any], now: datetime, lead: timedelta
-    ) -> bool:
-        # A category counts from ``lead`` before the start, if it was set after that: one
-        # copied onto a whole series in advance must not silence it. A check-in ("Safe") has
-        # no lead: it applies only to a visit that has started. Help may come a little early.
-        since = from_ts(row["start"]) - lead
-        if now < since:
-            return False
-        return event.last_modified is None or event.last_modified >= since
+    @staticmethod
+    def _started(row: dict[str, Any], now: datetime, lead: timedelta) -> bool:
+        # A check-in ("Safe") applies only to a visit that has started; help may come a
+        # little early. A category set in advance is not new at the start (see _process),
+        # so one copied onto a whole series cannot silence it. Modification times are never
+        # consulted: visitwatch's own write-back moves them.
+        return now >= from_ts(row["start"]) - lead
 
     def _fields(
         self, event: CalendarEvent, kind: str, details: VisitDetails, findings: list[Finding]
@@ -269,6 +319,7 @@ class Syncer:
             "pair_required": int(details.pair_required),
             "going_home_after": int(details.going_home_after),
             "findings": json.dumps([asdict(f) for f in findings]),
+            "categories": json.dumps(list(event.categories)),
         }
 
     def _worker(self, event: CalendarEvent, details: VisitDetails) -> tuple[str, str, bool]:
@@ -380,26 +431,141 @@ class Syncer:
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def _end_removed(
+    def _apply_removals(
         self,
+        source: CalendarSource,
+        state: dict[str, Any],
         existing: dict[tuple[str, str], dict[str, Any]],
         seen: set[tuple[str, str]],
         window: TimeWindow,
         now: datetime,
+        report: SyncReport,
     ) -> int:
-        ended = 0
-        for key, row in existing.items():
-            if key in seen or row["state"] in lifecycle.TERMINAL:
+        """End what a complete read no longer lists, unless the guard holds the read."""
+        current = {
+            r["id"]: r
+            for r in self.store.query("SELECT * FROM visits WHERE source = ?", (source.name,))
+        }
+        live: list[tuple[tuple[str, str], dict[str, Any]]] = []
+        for key, old in existing.items():
+            row = current.get(old["id"])
+            if row is None or row["state"] in lifecycle.TERMINAL or row["removed_at"]:
                 continue
             start, end = from_ts(row["start"]), from_ts(row["end"])
             # Only entries the window fully covers can be known to be gone; one that merely
             # slid out of the window has not been removed.
-            if not (window.start <= start and end <= window.end):
-                continue
+            if window.start <= start and end <= window.end:
+                live.append((key, row))
+        removing = [row for key, row in live if key not in seen]
+        if removing and self._guarded(source, len(removing), len(live)):
+            ids = json.dumps(sorted(r["id"] for r in removing))
+            held_since = from_ts(state.get("held_since"))
+            confirmed = from_ts(state.get("held_confirmed_at"))
+            same = state.get("held_removals") == ids and held_since is not None
+            hold = self._guard_setting(source, "removal_hold", REMOVAL_HOLD)
+            if not (same and (now - held_since >= hold or (confirmed and confirmed >= held_since))):
+                if not same:
+                    log.warning(
+                        "removal_held", source=source.name, removing=len(removing), of=len(live)
+                    )
+                    with self.store.transaction() as conn:
+                        conn.execute(
+                            "UPDATE sources SET held_removals = ?, held_since = ?, held_live = ?,"
+                            " held_confirmed_at = NULL, held_confirmed_by = NULL WHERE name = ?",
+                            (ids, ts(now), len(live), source.name),
+                        )
+                report.held = len(removing)
+                return 0
+            log.warning("removal_applied_after_hold", source=source.name, removing=len(removing))
+        if state.get("held_removals"):
             with self.store.transaction() as conn:
-                self.watcher.end_monitoring(conn, row, now, "removed from the calendar")
-            ended += 1
+                conn.execute(
+                    "UPDATE sources SET held_removals = NULL, held_since = NULL, held_live = 0,"
+                    " held_confirmed_at = NULL, held_confirmed_by = NULL WHERE name = ?",
+                    (source.name,),
+                )
+        ended = 0
+        for row in removing:
+            if row["state"] == lifecycle.BOOKED:
+                with self.store.transaction() as conn:
+                    self.watcher.end_monitoring(conn, row, now, "removed from the calendar")
+                ended += 1
+            else:
+                self._removed_while_under_way(row, now)
         return ended
+
+    def _guarded(self, source: CalendarSource, removing: int, live: int) -> bool:
+        """Would this read remove all, or too large a share, of the source's visits?"""
+        share = self._guard_setting(source, "removal_guard", REMOVAL_GUARD)
+        minimum = self._guard_setting(source, "removal_guard_min", REMOVAL_GUARD_MIN)
+        if removing == live:
+            return True
+        return removing >= minimum and removing > share * live
+
+    def _guard_setting(self, source: CalendarSource, key: str, default: Any) -> Any:
+        value = source.settings.get(key)
+        if value is None:
+            value = getattr(self.config.daemon, key, None)
+        return default if value is None else value
+
+    def _removed_while_under_way(self, row: dict[str, Any], now: datetime) -> None:
+        """Never end a started visit because its entry went: keep watching, ask if all is well."""
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                with self.store.transaction() as conn:
+                    row = self.watcher.current(row["id"])
+                    if row["state"] in lifecycle.TERMINAL or row["removed_at"]:
+                        return
+                    self.watcher._change(
+                        row, now, "removed_from_calendar", "calendar", {"removed_at": ts(now)}
+                    )
+                    self._ask_if_safe(conn, row, now)
+                self.watcher.wake()
+                return
+            except VersionConflict:
+                continue
+        log.error("removed_visit_kept_changing", visit=row["id"])
+
+    def _ask_if_safe(self, conn: Any, row: dict[str, Any], now: datetime) -> None:
+        worker = Addressee(self.watcher.worker_recipient(row), "worker")
+        people = [worker] + [
+            a
+            for a in self.watcher.alerted(conn, row["id"])
+            if a.recipient.id != worker.recipient.id
+        ]
+        name = worker.recipient.name
+        subject = f"visitwatch: is {name} safe? A visit was removed from the calendar"
+        text = (
+            f"The visit {row['id']} ({name}, started {fmt_local(from_ts(row['start']), self.tz)},"
+            f" back by {fmt_local(from_ts(row['deadline']), self.tz)}) was removed from the"
+            f" calendar while in progress: is {name} safe?\n\n"
+            "visitwatch keeps watching it and its alerts go on until someone checks in"
+            f" (`visitwatch checkin {row['id']}`) or confirms the worker is safe"
+            f" (`visitwatch ack {row['id']} --by NAME --safe`)."
+        )
+        for addressee in people:
+            recipient = addressee.recipient
+            # Its own kind where channels take it; else wherever this person gets reminders,
+            # else any channel that reaches them: this question must not be dropped.
+            channels = (
+                self.watcher.channels_for(REMOVED_KIND, recipient)
+                or self.watcher.channels_for("reminder", recipient)
+                or self.watcher.channels_for(REMOVED_KIND, recipient, any_kind=True)
+            )
+            if not channels:
+                log.error("removed_visit_unreachable", visit=row["id"], relation=addressee.relation)
+            for channel in channels:
+                enqueue(
+                    conn,
+                    row["id"],
+                    REMOVED_KIND,
+                    addressee,
+                    channel.name,
+                    subject,
+                    text,
+                    now,
+                    f"{row['id']}|removed|{ts(now)}",
+                )
 
     def _source_row(self, source: CalendarSource, now: datetime) -> None:
         with self.store.transaction() as conn:
@@ -449,6 +615,25 @@ class Syncer:
                     ),
                 )
 
+    def _record_completeness(
+        self, source: str, complete: bool, problems: list[EventProblem], now: datetime
+    ) -> None:
+        """Count incomplete reads in a row (health.py tells an admin when they repeat)."""
+        reason = next((p.reason for p in problems if not p.uid), INCOMPLETE_READ)
+        with self.store.transaction() as conn:
+            if complete:
+                conn.execute(
+                    "UPDATE sources SET incomplete = 0, incomplete_since = NULL,"
+                    " incomplete_reason = NULL WHERE name = ?",
+                    (source,),
+                )
+            else:
+                conn.execute(
+                    "UPDATE sources SET incomplete = incomplete + 1, incomplete_since ="
+                    " COALESCE(incomplete_since, ?), incomplete_reason = ? WHERE name = ?",
+                    (ts(now), reason, source),
+                )
+
     def _record_problems(self, source: str, problems: list[EventProblem], now: datetime) -> None:
         with self.store.transaction() as conn:
             for problem in problems:
@@ -470,3 +655,20 @@ class Syncer:
 def _fingerprint(fields: dict[str, Any], details: VisitDetails) -> str:
     material = {**fields, "checked_in": details.checked_in, "help": details.help_requested}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _duplicate(event: CalendarEvent) -> EventProblem:
+    when = f"starting {event.start:%Y-%m-%d %H:%M} UTC"
+    return EventProblem(
+        event.source,
+        event.uid,
+        f"appears twice in the feed with the same UID, {when}: the second copy was ignored;"
+        " give each entry its own UID",
+    )
+
+
+def _categories(row: dict[str, Any] | None) -> tuple[str, ...] | None:
+    """The categories recorded at the previous read, or None when there was none."""
+    if row is None or row.get("categories") is None:
+        return None
+    return tuple(json.loads(row["categories"]))

@@ -187,14 +187,14 @@ def test_calendar_edit_that_moves_the_return_time_moves_the_deadline(world: Worl
     assert recipients(world, "overrun") == ["maria.jones@example.org"]
 
 
-def test_cancelled_or_removed_entries_stop_monitoring_and_tell_those_alerted(world: World):
+def test_cancelled_entries_stop_monitoring_and_tell_those_alerted(world: World):
     """A cancelled entry ends monitoring; a manager already alerted hears that it ended."""
     world.write_calendar(home_visit(), home_visit("visit-2"))
     service = world.service()
     world.at(DEADLINE + timedelta(minutes=16))
     tick(service)
     assert len(world.messages("overrun")) == 2
-    world.write_calendar(home_visit(status="CANCELLED"))  # visit-2 removed, visit-1 cancelled
+    world.write_calendar(home_visit(status="CANCELLED"), home_visit("visit-2", status="CANCELLED"))
     tick(service)
     states = {r["uid"]: r["state"] for r in service.store.query("SELECT uid, state FROM visits")}
     assert states == {"visit-1": "cancelled", "visit-2": "cancelled"}
@@ -202,6 +202,30 @@ def test_cancelled_or_removed_entries_stop_monitoring_and_tell_those_alerted(wor
     world.at(DEADLINE + timedelta(hours=2))
     tick(service)
     assert world.messages("escalation") == []
+
+
+def test_removed_booked_entry_stops_monitoring_but_an_overdue_one_is_still_watched(world: World):
+    """Removing a booked visit ends it; removing an overdue one does not: the ladder goes on."""
+    later = T0 + timedelta(hours=5)
+    world.write_calendar(
+        home_visit(),
+        home_visit("visit-2", start=later, end=later + timedelta(hours=1)),
+        home_visit("visit-3", start=later, end=later + timedelta(hours=1)),
+        home_visit("visit-4", start=later, end=later + timedelta(hours=1)),
+    )
+    service = world.service()
+    world.at(DEADLINE + timedelta(minutes=16))
+    tick(service)
+    world.write_calendar(
+        home_visit("visit-3", start=later, end=later + timedelta(hours=1)),
+        home_visit("visit-4", start=later, end=later + timedelta(hours=1)),
+    )
+    tick(service)
+    states = {r["uid"]: r["state"] for r in service.store.query("SELECT uid, state FROM visits")}
+    assert states["visit-1"] == "overdue" and states["visit-2"] == "cancelled"
+    world.at(DEADLINE + timedelta(minutes=46))
+    tick(service)
+    assert recipients(world, "escalation") == ["sam.webster@example.org"]
 
 
 def test_safe_category_set_in_outlook_checks_the_worker_in(world: World):
