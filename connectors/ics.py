@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
+import time as monotonic_time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from pathlib import Path
+from types import FrameType
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -74,6 +79,24 @@ class IcsSource(CalendarSource):
         "path": Option("path", help="a local .ics file, instead of url"),
         "owner": Option("str", default="", help="staff id the calendar belongs to"),
         "timeout": Option("duration", default="30s", help="how long one download may take"),
+        "max_bytes": Option(
+            "int", default=20_000_000, help="a larger feed is refused (the read fails)"
+        ),
+        "max_line": Option(
+            "int", default=1_000_000, help="longer lines (unfolded) are left out and reported"
+        ),
+        "max_entries": Option(
+            "int", default=20_000, help="entries (VEVENTs) read from one feed; the rest reported"
+        ),
+        "max_occurrences": Option(
+            "int", default=500, help="occurrences of one series watched inside the window"
+        ),
+        "series_budget": Option(
+            "duration", default="2s", help="time one series may take to expand"
+        ),
+        "parse_budget": Option(
+            "duration", default="20s", help="time one read may take to parse and expand"
+        ),
     }
 
     def __init__(self, name: str, settings: dict[str, Any], context: ConnectorContext) -> None:
@@ -94,6 +117,12 @@ class IcsSource(CalendarSource):
             self._where = str(self._path)
         self._owner: str = self.settings.get("owner") or ""
         self._timeout: float = _seconds(self.settings.get("timeout"), default=30.0)
+        self._max_bytes: int = _count(self.settings.get("max_bytes"), default=20_000_000)
+        self._max_line: int = _count(self.settings.get("max_line"), default=1_000_000)
+        self._max_entries: int = _count(self.settings.get("max_entries"), default=20_000)
+        self._max_occurrences: int = _count(self.settings.get("max_occurrences"), default=500)
+        self._series_budget: float = _seconds(self.settings.get("series_budget"), default=2.0)
+        self._parse_budget: float = _seconds(self.settings.get("parse_budget"), default=20.0)
         self._session: requests.Session | None = None
         # The last body that parsed, with the validators the server sent for it.
         self._etag: str | None = None
@@ -150,7 +179,8 @@ class IcsSource(CalendarSource):
 
     def _read_file(self, path: Path) -> bytes:
         try:
-            return path.read_bytes()
+            with path.open("rb") as handle:
+                body = handle.read(self._max_bytes + 1)
         except FileNotFoundError:
             raise ConnectorError(
                 f"source {self.name!r}: calendar file {path} does not exist", permanent=True
@@ -159,6 +189,16 @@ class IcsSource(CalendarSource):
             raise ConnectorError(
                 f"source {self.name!r}: cannot read calendar file {path}: {err.strerror}"
             ) from None
+        if len(body) > self._max_bytes:
+            raise self._too_large()
+        return body
+
+    def _too_large(self) -> ConnectorError:
+        return ConnectorError(
+            f"source {self.name!r}: the feed from {self._where} is larger than max_bytes "
+            f"({self._max_bytes} bytes); nothing was read from it. Raise the source's "
+            "max_bytes option if the calendar really is this large"
+        )
 
     def _read_http(self) -> tuple[bytes, tuple[str | None, str | None] | None]:
         assert self._url is not None
@@ -172,7 +212,11 @@ class IcsSource(CalendarSource):
                 headers["If-Modified-Since"] = self._last_modified
         try:
             response = self._session.get(
-                self._url, headers=headers, timeout=self._timeout, allow_redirects=True
+                self._url,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=True,
+                stream=True,
             )
         except requests.Timeout:
             raise ConnectorError(
@@ -183,6 +227,12 @@ class IcsSource(CalendarSource):
             raise ConnectorError(
                 f"source {self.name!r}: cannot reach {self._where}: {_network_reason(err)}"
             ) from None
+        with response:
+            return self._answer(response)
+
+    def _answer(
+        self, response: requests.Response
+    ) -> tuple[bytes, tuple[str | None, str | None] | None]:
         status = response.status_code
         if status == 304:
             log.info("ics.not_modified", source=self.name, status=status)
@@ -198,15 +248,44 @@ class IcsSource(CalendarSource):
                 f"source {self.name!r}: {self._where} answered HTTP {status} {reason}".rstrip(),
                 permanent=status in _PERMANENT_STATUSES,
             )
-        log.info("ics.downloaded", source=self.name, status=status, size=len(response.content))
-        return response.content, (
+        body = self._download(response)
+        log.info("ics.downloaded", source=self.name, status=status, size=len(body))
+        return body, (
             response.headers.get("ETag"),
             response.headers.get("Last-Modified"),
         )
 
+    def _download(self, response: requests.Response) -> bytes:
+        """The body, read in pieces and abandoned once it passes ``max_bytes``."""
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self._max_bytes:
+            raise self._too_large()
+        chunks: list[bytes] = []
+        size = 0
+        deadline = monotonic_time.monotonic() + max(self._timeout, 1.0) * 4
+        try:
+            for chunk in response.iter_content(chunk_size=65536):
+                size += len(chunk)
+                if size > self._max_bytes:
+                    raise self._too_large()
+                if monotonic_time.monotonic() > deadline:
+                    raise ConnectorError(
+                        f"source {self.name!r}: {self._where} sent the feed too slowly "
+                        f"(not complete after {max(self._timeout, 1.0) * 4:g}s)"
+                    )
+                chunks.append(chunk)
+        except requests.RequestException as err:
+            raise ConnectorError(
+                f"source {self.name!r}: the download from {self._where} broke off: "
+                f"{_network_reason(err)}"
+            ) from None
+        return b"".join(chunks)
+
     # ------------------------------------------------------------------ parsing
 
     def _parse(self, body: bytes, window: TimeWindow) -> FetchResult:
+        began = monotonic_time.monotonic()
+        fetch_deadline = began + self._parse_budget
         fingerprint = hashlib.sha256(body).hexdigest()
         text = _decode(body)
         start = text.upper().find("BEGIN:VCALENDAR")
@@ -215,25 +294,54 @@ class IcsSource(CalendarSource):
                 f"source {self.name!r}: {self._where} did not return a calendar "
                 f"({_describe_non_calendar(text)})"
             )
-        text, truncated = _repair(text[start:])
+        layout = _split(text[start:], self._max_line)
         problems: list[EventProblem] = []
-        if truncated:
+        complete = True
+        if layout.truncated:
             problems.append(EventProblem(self.name, "", "the feed was cut off; read what arrived"))
             log.warning("ics.truncated", source=self.name)
-        calendars = self._load(text)
+            complete = False
+        for reason in layout.damage:
+            problems.append(EventProblem(self.name, "", _short(f"damaged feed: {reason}")))
+            complete = False
+        entries = layout.entries
+        if len(entries) > self._max_entries:
+            problems.append(
+                EventProblem(
+                    self.name,
+                    "",
+                    f"the feed holds {len(entries)} entries, more than max_entries "
+                    f"({self._max_entries}); only the first {self._max_entries} are read. "
+                    "Raise the source's max_entries option if the calendar is really this large",
+                )
+            )
+            complete = False
+            entries = entries[: self._max_entries]
+        readable: list[_Block] = []
+        for block in entries:
+            if block.damage:
+                complete = False
+                reason = _short("damaged entry: " + "; ".join(block.damage))
+                problems.append(EventProblem(self.name, block.uid, reason))
+                log.warning("ics.entry_damaged", source=self.name, uid=block.uid)
+            if not block.cut:
+                readable.append(block)
+        calendars = self._load(layout, readable, problems)
 
         timezones: list[icalendar.Component] = []
         events: list[icalendar.Component] = []
         wr_timezone: str | None = None
+        seen_zones: set[Any] = set()
         for calendar in calendars:
             if wr_timezone is None and calendar.get("X-WR-TIMEZONE"):
                 wr_timezone = str(calendar["X-WR-TIMEZONE"])
             for component in calendar.subcomponents:
                 if component.name == "VTIMEZONE":
-                    timezones.append(component)
+                    if component.get("TZID") not in seen_zones:
+                        seen_zones.add(component.get("TZID"))
+                        timezones.append(component)
                 elif component.name == "VEVENT":
                     events.append(component)
-                # VTODO, VJOURNAL, VFREEBUSY: not visits.
 
         series: dict[str, list[icalendar.Component]] = {}
         for component in events:
@@ -246,15 +354,68 @@ class IcsSource(CalendarSource):
             problems.extend(self._note_unknown_zones(component, uid))
             series.setdefault(uid, []).append(component)
 
+        for uid, components in series.items():
+            masters = sum(1 for c in components if "RECURRENCE-ID" not in c)
+            if masters > 1:
+                problems.append(
+                    EventProblem(
+                        self.name,
+                        uid,
+                        f"the feed holds {masters} entries with this UID and no RECURRENCE-ID; "
+                        "their occurrences are read as one series",
+                    )
+                )
         found: list[CalendarEvent] = []
         for uid, components in series.items():
+            now = monotonic_time.monotonic()
+            if now > fetch_deadline:
+                problems.append(
+                    EventProblem(
+                        self.name,
+                        "",
+                        f"reading the feed took longer than parse_budget "
+                        f"({self._parse_budget:g}s); the entries not yet read are kept as "
+                        "they were. Raise the source's parse_budget option if the feed is "
+                        "large",
+                    )
+                )
+                log.warning("ics.parse_budget_exceeded", source=self.name)
+                complete = False
+                break
+            deadline = min(now + self._series_budget, fetch_deadline)
+            expanded: list[CalendarEvent] = []
             try:
-                found.extend(self._expand(uid, components, timezones, wr_timezone, window))
+                with _deadline(deadline):
+                    for event in self._expand(uid, components, timezones, wr_timezone, window):
+                        expanded.append(event)
+            except _OverBudget:
+                problems.append(EventProblem(self.name, uid, self._over_budget(deadline)))
+                log.warning("ics.series_over_budget", source=self.name, uid=uid)
+            except _TooMany:
+                problems.append(
+                    EventProblem(
+                        self.name,
+                        uid,
+                        f"recurrence rule makes more than {self._max_occurrences} occurrences "
+                        f"in the window; only the first {self._max_occurrences} are watched "
+                        "(max_occurrences)",
+                    )
+                )
+                log.warning("ics.series_capped", source=self.name, uid=uid)
             except Exception as err:
                 problems.append(EventProblem(self.name, uid, _short(f"cannot expand: {err}")))
                 log.warning(
                     "ics.series_skipped", source=self.name, uid=uid, error=type(err).__name__
                 )
+            found.extend(expanded)
+        found, duplicates = _without_duplicates(found)
+        for uid, recurrence_id in duplicates:
+            when = f" at {recurrence_id}" if recurrence_id else ""
+            problems.append(
+                EventProblem(
+                    self.name, uid, f"the feed holds this entry{when} twice; the first is read"
+                )
+            )
         found.sort(key=lambda e: (e.start, e.uid, e.recurrence_id))
         log.info(
             "ics.parsed",
@@ -263,35 +424,56 @@ class IcsSource(CalendarSource):
             series=len(series),
             problems=len(problems),
         )
-        # A dropped entry is named in `problems`, so the daemon keeps watching it; only a
-        # feed cut off mid-way leaves unknown what is missing, so then nothing counts as removed.
+        # A dropped entry is named in `problems`, so the daemon keeps watching it; damage
+        # that may have hidden entries we cannot name makes the read incomplete.
         return FetchResult(
             events=found,
             problems=problems,
-            complete=not truncated,
+            complete=complete,
             fingerprint=fingerprint,
         )
 
-    def _load(self, text: str) -> list[icalendar.Calendar]:
+    def _over_budget(self, deadline: float) -> str:
+        return (
+            f"expanding this entry took longer than series_budget ({self._series_budget:g}s) "
+            "or the read ran out of parse_budget; its occurrences are kept as they were "
+            "(is its RRULE runaway, e.g. FREQ=SECONDLY?)"
+        )
+
+    def _load(
+        self, layout: _Layout, entries: list[_Block], problems: list[EventProblem]
+    ) -> list[icalendar.Calendar]:
+        """Parse the repaired feed; if it will not parse whole, entry by entry."""
         try:
-            calendars = icalendar.Calendar.from_ical(text, multiple=True)
+            return list(icalendar.Calendar.from_ical(layout.text(entries), multiple=True))
         except Exception as first:
-            # A broken VTIMEZONE is turned into a tzinfo while parsing and can sink the
-            # whole feed; without it, Olson and Windows TZIDs still resolve.
-            stripped = _without_timezones(text)
+            log.warning("ics.parse_failed_whole", source=self.name, error=type(first).__name__)
+        # A broken VTIMEZONE is turned into a tzinfo while parsing and can sink the whole
+        # feed; without it, Olson and Windows TZIDs still resolve.
+        zones = True
+        try:
+            skeleton = icalendar.Calendar.from_ical(layout.text([]))
+        except Exception:
+            zones = False
+            log.warning("ics.timezones_ignored", source=self.name)
             try:
-                calendars = icalendar.Calendar.from_ical(stripped, multiple=True)
-            except Exception:
+                skeleton = icalendar.Calendar.from_ical(layout.text([], zones=False))
+            except Exception as err:
                 raise ConnectorError(
                     f"source {self.name!r}: the feed from {self._where} cannot be parsed "
-                    f"({_first_clause(str(first))})"
+                    f"({_first_clause(str(err))})"
                 ) from None
-            log.warning("ics.timezones_ignored", source=self.name)
-        if not calendars:
-            raise ConnectorError(
-                f"source {self.name!r}: the feed from {self._where} holds no calendar"
-            )
-        return list(calendars)
+        calendars = [skeleton]
+        for block in entries:
+            try:
+                calendars.append(icalendar.Calendar.from_ical(layout.text([block], zones=zones)))
+            except Exception as err:
+                problems.append(
+                    EventProblem(
+                        self.name, block.uid, _short(f"cannot be parsed: {_first_clause(str(err))}")
+                    )
+                )
+        return calendars
 
     def _unreadable(self, component: icalendar.Component) -> str:
         """Why this VEVENT cannot be placed in time, or "" when it can."""
@@ -316,6 +498,10 @@ class IcsSource(CalendarSource):
             return _short(f"unreadable time: {err}")
         if not isinstance(start, date):
             return "DTSTART is not a date or date-time"
+        for rule in _as_list(component.get("RRULE")):
+            reason = _invalid_rule(rule)
+            if reason:
+                return reason
         return ""
 
     def _note_unknown_zones(self, component: icalendar.Component, uid: str) -> list[EventProblem]:
@@ -368,15 +554,40 @@ class IcsSource(CalendarSource):
                 copy[_NO_END] = "TRUE"
             mini.add_component(copy)
         mini = x_wr_timezone.to_standard(mini)
-        occurrences = recurring_ical_events.of(mini).between(
-            window.start - _EXPANSION_PAD, window.end + _EXPANSION_PAD
-        )
-        for occurrence in occurrences:
-            event = self._convert(uid, occurrence, recurring)
-            if _overlaps(event, window):
-                yield event
+        shifts = _this_and_future_shifts(components, self.context.timezone)
+        # In start order, a slice of the window at a time: a runaway rule is stopped after
+        # max_occurrences instead of being materialised whole.
+        earliest = window.start - _EXPANSION_PAD
+        latest = window.end + _EXPANSION_PAD
+        step = _slice_for(components, self._max_occurrences) or (latest - earliest)
+        query = recurring_ical_events.of(mini)
+        watched = 0
+        seen: set[tuple[str, str]] = set()
+        begin = earliest
+        while begin < latest:
+            stop = min(begin + step, latest)
+            occurrences = [
+                self._convert(uid, o, recurring, shifts) for o in query.between(begin, stop)
+            ]
+            occurrences.sort(key=lambda e: e.start)
+            for event in occurrences:
+                if (event.recurrence_id, event.start.isoformat()) in seen:
+                    continue  # spans the edge of two slices
+                seen.add((event.recurrence_id, event.start.isoformat()))
+                if _overlaps(event, window):
+                    watched += 1
+                    if watched > self._max_occurrences:
+                        raise _TooMany
+                    yield event
+            begin = stop
 
-    def _convert(self, uid: str, occurrence: icalendar.Component, recurring: bool) -> CalendarEvent:
+    def _convert(
+        self,
+        uid: str,
+        occurrence: icalendar.Component,
+        recurring: bool,
+        shifts: dict[datetime, timedelta] | None = None,
+    ) -> CalendarEvent:
         zone = self.context.timezone
         raw_start = occurrence.decoded("DTSTART")
         all_day = not isinstance(raw_start, datetime)
@@ -392,10 +603,14 @@ class IcsSource(CalendarSource):
             end = None
         recurrence_id = ""
         if recurring:
-            original = (
-                occurrence.decoded("RECURRENCE-ID") if "RECURRENCE-ID" in occurrence else raw_start
-            )
-            recurrence_id = _to_utc(original, zone).isoformat()
+            original = start
+            if "RECURRENCE-ID" in occurrence:
+                marked = _to_utc(occurrence.decoded("RECURRENCE-ID"), zone)
+                shift = (shifts or {}).get(marked)
+                # An override with RANGE=THISANDFUTURE lends its RECURRENCE-ID to every
+                # later occurrence it moves: key each by the start it had in the series.
+                original = marked if shift is None else _to_utc(raw_start - shift, zone)
+            recurrence_id = original.isoformat()
         modified = occurrence.get("LAST-MODIFIED") or occurrence.get("DTSTAMP")
         return CalendarEvent(
             source=self.name,
@@ -417,6 +632,206 @@ class IcsSource(CalendarSource):
         )
 
 
+# --------------------------------------------------------------------- structure
+
+# Components that sit directly in a VCALENDAR. A BEGIN of one of these inside an open
+# entry means the entry's END line is missing.
+_TOP_LEVEL = frozenset({"VEVENT", "VTODO", "VJOURNAL", "VFREEBUSY", "VTIMEZONE", "VAVAILABILITY"})
+# Lines that belong to an entry, never to the calendar itself (RFC 7986 allows UID,
+# DESCRIPTION... on a calendar, so those alone prove nothing before the first entry).
+_ENTRY_ONLY = re.compile(r"^(DTSTART|DTEND|DURATION|RRULE|RDATE|EXDATE|RECURRENCE-ID)[;:]", re.I)
+_CALENDAR_ONLY = re.compile(
+    r"^(VERSION|PRODID|CALSCALE|METHOD|NAME|REFRESH-INTERVAL|SOURCE|COLOR|X-[^:;]*)[;:]", re.I
+)
+_UID_LINE = re.compile(r"^UID[;:](?:[^:]*:)?(.*)$", re.I)
+
+
+@dataclass
+class _Block:
+    """The lines of one component found directly in a calendar."""
+
+    kind: str
+    lines: list[str]
+    damage: list[str] = field(default_factory=list)
+    cut: bool = False  # the feed ended inside it: its content is incomplete
+
+    @property
+    def uid(self) -> str:
+        for line in self.lines:
+            match = _UID_LINE.match(line)
+            if match:
+                return match.group(1).strip()
+        return ""
+
+
+@dataclass
+class _Layout:
+    """A feed taken apart: calendar properties, time zones, entries, and the damage seen."""
+
+    head: list[str] = field(default_factory=list)
+    timezones: list[_Block] = field(default_factory=list)
+    entries: list[_Block] = field(default_factory=list)
+    damage: list[str] = field(default_factory=list)  # damage not tied to one entry
+    truncated: bool = False
+
+    def text(self, entries: list[_Block] | None = None, *, zones: bool = True) -> str:
+        lines = ["BEGIN:VCALENDAR", *self.head]
+        for block in (self.timezones if zones else []) + (
+            self.entries if entries is None else entries
+        ):
+            lines.extend(block.lines)
+        lines.append("END:VCALENDAR")
+        return "\r\n".join(lines) + "\r\n"
+
+
+def _split(text: str, max_line: int) -> _Layout:
+    """Take a feed apart into its top-level components, line by line.
+
+    icalendar nests whatever follows a missing END:VEVENT inside the open entry, and puts
+    the lines of an entry whose BEGIN line is damaged on the calendar itself: either way
+    the following visits vanish without a word. Here every entry is cut out on its own, a
+    misspelt END closes the open component (as icalendar does, so nothing it would have
+    read is lost) and every repair is recorded as damage of the entry it touched.
+    """
+    layout = _Layout()
+    lines = text.split("\r\n")
+    ends_cleanly = text.endswith("\r\n") or text.endswith("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    last = len(lines) - 1
+    block: _Block | None = None
+    stack: list[str] = []
+    orphans: list[str] = []
+    in_calendar = False
+    seen_calendar = False
+    after_first_block = False
+
+    def close(reason: str = "") -> None:
+        nonlocal block
+        assert block is not None
+        if reason:
+            block.damage.append(reason)
+        while len(stack) > 0:
+            block.lines.append(f"END:{stack.pop()}")
+        _file(layout, block)
+        block = None
+
+    def flush_orphans(end_name: str = "") -> None:
+        if not any(line.strip() for line in orphans):
+            orphans.clear()
+            return
+        damaged = _Block("VEVENT", ["BEGIN:VEVENT", *orphans, "END:VEVENT"])
+        damaged.damage.append("its BEGIN:VEVENT line is damaged or missing")
+        orphans.clear()
+        _file(layout, damaged)
+
+    for index, line in enumerate(lines):
+        if len(line) > max_line:
+            reason = (
+                f"a line longer than max_line ({max_line} characters) was left out; "
+                "raise the source's max_line option if such lines are expected"
+            )
+            (block.damage if block is not None else layout.damage).append(reason)
+            continue
+        upper = line.strip().upper()
+        if upper.startswith("BEGIN:"):
+            name = upper[6:].strip()
+            if name == "VCALENDAR":
+                if block is not None:
+                    close(f"no END:{block.kind} before the next calendar")
+                flush_orphans()
+                in_calendar = seen_calendar = True
+                after_first_block = False
+                continue
+            if not in_calendar:
+                if seen_calendar:
+                    layout.damage.append(f"BEGIN:{name} outside any calendar was read anyway")
+                in_calendar = True
+            if block is not None and name in _TOP_LEVEL:
+                close(f"no END:{block.kind} before the next BEGIN:{name}")
+            if block is None:
+                flush_orphans()
+                block = _Block(name, [f"BEGIN:{name}"])
+                stack[:] = [name]
+                after_first_block = True
+            else:
+                stack.append(name)
+                block.lines.append(f"BEGIN:{name}")
+            continue
+        if upper.startswith("END:"):
+            name = upper[4:].strip()
+            if name == "VCALENDAR":
+                if block is not None:
+                    close(f"no END:{block.kind} before END:VCALENDAR")
+                flush_orphans()
+                in_calendar = False
+                continue
+            if block is None:
+                if orphans:
+                    flush_orphans(name)
+                elif in_calendar:
+                    layout.damage.append(f"a stray END:{name} line was ignored")
+                continue
+            if name != stack[-1]:
+                if name in stack:
+                    while stack[-1] != name:
+                        inner = stack.pop()
+                        block.lines.append(f"END:{inner}")
+                        block.damage.append(f"no END:{inner} inside the entry")
+                else:
+                    # icalendar closes the open component on any END line: do the same.
+                    block.damage.append(f"END:{name} read as END:{stack[-1]}")
+                    name = stack[-1]
+            stack.pop()
+            block.lines.append(f"END:{name}")
+            if not stack:
+                close()
+            continue
+        if index == last and not ends_cleanly:
+            continue  # a half line: its value is cut, so it would be wrong
+        if block is not None:
+            block.lines.append(line)
+        elif not in_calendar:
+            continue  # text between calendars (a trailing footer) belongs to no component
+        elif orphans or (after_first_block and not upper.startswith("X-")):
+            orphans.append(line)
+        elif _ENTRY_ONLY.match(line):
+            # An entry whose BEGIN line is damaged, before any other: its first lines
+            # (UID, DTSTAMP...) were taken for calendar properties; take them back.
+            while layout.head and not _CALENDAR_ONLY.match(layout.head[-1]):
+                orphans.insert(0, layout.head.pop())
+            orphans.append(line)
+        else:
+            layout.head.append(line)
+    if block is not None:
+        layout.truncated = True
+        block.cut = True
+        close("the feed was cut off inside this entry")
+    elif in_calendar:
+        layout.truncated = True
+    flush_orphans()
+    return layout
+
+
+def _file(layout: _Layout, block: _Block) -> None:
+    if block.kind == "VTIMEZONE":
+        layout.timezones.append(block)
+    elif block.kind == "VEVENT":
+        layout.entries.append(block)
+    elif block.kind in _TOP_LEVEL:
+        if block.damage:
+            layout.damage.append(f"a damaged {block.kind} was skipped")
+    elif any(_ENTRY_ONLY.match(line) for line in block.lines):
+        # An entry whose BEGIN line is damaged (BEGIN:VEVENU): read it as the entry it is.
+        block.damage.append(f"its BEGIN line is damaged (BEGIN:{block.kind})")
+        block.lines[0] = "BEGIN:VEVENT"
+        block.lines[-1] = "END:VEVENT"
+        block.kind = "VEVENT"
+        layout.entries.append(block)
+    else:
+        layout.damage.append(f"an unknown component {block.kind[:40]} was skipped")
+
+
 # ---------------------------------------------------------------------- helpers
 
 
@@ -426,8 +841,7 @@ def _resolve_url(name: str, url: str | Secret) -> tuple[str, str]:
         value, where = url.reveal().strip(), f"the address from {url.origin}"
     else:
         value = url.strip()
-        parts = urlsplit(value)
-        where = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+        where = redact_url(value)
     scheme = urlsplit(value).scheme.lower()
     if scheme not in ("http", "https") or not urlsplit(value).hostname:
         raise ConnectorError(
@@ -435,6 +849,51 @@ def _resolve_url(name: str, url: str | Secret) -> tuple[str, str]:
             permanent=True,
         )
     return value, where
+
+
+def redact_url(url: str) -> str:
+    """An address safe to show: no credentials, query, fragment or secret-looking path parts.
+
+    Google (``/calendar/ical/<id>/private-<token>/basic.ics``) and Outlook
+    (``/owa/calendar/<id>/<token>/calendar.ics``) put the secret in the path, so any long
+    or random-looking segment is replaced by ``…``.
+    """
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(an address that cannot be read)"
+    segments = [_redact_segment(segment) for segment in parts.path.split("/")]
+    shown = f"{parts.scheme}://{host}{port}" + "/".join(segments)
+    if parts.query or parts.fragment:
+        shown += "?…"
+    return shown
+
+
+_SECRET_PREFIX = re.compile(r"^(private|secret|token|key)[-_]", re.I)
+_KNOWN_SEGMENT = re.compile(r"^[a-z][a-z.]*(\.ics)?$", re.I)
+
+
+def _redact_segment(segment: str) -> str:
+    if not segment:
+        return segment
+    match = _SECRET_PREFIX.match(segment)
+    if match:
+        return match.group(0) + "…"
+    if len(segment) < 16 and not any(ch.isdigit() for ch in segment):
+        return segment
+    if _KNOWN_SEGMENT.match(segment) and len(segment) < 24:
+        return segment  # ordinary words: calendar.ics, reachcalendar.ics, basic.ics
+    if len(segment) < 8:
+        return segment
+    return "…"
+
+
+def _count(value: Any, *, default: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return default
 
 
 def _seconds(value: Any, *, default: float) -> float:
@@ -492,43 +951,122 @@ def _describe_non_calendar(text: str) -> str:
     return "the body does not start with BEGIN:VCALENDAR"
 
 
-def _repair(text: str) -> tuple[str, bool]:
-    """Balance BEGIN/END lines; report whether the text looked cut off.
-
-    A download that stops mid-way leaves open components and usually a half line; the
-    half line is dropped (its value is cut, so it would be wrong) and the missing END
-    lines are added, so every complete entry before the cut is still read.
-    """
-    lines = text.split("\r\n")
-    ends_cleanly = text.endswith("\r\n") or text.endswith("\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    stack: list[str] = []
-    out: list[str] = []
-    for index, line in enumerate(lines):
-        upper = line.strip().upper()
-        if upper.startswith("BEGIN:"):
-            stack.append(upper[6:])
-        elif upper.startswith("END:"):
-            name = upper[4:]
-            if name not in stack:
-                continue  # a stray END would make icalendar reject the whole feed
-            while stack and stack[-1] != name:
-                out.append(f"END:{stack.pop()}")
-            stack.pop()
-        elif not stack:
-            continue  # text between calendars (a trailing footer) belongs to no component
-        elif index == len(lines) - 1 and not ends_cleanly:
-            continue
-        out.append(line)
-    truncated = bool(stack)
-    while stack:
-        out.append(f"END:{stack.pop()}")
-    return "\r\n".join(out) + "\r\n", truncated
-
-
 def _without_timezones(text: str) -> str:
     return re.sub(r"BEGIN:VTIMEZONE\r\n.*?END:VTIMEZONE\r\n", "", text, flags=re.S | re.I)
+
+
+class _OverBudget(Exception):
+    """Raised inside expansion when its time is up."""
+
+
+class _TooMany(Exception):
+    """Raised when a series has more occurrences in the window than are watched."""
+
+
+@contextmanager
+def _deadline(at: float) -> Iterator[None]:
+    """Interrupt the Python code run inside once the monotonic clock passes ``at``.
+
+    dateutil walks a rule from its DTSTART, so a FREQ=SECONDLY rule begun years ago, or a
+    rule whose BY parts never match, can run for hours inside one library call. A trace
+    function sees every Python call made there and raises once time is up; it chains to
+    a tracer already installed (a debugger, coverage).
+    """
+    previous = sys.gettrace()
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        if monotonic_time.monotonic() > at:
+            raise _OverBudget
+        return previous(frame, event, arg) if previous is not None else None
+
+    sys.settrace(tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
+_FREQUENCIES = frozenset({"SECONDLY", "MINUTELY", "HOURLY", "DAILY", "WEEKLY", "MONTHLY", "YEARLY"})
+
+
+def _invalid_rule(rule: Any) -> str:
+    """Why an RRULE is invalid, or "" (RFC 5545: INTERVAL and COUNT are positive)."""
+    try:
+        parts = {str(k).upper(): v for k, v in dict(rule).items()}
+    except Exception:
+        return "invalid RRULE: it cannot be read"
+    freq = [str(v).upper() for v in _as_list(parts.get("FREQ"))]
+    if len(freq) != 1 or freq[0] not in _FREQUENCIES:
+        return "invalid RRULE: FREQ is missing or unknown"
+    for name in ("INTERVAL", "COUNT"):
+        for value in _as_list(parts.get(name)):
+            try:
+                number = int(value)
+            except (TypeError, ValueError):
+                return f"invalid RRULE: {name} is not a number"
+            if number < 1:
+                return f"invalid RRULE: {name}={number} (it must be 1 or more)"
+    return ""
+
+
+_SUB_DAILY = {"SECONDLY": 1, "MINUTELY": 60, "HOURLY": 3600}
+
+
+def _slice_for(components: list[icalendar.Component], most: int) -> timedelta | None:
+    """How much of the window to expand at once for rules repeating within a day, so
+    that one slice holds about ``most`` occurrences; None for other entries."""
+    seconds: list[int] = []
+    for component in components:
+        for rule in _as_list(component.get("RRULE")):
+            try:
+                parts = {str(k).upper(): v for k, v in dict(rule).items()}
+                freq = str(_as_list(parts.get("FREQ"))[0]).upper()
+                interval = int(_as_list(parts.get("INTERVAL") or [1])[0])
+            except Exception:
+                continue
+            if freq in _SUB_DAILY:
+                seconds.append(_SUB_DAILY[freq] * max(interval, 1))
+    if not seconds:
+        return None
+    return timedelta(seconds=min(seconds) * (most + 1))
+
+
+def _this_and_future_shifts(
+    components: list[icalendar.Component], zone: tzinfo
+) -> dict[datetime, timedelta]:
+    """For each RANGE=THISANDFUTURE override (by its RECURRENCE-ID in UTC), how far it moves
+    the occurrences after it, computed as recurring_ical_events computes it."""
+    shifts: dict[datetime, timedelta] = {}
+    for component in components:
+        prop = component.get("RECURRENCE-ID")
+        if prop is None or str(prop.params.get("RANGE", "")).upper() != "THISANDFUTURE":
+            continue
+        try:
+            marked = component.decoded("RECURRENCE-ID")
+            begins = component.decoded("DTSTART")
+            if type(marked) is type(begins):
+                shift = begins - marked
+            else:
+                shift = _to_utc(begins, zone) - _to_utc(marked, zone)
+            shifts[_to_utc(marked, zone)] = shift
+        except Exception:
+            continue
+    return shifts
+
+
+def _without_duplicates(
+    events: list[CalendarEvent],
+) -> tuple[list[CalendarEvent], list[tuple[str, str]]]:
+    kept: dict[tuple[str, str], CalendarEvent] = {}
+    duplicates: list[tuple[str, str]] = []
+    for event in events:
+        key = (event.uid, event.recurrence_id)
+        if key in kept:
+            if key not in duplicates:
+                duplicates.append(key)
+            continue
+        kept[key] = event
+    return list(kept.values()), duplicates
 
 
 def _uid_of(component: icalendar.Component) -> str:

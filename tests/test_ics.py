@@ -41,6 +41,7 @@ class Feed:
     last_modified: str | None = None
     content_type: str = "text/calendar; charset=utf-8"
     delay: float = 0.0
+    send_length: bool = True  # False: no Content-Length, the body ends when the connection does
     requests: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -81,7 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Last-Modified", self.feed.last_modified)
         if content_type:
             self.send_header("Content-Type", content_type)
-        if status != 304:
+        if status != 304 and self.feed.send_length:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if status != 304:
@@ -971,3 +972,336 @@ def test_check_reports_entries_in_window(server: Server, tmp_path: Path) -> None
     assert source.check() == "feed read: 1 entries in window"
     source.close()
     source.close()  # closing twice is harmless
+
+
+# --------------------------------------------------------------------------- issue 7: bounds
+
+GOOD_VISITS = (
+    event("good-1", "SUMMARY:Home visit", "DTSTART:20260701T090000Z", "DTEND:20260701T100000Z"),
+    event("good-2", "SUMMARY:Home visit", "DTSTART:20260702T090000Z", "DTEND:20260702T100000Z"),
+    event("good-3", "SUMMARY:Home visit", "DTSTART:20260703T090000Z", "DTEND:20260703T100000Z"),
+)
+GOOD_TIMES = [
+    ("good-1", "2026-07-01T09:00Z", "2026-07-01T10:00Z"),
+    ("good-2", "2026-07-02T09:00Z", "2026-07-02T10:00Z"),
+    ("good-3", "2026-07-03T09:00Z", "2026-07-03T10:00Z"),
+]
+JULY = TimeWindow(datetime(2026, 6, 28, tzinfo=UTC), datetime(2026, 7, 12, tzinfo=UTC))
+
+
+def read_file_source(
+    tmp_path: Path, body: bytes, window: TimeWindow = JULY, **options: Any
+) -> FetchResult:
+    (tmp_path / "feed.ics").write_bytes(body)
+    source = make_source(tmp_path, {"path": "feed.ics", **options})
+    return source.fetch(window)
+
+
+def reasons(result: FetchResult) -> dict[str, str]:
+    return {p.uid: p.reason for p in result.problems}
+
+
+def run_bounded(seconds: float, action: Any) -> Any:
+    """Run ``action`` in a thread; fail (instead of hanging the suite) if it runs on."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = action()
+        except BaseException as err:  # handed to the test below
+            outcome["error"] = err
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds}s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def test_interval_zero_is_a_problem_for_that_entry_only(tmp_path: Path) -> None:
+    """RRULE INTERVAL=0 (which made expansion loop forever) names its uid; the visits stay."""
+    body = calendar(
+        GOOD_VISITS[0],
+        event("meeting", "DTSTART:20260701T080000Z", "RRULE:FREQ=DAILY;INTERVAL=0"),
+        *GOOD_VISITS[1:],
+    )
+    result = run_bounded(30, lambda: read_file_source(tmp_path, body))
+    assert sorted(times(result)) == GOOD_TIMES
+    assert "invalid RRULE" in reasons(result)["meeting"]
+    assert "INTERVAL=0" in reasons(result)["meeting"]
+
+
+def test_minutely_visit_is_capped_at_max_occurrences(tmp_path: Path) -> None:
+    """A FREQ=MINUTELY visit gives at most max_occurrences visits, and says so."""
+    body = calendar(
+        event("runaway", "DTSTART:20260701T080000Z", "DURATION:PT30M", "RRULE:FREQ=MINUTELY"),
+        *GOOD_VISITS,
+    )
+    result = run_bounded(30, lambda: read_file_source(tmp_path, body, max_occurrences=50))
+    runaway = [e for e in result.events if e.uid == "runaway"]
+    assert len(runaway) == 50
+    assert runaway[0].start == datetime(2026, 7, 1, 8, 0, tzinfo=UTC)
+    assert len({e.recurrence_id for e in runaway}) == 50
+    assert "more than 50 occurrences" in reasons(result)["runaway"]
+    assert "only the first 50 are watched" in reasons(result)["runaway"]
+    assert sorted(t for t in times(result) if t[0] != "runaway") == GOOD_TIMES
+
+
+def test_default_cap_holds_without_configuration(tmp_path: Path) -> None:
+    """Without options, one FREQ=MINUTELY visit cannot become thousands of visits."""
+    body = calendar(event("runaway", "DTSTART:20260701T080000Z", "RRULE:FREQ=MINUTELY"))
+    result = run_bounded(30, lambda: read_file_source(tmp_path, body))
+    assert len(result.events) == 500
+    assert "runaway" in reasons(result)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        pytest.param("DTSTART:20250101T000000Z\nRRULE:FREQ=SECONDLY", id="secondly-since-2025"),
+        pytest.param(
+            "DTSTART:20260101T000000Z\nRRULE:FREQ=SECONDLY;BYMONTH=2;BYMONTHDAY=30",
+            id="never-matching",
+        ),
+    ],
+)
+def test_slow_rule_is_stopped_by_series_budget(tmp_path: Path, rule: str) -> None:
+    """A rule that makes the library walk millions of steps is cut off and named."""
+    body = calendar(GOOD_VISITS[0], event("slow", *rule.split("\n")), *GOOD_VISITS[1:])
+    result = run_bounded(
+        30, lambda: read_file_source(tmp_path, body, series_budget="1s", parse_budget="20s")
+    )
+    assert sorted(times(result)) == GOOD_TIMES
+    assert "series_budget" in reasons(result)["slow"]
+
+
+def test_parse_budget_makes_the_read_incomplete(tmp_path: Path) -> None:
+    """When the whole read runs out of time, what is left is not read and the read is incomplete."""
+    body = calendar(
+        event("slow", "DTSTART:20260101T000000Z", "RRULE:FREQ=SECONDLY;BYMONTH=2;BYMONTHDAY=30"),
+        *GOOD_VISITS,
+    )
+    result = run_bounded(
+        30, lambda: read_file_source(tmp_path, body, series_budget="1h", parse_budget="1s")
+    )
+    assert not result.complete
+    assert "parse_budget" in reasons(result)[""]
+    assert "slow" in reasons(result)
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_missing_end_does_not_swallow_the_next_entries(tmp_path: Path) -> None:
+    """An entry without END:VEVENT is reported; the visits after it are all read."""
+    damaged = event("damaged", "DTSTART:20260704T090000Z", "DTEND:20260704T100000Z")
+    damaged = damaged.replace("END:VEVENT", "")
+    body = calendar(GOOD_VISITS[0], damaged, *GOOD_VISITS[1:])
+    result = read_file_source(tmp_path, body)
+    assert set(GOOD_TIMES) <= set(times(result))
+    assert "END:VEVENT" in reasons(result)["damaged"]
+    assert not result.complete
+
+
+@pytest.mark.parametrize("broken", ["BEGIX:VEVENT", "BEGIN:VEVENU", "BEGIN;VEVENT", "BEG"])
+def test_damaged_begin_line_is_reported_and_neighbours_survive(tmp_path: Path, broken: str) -> None:
+    """A flipped byte in BEGIN:VEVENT names the entry as damaged; the others are read."""
+    damaged = event("damaged", "DTSTART:20260704T090000Z", "DTEND:20260704T100000Z")
+    damaged = damaged.replace("BEGIN:VEVENT", broken)
+    body = calendar(GOOD_VISITS[0], damaged, *GOOD_VISITS[1:])
+    result = read_file_source(tmp_path, body)
+    assert set(GOOD_TIMES) <= set(times(result))
+    assert "damaged" in reasons(result)
+    assert not result.complete
+
+
+def test_damaged_first_begin_line_is_not_read_as_calendar_properties(tmp_path: Path) -> None:
+    """Even the very first entry with a damaged BEGIN is named, not silently dropped."""
+    damaged = event("damaged", "DTSTART:20260704T090000Z", "DTEND:20260704T100000Z")
+    body = calendar(damaged.replace("BEGIN:VEVENT", "BEGIX:VEVENT"), *GOOD_VISITS)
+    result = read_file_source(tmp_path, body)
+    assert set(GOOD_TIMES) <= set(times(result))
+    assert "damaged" in reasons(result)
+    assert not result.complete
+
+
+def test_misspelt_end_loses_nothing_icalendar_reads(tmp_path: Path) -> None:
+    """END:VTOOD closes the entry as icalendar does: it and every later entry are read."""
+    odd = event("odd", "DTSTART:20260704T090000Z", "DTEND:20260704T100000Z")
+    later = [
+        event(f"later-{n}", f"DTSTART:202607{5 + n:02d}T090000Z", "DURATION:PT1H") for n in range(5)
+    ]
+    body = calendar(odd.replace("END:VEVENT", "END:VTOOD"), *later)
+    result = read_file_source(tmp_path, body)
+    assert {e.uid for e in result.events} == {"odd"} | {f"later-{n}" for n in range(5)}
+    assert "END:VTOOD" in reasons(result)["odd"]
+    assert not result.complete
+
+
+def test_undamaged_feed_is_complete_and_silent(tmp_path: Path) -> None:
+    """The structure check raises nothing on a sound feed with alarms and time zones."""
+    alarm = "BEGIN:VALARM\nACTION:DISPLAY\nTRIGGER:-PT15M\nEND:VALARM"
+    body = calendar(
+        event("tz", "DTSTART;TZID=GMT Standard Time:20260705T090000", "DURATION:PT1H", alarm),
+        *GOOD_VISITS,
+        head="X-WR-CALNAME:Visits\n" + OUTLOOK_GMT,
+    )
+    result = read_file_source(tmp_path, body)
+    assert result.complete
+    assert result.problems == []
+    assert ("tz", "2026-07-05T08:00Z", "2026-07-05T09:00Z") in times(result)
+
+
+# --------------------------------------------------------------------------- size limits
+
+
+def test_feed_over_max_bytes_is_a_failed_read(server: Server, tmp_path: Path) -> None:
+    """A feed larger than max_bytes fails (known visits are kept) with a message naming it."""
+    server.feed.body = calendar(*GOOD_VISITS) + b"X" * 5000
+    source = make_source(tmp_path, {"url": server.url(), "max_bytes": 2000})
+    with pytest.raises(ConnectorError, match="max_bytes") as caught:
+        source.fetch(JULY)
+    source.close()
+    assert "2000" in str(caught.value)
+
+
+def test_feed_over_max_bytes_without_length_stops_reading(server: Server, tmp_path: Path) -> None:
+    """Without Content-Length the download is still abandoned past max_bytes."""
+    server.feed.body = calendar(*GOOD_VISITS, *[GOOD_VISITS[0]] * 400)
+    server.feed.content_type = "text/calendar"
+    source = make_source(tmp_path, {"url": server.url(), "max_bytes": 3000})
+    server.feed.send_length = False
+    with pytest.raises(ConnectorError, match="max_bytes"):
+        source.fetch(JULY)
+    source.close()
+
+
+def test_file_over_max_bytes_is_a_failed_read(tmp_path: Path) -> None:
+    """A local file larger than max_bytes is refused the same way."""
+    with pytest.raises(ConnectorError, match="max_bytes"):
+        read_file_source(tmp_path, calendar(*GOOD_VISITS), max_bytes=100)
+
+
+def test_huge_line_is_left_out_and_reported(tmp_path: Path) -> None:
+    """A line over max_line is dropped; its entry is named and still read."""
+    big = event("big", "DTSTART:20260704T090000Z", "DURATION:PT1H", "DESCRIPTION:" + "x" * 5000)
+    result = read_file_source(tmp_path, calendar(big, *GOOD_VISITS), max_line=1000)
+    assert set(GOOD_TIMES) <= set(times(result))
+    assert "big" in {e.uid for e in result.events}
+    assert "max_line" in reasons(result)["big"]
+    assert not result.complete
+
+
+def test_entries_over_max_entries_are_reported(tmp_path: Path) -> None:
+    """Past max_entries the rest is not read, the admin is told why, the read is incomplete."""
+    result = read_file_source(tmp_path, calendar(*GOOD_VISITS), max_entries=2)
+    assert len(result.events) == 2
+    assert "max_entries" in reasons(result)[""]
+    assert not result.complete
+
+
+# --------------------------------------------------------------------------- secret URLs
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        (
+            "https://calendar.google.com/calendar/ical/jo%40example.org/"
+            "private-9f8e7d6c5b4a39281706f5e4d3c2b1a0/basic.ics",
+            "9f8e7d6c5b4a39281706f5e4d3c2b1a0",
+        ),
+        (
+            "https://outlook.office365.com/owa/calendar/"
+            "0a1b2c3d4e5f40718293a4b5c6d7e8f9@example.org/"
+            "Zk3mQp7XvT2rLw9YhB4nC6sD8fG1jK5a/calendar.ics",
+            "Zk3mQp7XvT2rLw9YhB4nC6sD8fG1jK5a",
+        ),
+        (
+            "https://outlook.live.com/owa/calendar/00000000-0000-0000-0000-000000000000/"
+            "1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f/reachcalendar.ics",
+            "1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f",
+        ),
+        ("https://cal.example.org/visits.ics?token=abc123", "abc123"),
+        ("https://user:hunter2@cal.example.org/visits.ics", "hunter2"),
+    ],
+)
+def test_redact_url_hides_path_and_query_secrets(url: str, secret: str) -> None:
+    """Tokens in the path (Google, Outlook), the query or userinfo never survive redaction."""
+    from visitwatch.connectors.ics import redact_url
+
+    shown = redact_url(url)
+    assert secret not in shown
+    assert shown.startswith("https://")
+    assert urlsplit_host(url) in shown
+
+
+def urlsplit_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""
+
+
+def test_redact_url_keeps_ordinary_paths() -> None:
+    """An address without secrets is shown as written, so the admin can recognise it."""
+    from visitwatch.connectors.ics import redact_url
+
+    assert redact_url("https://cal.example.org/team/visits.ics") == (
+        "https://cal.example.org/team/visits.ics"
+    )
+
+
+def test_inline_token_url_is_redacted_in_errors(tmp_path: Path) -> None:
+    """An inline Google private address in a failed read shows no token."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token = "9f8e7d6c5b4a39281706f5e4d3c2b1a0"
+    url = f"http://127.0.0.1:{port}/calendar/ical/jo%40example.org/private-{token}/basic.ics"
+    source = make_source(tmp_path, {"url": url})
+    with pytest.raises(ConnectorError) as caught:
+        source.fetch(WIDE)
+    assert token not in str(caught.value)
+    assert "basic.ics" in str(caught.value)
+
+
+# --------------------------------------------------------------------------- THISANDFUTURE
+
+
+def test_this_and_future_override_keys_are_unique_and_stable(tmp_path: Path) -> None:
+    """Occurrences moved by a RANGE=THISANDFUTURE override keep distinct, stable keys."""
+    body = calendar(
+        event(
+            "weekly",
+            "DTSTART:20260601T090000Z",
+            "DTEND:20260601T100000Z",
+            "RRULE:FREQ=WEEKLY;COUNT=12",
+        ),
+        event(
+            "weekly",
+            "RECURRENCE-ID;RANGE=THISANDFUTURE:20260615T090000Z",
+            "DTSTART:20260615T110000Z",
+            "DTEND:20260615T120000Z",
+        ),
+    )
+    (tmp_path / "feed.ics").write_bytes(body)
+    source = make_source(tmp_path, {"path": "feed.ics"})
+    seen: dict[str, datetime] = {}
+    for week in range(5):
+        start = datetime(2026, 6, 1, tzinfo=UTC) + timedelta(weeks=week)
+        result = source.fetch(TimeWindow(start, start + timedelta(weeks=4)))
+        keys = [e.recurrence_id for e in result.events]
+        assert len(keys) == len(set(keys)), keys
+        for e in result.events:
+            assert seen.setdefault(e.recurrence_id, e.start) == e.start
+    # Each key is the occurrence's start in the series before the move (8 weeks seen).
+    first = datetime(2026, 6, 1, 9, tzinfo=UTC)
+    assert seen == {
+        (first + timedelta(weeks=n)).isoformat(): first
+        + timedelta(weeks=n, hours=2 if n >= 2 else 0)
+        for n in range(8)
+    }
