@@ -14,13 +14,11 @@ the window moves to another day. Between rounds the ``@odata.deltaLink`` and the
 events are kept per (mailbox, calendar, first day, last day), in memory and in
 ``state_dir`` so a restart continues the round.
 
-Graph marks a removed entry ``{"id": ..., "@removed": {"reason": ...}}``. OData defines
-``deleted`` as "the entity was destroyed" and ``changed`` as "removed from membership in the
-result due to a data change" (for a calendar view: moved out of the range, or otherwise no
-longer part of it). Only ``deleted`` drops an event. Any other reason (or none) re-reads the
-event by id: gone (404) drops it, found updates it (the window filter then decides), and any
-other answer keeps the copy we had, so a visit still in the window is never ended by an
-ambiguous removal.
+Graph marks a removed entry ``{"id": ..., "@removed": {"reason": ...}}``, and documents only
+``deleted`` for events. Only ``deleted`` drops an event. Any other reason (OData also defines
+``changed``), or none, re-reads the event by id: gone (404) drops it, found updates it (the
+window filter then decides), and any other answer keeps the copy we had, so a visit still in
+the window is never ended by a removal Graph did not explain.
 
 Failure model
 -------------

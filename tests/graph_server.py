@@ -768,7 +768,10 @@ class FakeGraph:
                 return _Reply(status, rest[0], dict(headers))
             if "/oauth2/" in path:
                 return _oauth_error(status, "temporarily_unavailable", 50000, "Injected failure.")
-            code, message = _FAILURE_CODES.get(status, ("UnknownError", "Injected failure."))
+            # Graph's documented code for an error it does not classify.
+            code, message = _FAILURE_CODES.get(
+                status, ("generalException", "An unspecified error has occurred.")
+            )
             return _graph_error(status, code, message, **headers) if status else _Reply(0)
         return None
 

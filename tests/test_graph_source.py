@@ -317,7 +317,8 @@ def test_same_content_gives_the_same_fingerprint_and_unchanged(
 def test_delta_rounds_apply_changes_and_only_deleted_removals(
     mock: responses.RequestsMock, make_source: Callable[..., GraphCalendarSource]
 ) -> None:
-    """Round 1 is a full delta; round 2 updates, deletes on "deleted", keeps on "changed"."""
+    """Round 1 is a full delta; round 2 updates, deletes on "deleted" (the one reason Graph
+    documents for events) and re-reads on any other (OData's "changed"), keeping the entry."""
     add_token(mock)
     skip = f"{view_url(delta=True)}?$skiptoken=page2"
     link1 = f"{view_url(delta=True)}?$deltatoken=round2"
@@ -384,7 +385,8 @@ def test_delta_rounds_apply_changes_and_only_deleted_removals(
 def test_changed_removal_of_an_unreadable_event_keeps_the_visit(
     mock: responses.RequestsMock, make_source: Callable[..., GraphCalendarSource]
 ) -> None:
-    """A "changed" removal never ends a visit unless Graph says the event is gone (404)."""
+    """A removal not marked "deleted" (OData's "changed", which Graph does not document for
+    events) never ends a visit unless Graph says the event is gone (404)."""
     add_token(mock)
     link = f"{view_url(delta=True)}?$deltatoken=round2"
     mock.get(
