@@ -255,7 +255,12 @@ class Syncer:
         if previous is None:
             return
         known = {c.casefold() for c in previous}
-        added = tuple(c for c in event.categories if c.casefold() not in known)
+        # visitwatch's own write-back labels ("visitwatch: safe") are never a person's word.
+        added = tuple(
+            c
+            for c in event.categories
+            if c.casefold() not in known and not c.casefold().startswith("visitwatch:")
+        )
         if not added:
             return
         fresh = self.policy.extract(replace(event, categories=added), kind, self.tz)
