@@ -219,10 +219,13 @@ class Syncer:
     ) -> None:
         kind = self.policy.recognise(event)
         if kind is None:
-            if row and row["state"] not in lifecycle.TERMINAL:
+            if row and row["state"] == lifecycle.BOOKED:
                 with self.store.transaction() as conn:
                     self.watcher.end_monitoring(conn, row, now, "no longer marked as a visit")
                 report.ended += 1
+            elif row and row["state"] not in lifecycle.TERMINAL and not row["removed_at"]:
+                # Under way: as good as removed from the calendar, and just as never ended.
+                self._removed_while_under_way(row, now)
             return
         report.visits += 1
         details = self.policy.extract(event, kind, self.tz)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from tests.conftest import T0, World, home_visit, tick
+from tests.conftest import T0, World, home_visit, ics_event, tick
 from visitwatch.connectors.base import FetchResult, TimeWindow
 from visitwatch.daemon import cli
 from visitwatch.daemon.config import ConfigError, load_config
@@ -178,6 +178,22 @@ def test_overdue_visit_removed_from_calendar_keeps_escalating_and_people_are_ask
         cli.main(["--config", str(world.config_file), "ack", vid, "--by", "Maria", "--safe"]) == 0
     )
     assert states(world, service)["visit-1"] == "resolved"
+
+
+def test_overdue_visit_no_longer_marked_as_a_visit_is_still_watched(world: World):
+    """An overdue entry edited into a team meeting: not ended, the worker is asked."""
+    world.write_calendar(home_visit())
+    service = world.service()
+    world.at(DEADLINE + timedelta(minutes=16))
+    tick(service)
+    world.write_calendar(ics_event("visit-1", "Team meeting", START, DEADLINE, categories=()))
+    world.clock.advance(MIN)
+    tick(service)
+    assert states(world, service)["visit-1"] == "overdue"
+    assert [m for m in world.messages("removed") if m["recipient"]["id"] == "asha.khan@example.org"]
+    world.at(DEADLINE + timedelta(minutes=46))
+    tick(service)
+    assert world.messages("escalation")
 
 
 def test_in_progress_visit_removed_is_still_watched(world: World):
