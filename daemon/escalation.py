@@ -578,6 +578,7 @@ class Watcher:
         Raises :class:`VersionConflict` if the row is no longer the version read.
         """
         conn = self.store.db.conn
+        fields = self._repeats_after_move(row, now, fields)
         assignments = ", ".join(f'"{k}" = ?' for k in fields)
         claimed = conn.execute(
             f"UPDATE visits SET {assignments}, version = version + 1, updated = ?"
@@ -590,6 +591,28 @@ class Watcher:
             conn, row["id"], now, cause, actor, row["state"], fields.get("state", row["state"])
         )
         return conn
+
+    def _repeats_after_move(
+        self, row: dict[str, Any], now: datetime, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A deadline moved under a repeating top rung, without restarting the ladder (a
+        calendar edit to a time already past): count its repeats from the new deadline.
+
+        Otherwise a deadline moved earlier makes the next repeat due at once, right after
+        the alert that just went out (the ladder's rungs fire once per deadline, I4).
+        """
+        last = self.ladder[-1] if self.ladder else None
+        moved = "deadline" in fields and fields["deadline"] != row["deadline"]
+        if not moved or "step" in fields or last is None or last.repeat is None:
+            return fields
+        if row["step"] < len(self.ladder):
+            return fields
+        base = from_ts(fields["deadline"]) + last.after
+        helped = from_ts(row["help_requested_at"])
+        if helped is not None:
+            base = min(base, helped)  # as lifecycle.step_due_at: help pulls rungs forward
+        done = int((now - base) / last.repeat)
+        return {**fields, "repeats": max(row["repeats"], done)}
 
     def _wake(self) -> None:
         """Wake the sweep after a commit; inside someone else's transaction, they wake it."""
