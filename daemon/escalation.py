@@ -44,7 +44,7 @@ T = TypeVar("T")
 
 
 # Pending notifications of these kinds are not sent once their visit is resolved.
-SUPERSEDED_BY_RESOLUTION = (*ALERT_KINDS, "compliance", "extended")
+SUPERSEDED_BY_RESOLUTION = (*ALERT_KINDS, "compliance", "extended", "removed")
 
 
 class ActionError(VisitwatchError):
@@ -611,8 +611,10 @@ class Watcher:
         helped = from_ts(row["help_requested_at"])
         if helped is not None:
             base = min(base, helped)  # as lifecycle.step_due_at: help pulls rungs forward
-        done = int((now - base) / last.repeat)
-        return {**fields, "repeats": max(row["repeats"], done)}
+        # The repeats due by now under the new deadline count as sent: the last alert just
+        # went out. (Keeping a larger count from the old deadline would read as a clock
+        # that went back, and resend at once.)
+        return {**fields, "repeats": max(int((now - base) / last.repeat), 0)}
 
     def _wake(self) -> None:
         """Wake the sweep after a commit; inside someone else's transaction, they wake it."""

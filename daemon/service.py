@@ -98,6 +98,7 @@ class Service:
         self.watcher = Watcher(self.store, config, self.clock)
         self.syncer = Syncer(self.store, config, self.policy, self.watcher, self.clock)
         self.health = HealthMonitor(self.store, config, self.watcher, self.clock)
+        self.health.source_errors = self.source_errors  # sources that could not be built
         self.dispatcher = Dispatcher(
             self.store,
             self.channels,
@@ -455,13 +456,16 @@ class Service:
             log.exception("job_crashed", job=job)
 
     def close(self, store: bool = True) -> None:
-        self.dispatcher.close(0)
+        # A lane still inside a send keeps its database connection: closing it under a
+        # running statement could crash the process, so the record is closed only once
+        # every lane has finished (else the process exit closes it).
+        lanes_done = self.dispatcher.close(2.0)
         for connector in [*self.sources.values(), *self.channels.values()]:
             try:
                 connector.close()
             except Exception:
                 log.exception("close_failed", connector=connector.name)
-        if store:
+        if store and lanes_done:
             self.store.close()
 
 
