@@ -345,6 +345,18 @@ class IcsSource(CalendarSource):
 
         series: dict[str, list[icalendar.Component]] = {}
         for component in events:
+            if not _text(component.get("UID")).strip():
+                # RFC 5545 requires a UID; without one (or with a damaged UID line) the visit
+                # cannot be matched with the one we know, so nothing may count as removed.
+                complete = False
+                problems.append(
+                    EventProblem(
+                        self.name,
+                        "",
+                        "an entry has no UID (a damaged line?); it is read under a made-up "
+                        "uid and, until it has one, this feed removes no visit",
+                    )
+                )
             uid = _uid_of(component)
             reason = self._unreadable(component)
             if reason:
@@ -386,7 +398,9 @@ class IcsSource(CalendarSource):
             expanded: list[CalendarEvent] = []
             try:
                 with _deadline(deadline):
-                    for event in self._expand(uid, components, timezones, wr_timezone, window):
+                    for event in self._expand(
+                        uid, components, timezones, wr_timezone, window, deadline
+                    ):
                         expanded.append(event)
             except _OverBudget:
                 problems.append(EventProblem(self.name, uid, self._over_budget(deadline)))
@@ -535,6 +549,7 @@ class IcsSource(CalendarSource):
         timezones: list[icalendar.Component],
         wr_timezone: str | None,
         window: TimeWindow,
+        deadline: float = float("inf"),
     ) -> Iterator[CalendarEvent]:
         recurring = len(components) > 1 or any(
             name in c for c in components for name in ("RRULE", "RDATE", "RECURRENCE-ID")
@@ -565,6 +580,8 @@ class IcsSource(CalendarSource):
         seen: set[tuple[str, str]] = set()
         begin = earliest
         while begin < latest:
+            if monotonic_time.monotonic() > deadline:
+                raise _OverBudget
             stop = min(begin + step, latest)
             occurrences = [
                 self._convert(uid, o, recurring, shifts) for o in query.between(begin, stop)
@@ -955,12 +972,22 @@ def _without_timezones(text: str) -> str:
     return re.sub(r"BEGIN:VTIMEZONE\r\n.*?END:VTIMEZONE\r\n", "", text, flags=re.S | re.I)
 
 
-class _OverBudget(Exception):
-    """Raised inside expansion when its time is up."""
+class _OverBudget(BaseException):
+    """Raised inside expansion when its time is up.
+
+    A BaseException, so that the ``except Exception`` of a tolerant library does not
+    swallow it (Python unsets a trace function that raised: there is one chance).
+    """
 
 
 class _TooMany(Exception):
     """Raised when a series has more occurrences in the window than are watched."""
+
+
+# Raise only where the exception is sure to travel up to us: in the expansion code
+# itself, never in a finaliser or a clean-up whose exceptions Python swallows.
+_INTERRUPTIBLE = re.compile(r"(dateutil|recurring_ical_events|x_wr_timezone)[/\\]")
+_NEVER_INTERRUPTED = frozenset({"__del__", "__exit__", "close", "__aexit__"})
 
 
 @contextmanager
@@ -975,7 +1002,11 @@ def _deadline(at: float) -> Iterator[None]:
     previous = sys.gettrace()
 
     def tracer(frame: FrameType, event: str, arg: Any) -> Any:
-        if monotonic_time.monotonic() > at:
+        if (
+            monotonic_time.monotonic() > at
+            and frame.f_code.co_name not in _NEVER_INTERRUPTED
+            and _INTERRUPTIBLE.search(frame.f_code.co_filename)
+        ):
             raise _OverBudget
         return previous(frame, event, arg) if previous is not None else None
 

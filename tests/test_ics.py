@@ -613,11 +613,14 @@ def test_fields_are_mapped(server: Server, tmp_path: Path) -> None:
 
 
 def test_missing_uid_gets_a_stable_synthetic_one(server: Server, tmp_path: Path) -> None:
-    """An entry without UID gets the same made-up uid on every fetch, and no problem."""
+    """An entry without UID gets the same made-up uid on every fetch; as its UID line may be
+    damaged (the visit it was is unknown), the read says so and removes nothing."""
     body = calendar("BEGIN:VEVENT\nDTSTART:20260701T100000Z\nSUMMARY:No uid\nEND:VEVENT")
     first = fetch(server, tmp_path, body)
     second = fetch(server, tmp_path, body)
-    assert first.problems == []
+    assert [p.uid for p in first.problems] == [""]
+    assert "no UID" in first.problems[0].reason
+    assert not first.complete
     assert first.events[0].uid == second.events[0].uid
     assert first.events[0].uid.startswith("visitwatch-")
 
@@ -1305,3 +1308,100 @@ def test_this_and_future_override_keys_are_unique_and_stable(tmp_path: Path) -> 
         + timedelta(weeks=n, hours=2 if n >= 2 else 0)
         for n in range(8)
     }
+
+
+# --------------------------------------------------------------------------- differential
+
+DIFFERENTIAL_FEEDS = {
+    "this-and-future": calendar(
+        event(
+            "s",
+            "DTSTART;TZID=Europe/London:20260601T090000",
+            "DTEND;TZID=Europe/London:20260601T100000",
+            "RRULE:FREQ=WEEKLY;BYDAY=MO,WE",
+        ),
+        event(
+            "s",
+            "RECURRENCE-ID;RANGE=THISANDFUTURE;TZID=Europe/London:20260615T090000",
+            "DTSTART;TZID=Europe/London:20260615T130000",
+            "DTEND;TZID=Europe/London:20260615T143000",
+        ),
+        event(
+            "s",
+            "RECURRENCE-ID;TZID=Europe/London:20260624T090000",
+            "DTSTART;TZID=Europe/London:20260625T080000",
+            "DTEND;TZID=Europe/London:20260625T090000",
+        ),
+    ),
+    "two-this-and-future": calendar(
+        event("t", "DTSTART:20260601T090000Z", "DURATION:PT1H", "RRULE:FREQ=DAILY;COUNT=40"),
+        event(
+            "t",
+            "RECURRENCE-ID;RANGE=THISANDFUTURE:20260605T090000Z",
+            "DTSTART:20260605T100000Z",
+            "DURATION:PT1H",
+        ),
+        event(
+            "t",
+            "RECURRENCE-ID;RANGE=THISANDFUTURE:20260620T090000Z",
+            "DTSTART:20260620T070000Z",
+            "DURATION:PT2H",
+        ),
+    ),
+    "misspelt-end": calendar(
+        event("odd", "DTSTART:20260604T090000Z", "DURATION:PT1H").replace(
+            "END:VEVENT", "END:VTOOD"
+        ),
+        *[event(f"n{n}", f"DTSTART:202606{10 + n}T090000Z", "DURATION:PT1H") for n in range(5)],
+    ),
+    "exdate-rdate-windows-zone": calendar(
+        event(
+            "w",
+            "DTSTART;TZID=GMT Standard Time:20260601T090000",
+            "DTEND;TZID=GMT Standard Time:20260601T100000",
+            "RRULE:FREQ=WEEKLY;COUNT=8",
+            "EXDATE;TZID=GMT Standard Time:20260608T090000",
+            "RDATE;TZID=GMT Standard Time:20260603T150000",
+        ),
+        head=OUTLOOK_GMT,
+    ),
+    "floating-and-all-day": calendar(
+        event("f", "DTSTART:20260602T090000", "DTEND:20260602T100000", "RRULE:FREQ=DAILY;COUNT=3"),
+        event("d", "DTSTART;VALUE=DATE:20260605", "DTEND;VALUE=DATE:20260606"),
+    ),
+}
+
+
+def reference_times(body: bytes, window: TimeWindow, zone: str) -> list[tuple[str, str]]:
+    """icalendar + recurring-ical-events alone: (start, end) in UTC of every occurrence."""
+    import icalendar
+    import recurring_ical_events
+
+    tz = ZoneInfo(zone)
+
+    def utc(value: Any) -> datetime:
+        if not isinstance(value, datetime):
+            value = datetime.combine(value, datetime.min.time())
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=tz)
+        return value.astimezone(UTC)
+
+    found = []
+    cal = icalendar.Calendar.from_ical(body.decode())
+    for occurrence in recurring_ical_events.of(cal).between(window.start, window.end):
+        start = utc(occurrence.decoded("DTSTART"))
+        end = utc(occurrence.decoded("DTEND")) if "DTEND" in occurrence else start
+        found.append((start.isoformat(), end.isoformat()))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("name", sorted(DIFFERENTIAL_FEEDS))
+def test_same_occurrences_as_the_reference(tmp_path: Path, name: str) -> None:
+    """Every occurrence icalendar + recurring-ical-events find is read, each under its own key."""
+    body = DIFFERENTIAL_FEEDS[name]
+    window = TimeWindow(datetime(2026, 6, 1, tzinfo=UTC), datetime(2026, 7, 15, tzinfo=UTC))
+    result = read_file_source(tmp_path, body, window)
+    ours = sorted((e.start.isoformat(), (e.end or e.start).isoformat()) for e in result.events)
+    assert ours == reference_times(body, window, "Europe/London")
+    keys = [e.key for e in result.events]
+    assert len(keys) == len(set(keys))
