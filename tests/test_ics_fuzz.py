@@ -31,7 +31,7 @@ from visitwatch.connectors.options import validate_options
 
 ZONE = "Europe/London"
 WINDOW = TimeWindow(datetime(2026, 6, 28, tzinfo=UTC), datetime(2026, 7, 19, tzinfo=UTC))
-OPTIONS = {"max_line": 2000, "series_budget": "2s", "parse_budget": "10s"}
+OPTIONS = {"max_line": 2000, "series_budget": "1s", "parse_budget": "10s"}
 HANG_LIMIT = 60.0  # a generous hang check, not a speed measurement
 CORPUS = Path(__file__).parent / "ics_corpus"
 SOAK = os.environ.get("VISITWATCH_SOAK") == "1"
@@ -123,6 +123,7 @@ class Case:
     # A flipped byte may leave a valid entry (a changed letter in LOCATION, even a changed
     # digit in DTSTART, which no reader can tell from an edit): it must then be present.
     altered: set[str]
+    uids: set[str]  # every uid the feed had before damage
 
 
 @st.composite
@@ -214,7 +215,7 @@ def cases(draw: st.DrawFn) -> Case:
         kept = body.decode("latin-1")
         undamaged = [v for v in undamaged if block_of(v.lines()).decode("latin-1") in kept]
         damaged |= {v.uid for v in visits} - {v.uid for v in undamaged} - gone - altered
-    return Case(body, undamaged, damaged, altered)
+    return Case(body, undamaged, damaged, altered, {v.uid for v in visits})
 
 
 # --------------------------------------------------------------------------- reference
@@ -290,7 +291,10 @@ def check(tmp_path: Path, case: Case) -> None:
     assert result.complete is False or not missing, (missing, result.problems)
     present = {e.uid for e in result.events}
     vanished = case.altered - named - present
-    assert result.complete is False or not vanished, (vanished, result.problems)
+    # A flip inside the UID value renames the entry, which no reader can tell from an edit:
+    # it must then be present under its new uid.
+    renamed = present - case.uids
+    assert result.complete is False or len(vanished) <= len(renamed), (vanished, result.problems)
     keys = [e.key for e in result.events]
     assert len(keys) == len(set(keys))
 
@@ -313,6 +317,7 @@ def test_damaged_feeds_keep_undamaged_visits(tmp_path: Path, case: Case) -> None
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(3600)
 @settings(FUZZ, max_examples=3000)
 @given(case=cases())
 def test_damaged_feeds_soak(tmp_path: Path, case: Case) -> None:
@@ -335,7 +340,7 @@ def test_corpus_feeds(tmp_path: Path, path: Path) -> None:
     present = {e.uid for e in result.events}
     assert set(expected["present"]) <= present, result.problems
     named = {p.uid for p in result.problems}
-    assert result.complete is False or set(expected["reported"]) <= named
+    assert set(expected["reported"]) <= named, result.problems
     if "complete" in expected:
         assert result.complete is expected["complete"]
     for uid, starts in expected.get("starts", {}).items():
