@@ -14,7 +14,7 @@ import re
 import sys
 import time as monotonic_time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from pathlib import Path
@@ -319,11 +319,19 @@ class IcsSource(CalendarSource):
             entries = entries[: self._max_entries]
         readable: list[_Block] = []
         for block in entries:
+            uids = block.uids
+            if len(uids) > 1:
+                # Two entries' lines in one block: the BEGIN or END between them is damaged.
+                block.damage.append(
+                    f"it holds the lines of {len(uids)} entries (a BEGIN or END line between "
+                    "them is damaged)"
+                )
             if block.damage:
                 complete = False
                 reason = _short("damaged entry: " + "; ".join(block.damage))
-                problems.append(EventProblem(self.name, block.uid, reason))
-                log.warning("ics.entry_damaged", source=self.name, uid=block.uid)
+                for uid in uids or [""]:
+                    problems.append(EventProblem(self.name, uid, reason))
+                    log.warning("ics.entry_damaged", source=self.name, uid=uid)
             if not block.cut:
                 readable.append(block)
         calendars = self._load(layout, readable, problems)
@@ -381,30 +389,28 @@ class IcsSource(CalendarSource):
         for uid, components in series.items():
             now = monotonic_time.monotonic()
             if now > fetch_deadline:
-                problems.append(
-                    EventProblem(
-                        self.name,
-                        "",
-                        f"reading the feed took longer than parse_budget "
-                        f"({self._parse_budget:g}s); the entries not yet read are kept as "
-                        "they were. Raise the source's parse_budget option if the feed is "
-                        "large",
-                    )
-                )
-                log.warning("ics.parse_budget_exceeded", source=self.name)
+                problems.append(self._out_of_time())
                 complete = False
                 break
             deadline = min(now + self._series_budget, fetch_deadline)
             expanded: list[CalendarEvent] = []
             try:
-                with _deadline(deadline):
+                # Only a rule can run away; single entries skip the cost of the tracer.
+                runs_away = any("RRULE" in c for c in components)
+                with _deadline(deadline) if runs_away else nullcontext():
                     for event in self._expand(
                         uid, components, timezones, wr_timezone, window, deadline
                     ):
                         expanded.append(event)
             except _OverBudget:
-                problems.append(EventProblem(self.name, uid, self._over_budget(deadline)))
+                problems.append(
+                    EventProblem(self.name, uid, self._over_budget(deadline, fetch_deadline))
+                )
                 log.warning("ics.series_over_budget", source=self.name, uid=uid)
+                if deadline >= fetch_deadline:
+                    problems.append(self._out_of_time())
+                    complete = False
+                    break
             except _TooMany:
                 problems.append(
                     EventProblem(
@@ -447,11 +453,25 @@ class IcsSource(CalendarSource):
             fingerprint=fingerprint,
         )
 
-    def _over_budget(self, deadline: float) -> str:
+    def _out_of_time(self) -> EventProblem:
+        log.warning("ics.parse_budget_exceeded", source=self.name)
+        return EventProblem(
+            self.name,
+            "",
+            f"reading the feed took longer than parse_budget ({self._parse_budget:g}s); the "
+            "entries not yet read are kept as they were. Raise the source's parse_budget "
+            "option if the feed is large",
+        )
+
+    def _over_budget(self, deadline: float, fetch_deadline: float) -> str:
+        if deadline >= fetch_deadline:
+            return (
+                f"not read: the read ran out of parse_budget ({self._parse_budget:g}s) while "
+                "expanding this entry; its occurrences are kept as they were"
+            )
         return (
-            f"expanding this entry took longer than series_budget ({self._series_budget:g}s) "
-            "or the read ran out of parse_budget; its occurrences are kept as they were "
-            "(is its RRULE runaway, e.g. FREQ=SECONDLY?)"
+            f"expanding this entry took longer than series_budget ({self._series_budget:g}s); "
+            "its occurrences are kept as they were (is its RRULE runaway, e.g. FREQ=SECONDLY?)"
         )
 
     def _load(
@@ -554,6 +574,17 @@ class IcsSource(CalendarSource):
         recurring = len(components) > 1 or any(
             name in c for c in components for name in ("RRULE", "RDATE", "RECURRENCE-ID")
         )
+        if not recurring and not wr_timezone and "EXDATE" not in components[0]:
+            # A single entry: read it as it stands (what the library would do, without
+            # building a calendar for it; large feeds are mostly single entries).
+            single = components[0].copy()
+            if "DTEND" not in single and "DURATION" not in single:
+                single[_NO_END] = "TRUE"
+            event = self._convert(uid, single, recurring)
+            if event.end is None or event.end >= event.start:
+                if _overlaps(event, window):
+                    yield event
+                return
         mini = icalendar.Calendar()
         mini.add("PRODID", "-//visitwatch//ics//EN")
         mini.add("VERSION", "2.0")
@@ -568,7 +599,8 @@ class IcsSource(CalendarSource):
             if "DTEND" not in component and "DURATION" not in component:
                 copy[_NO_END] = "TRUE"
             mini.add_component(copy)
-        mini = x_wr_timezone.to_standard(mini)
+        if wr_timezone:
+            mini = x_wr_timezone.to_standard(mini)
         shifts = _this_and_future_shifts(components, self.context.timezone)
         # In start order, a slice of the window at a time: a runaway rule is stopped after
         # max_occurrences instead of being materialised whole.
@@ -674,11 +706,17 @@ class _Block:
 
     @property
     def uid(self) -> str:
+        uids = self.uids
+        return uids[0] if uids else ""
+
+    @property
+    def uids(self) -> list[str]:
+        found: list[str] = []
         for line in self.lines:
             match = _UID_LINE.match(line)
-            if match:
-                return match.group(1).strip()
-        return ""
+            if match and match.group(1).strip() not in found:
+                found.append(match.group(1).strip())
+        return found
 
 
 @dataclass

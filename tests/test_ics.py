@@ -764,10 +764,11 @@ def test_expansion_failure_is_a_problem_not_an_exception(
 
     monkeypatch.setattr(ics.recurring_ical_events, "of", flaky)
     body = calendar(
-        event("ok", "DTSTART:20260701T100000Z"), event("cursed", "DTSTART:20260701T100000Z")
+        event("ok", "DTSTART:20260701T100000Z", "RRULE:FREQ=DAILY;COUNT=2"),
+        event("cursed", "DTSTART:20260701T100000Z", "RRULE:FREQ=DAILY;COUNT=2"),
     )
     result = fetch(server, tmp_path, body)
-    assert [e.uid for e in result.events] == ["ok"]
+    assert [e.uid for e in result.events] == ["ok", "ok"]
     assert [p.uid for p in result.problems] == ["cursed"]
 
 
@@ -1080,12 +1081,11 @@ def test_slow_rule_is_stopped_by_series_budget(tmp_path: Path, rule: str) -> Non
     assert "series_budget" in reasons(result)["slow"]
 
 
-def test_parse_budget_makes_the_read_incomplete(tmp_path: Path) -> None:
+@pytest.mark.parametrize("slow_first", [True, False])
+def test_parse_budget_makes_the_read_incomplete(tmp_path: Path, slow_first: bool) -> None:
     """When the whole read runs out of time, what is left is not read and the read is incomplete."""
-    body = calendar(
-        event("slow", "DTSTART:20260101T000000Z", "RRULE:FREQ=SECONDLY;BYMONTH=2;BYMONTHDAY=30"),
-        *GOOD_VISITS,
-    )
+    slow = event("slow", "DTSTART:20260101T000000Z", "RRULE:FREQ=SECONDLY;BYMONTH=2;BYMONTHDAY=30")
+    body = calendar(slow, *GOOD_VISITS) if slow_first else calendar(*GOOD_VISITS, slow)
     result = run_bounded(
         30, lambda: read_file_source(tmp_path, body, series_budget="1h", parse_budget="1s")
     )
