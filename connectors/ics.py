@@ -162,6 +162,8 @@ class IcsSource(CalendarSource):
         text = f"feed read: {len(result.events)} entries in window"
         if result.problems:
             text += f", {len(result.problems)} problem(s)"
+        if not result.complete:
+            text += "; the read was incomplete (damaged, cut off or over a limit)"
         return text
 
     def close(self) -> None:

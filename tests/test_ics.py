@@ -1405,3 +1405,15 @@ def test_same_occurrences_as_the_reference(tmp_path: Path, name: str) -> None:
     assert ours == reference_times(body, window, "Europe/London")
     keys = [e.key for e in result.events]
     assert len(keys) == len(set(keys))
+
+
+def test_check_says_when_the_read_was_incomplete(server: Server, tmp_path: Path) -> None:
+    """check() on a damaged feed says the read was incomplete, not just 'feed read'."""
+    soon = (datetime.now(UTC) + timedelta(hours=2)).strftime("%Y%m%dT%H%M00Z")
+    damaged = event("cut", f"DTSTART:{soon}").replace("END:VEVENT", "")
+    server.feed.body = calendar(damaged, event("soon", f"DTSTART:{soon}"))
+    source = make_source(tmp_path, {"url": server.url()})
+    text = source.check()
+    source.close()
+    assert "incomplete" in text
+    assert "problem" in text
