@@ -59,6 +59,7 @@ _ZONED_PROPERTIES = ("DTSTART", "DTEND", "RECURRENCE-ID", "RDATE", "EXDATE")
 # and all-day values are compared by the library before we have placed them in the
 # organisation's zone (offsets reach +-14 h).
 _EXPANSION_PAD = timedelta(days=2)
+_PARSE_GROUP = 500  # entries parsed at once; the parse budget is checked between groups
 
 _PERMANENT_STATUSES = frozenset({401, 403, 404, 410})
 _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] [^'\")\]]+")
@@ -336,7 +337,14 @@ class IcsSource(CalendarSource):
                     log.warning("ics.entry_damaged", source=self.name, uid=uid)
             if not block.cut:
                 readable.append(block)
-        calendars = self._load(layout, readable, problems)
+        # In groups, so that a huge feed cannot spend more than parse_budget being parsed.
+        calendars: list[icalendar.Calendar] = []
+        for first in range(0, max(len(readable), 1), _PARSE_GROUP):
+            if first and monotonic_time.monotonic() > fetch_deadline:
+                problems.append(self._out_of_time())
+                complete = False
+                break
+            calendars.extend(self._load(layout, readable[first : first + _PARSE_GROUP], problems))
 
         timezones: list[icalendar.Component] = []
         events: list[icalendar.Component] = []

@@ -1417,3 +1417,15 @@ def test_check_says_when_the_read_was_incomplete(server: Server, tmp_path: Path)
     source.close()
     assert "incomplete" in text
     assert "problem" in text
+
+
+def test_parse_budget_bounds_parsing_a_huge_feed(tmp_path: Path) -> None:
+    """A feed too large to parse within parse_budget is read in part and marked incomplete."""
+    many = [
+        event(f"v{n}", f"DTSTART:202607{1 + n % 9:02d}T{8 + n % 9:02d}0000Z", "DURATION:PT1H")
+        for n in range(1200)
+    ]
+    result = read_file_source(tmp_path, calendar(*many), parse_budget="0s")
+    assert not result.complete
+    assert "parse_budget" in reasons(result)[""]
+    assert len(result.events) < 1200
