@@ -96,7 +96,7 @@ class IcsSource(CalendarSource):
             "duration", default="2s", help="time one series may take to expand"
         ),
         "parse_budget": Option(
-            "duration", default="20s", help="time one read may take to parse and expand"
+            "duration", default="60s", help="time one read may take to parse and expand"
         ),
     }
 
@@ -123,7 +123,7 @@ class IcsSource(CalendarSource):
         self._max_entries: int = _count(self.settings.get("max_entries"), default=20_000)
         self._max_occurrences: int = _count(self.settings.get("max_occurrences"), default=500)
         self._series_budget: float = _seconds(self.settings.get("series_budget"), default=2.0)
-        self._parse_budget: float = _seconds(self.settings.get("parse_budget"), default=20.0)
+        self._parse_budget: float = _seconds(self.settings.get("parse_budget"), default=60.0)
         self._session: requests.Session | None = None
         # The last body that parsed, with the validators the server sent for it.
         self._etag: str | None = None
