@@ -244,6 +244,21 @@ class Syncer:
             report.changed += 1
             row = self.store.one("SELECT * FROM visits WHERE id = ?", (row["id"],))
         assert row is not None
+        if (
+            row["state"] == lifecycle.CANCELLED
+            and not event.cancelled
+            and from_ts(fields["expected_return"]) > now
+        ):
+            # Removed (or cancelled) and now back in a read, not yet over: watch it again.
+            with self.store.transaction():
+                self.watcher._change(
+                    row, now, "re-opened: back in the calendar", "calendar",
+                    {**_watched_afresh(fields, now), "removed_at": None},
+                )  # fmt: skip
+            row = self.store.one("SELECT * FROM visits WHERE id = ?", (row["id"],))
+            assert row is not None
+            report.changed += 1
+            self.watcher.wake()
         if row["state"] in lifecycle.TERMINAL:
             return
         if event.cancelled:
@@ -405,23 +420,7 @@ class Syncer:
             and start > now
         ):
             # Checked in (or expired) and then moved to a later day: a new visit to watch.
-            has_errors = any(f["severity"] == "error" for f in json.loads(fields["findings"]))
-            changes.update(
-                state=lifecycle.BOOKED,
-                deadline=fields["expected_return"],
-                extended_until=None,
-                step=0,
-                repeats=0,
-                ack_realerts=0,
-                acknowledged_at=None,
-                acknowledged_by=None,
-                help_requested_at=None,
-                checked_in_at=None,
-                checked_in_by=None,
-                ended_at=None,
-                prestart_notice_sent=int(not has_errors),
-                next_action_at=ts(now),
-            )
+            changes.update(_watched_afresh(fields, now))
             cause = f"re-opened: moved to {fmt_local(start, self.tz)} by a calendar edit"
         elif deadline != row["deadline"] and row["state"] not in lifecycle.TERMINAL:
             changes["deadline"] = deadline
@@ -658,6 +657,27 @@ class Syncer:
             conn.execute(
                 "DELETE FROM problems WHERE source = ? AND last_seen < ?", (source, ts(now))
             )
+
+
+def _watched_afresh(fields: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The changes that make an ended visit a new one to watch from its start."""
+    has_errors = any(f["severity"] == "error" for f in json.loads(fields["findings"]))
+    return {
+        "state": lifecycle.BOOKED if from_ts(fields["start"]) > now else lifecycle.IN_PROGRESS,
+        "deadline": fields["expected_return"],
+        "extended_until": None,
+        "step": 0,
+        "repeats": 0,
+        "ack_realerts": 0,
+        "acknowledged_at": None,
+        "acknowledged_by": None,
+        "help_requested_at": None,
+        "checked_in_at": None,
+        "checked_in_by": None,
+        "ended_at": None,
+        "prestart_notice_sent": int(not has_errors),
+        "next_action_at": ts(now),
+    }
 
 
 def _fingerprint(fields: dict[str, Any], details: VisitDetails) -> str:

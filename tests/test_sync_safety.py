@@ -386,3 +386,27 @@ def test_incomplete_read_never_ends_a_visit_and_repeats_reach_an_admin(world: Wo
     tick(service)
     assert len(admin(world, "incomplete")) == 1
     assert set(states(world, service).values()) == {"booked"}
+
+
+def test_a_visit_removed_then_back_in_the_calendar_is_watched_again(world: World):
+    """A booked visit deleted (and cancelled), then restored: watched again, alerts on time."""
+    keep = home_visit("keep", start=T0 + timedelta(hours=3), end=T0 + timedelta(hours=4))
+    back = home_visit("back")  # 13:00 to 14:00
+    world.write_calendar(keep, back)
+    service = world.service()
+    tick(service)
+    world.write_calendar(keep)  # someone deletes it by mistake ...
+    tick(service)
+    row = service.store.one("SELECT * FROM visits WHERE uid = 'back'")
+    assert row["state"] == "cancelled"
+    world.write_calendar(keep, back)  # ... and restores it (Outlook "undo delete")
+    tick(service)
+    row = service.store.one("SELECT * FROM visits WHERE uid = 'back'")
+    assert row["state"] == "booked"
+    causes = [a["cause"] for a in service.store.query(
+        "SELECT cause FROM audit WHERE visit_id = ? ORDER BY id", (row["id"],)
+    )]  # fmt: skip
+    assert causes[-1] == "re-opened: back in the calendar"
+    world.at(T0 + timedelta(hours=2, seconds=5))
+    tick(service)
+    assert [m["recipient"]["id"] for m in world.messages("reminder")] == ["asha.khan@example.org"]
