@@ -26,6 +26,7 @@ import icalendar
 import recurring_ical_events
 import requests
 import structlog
+import urllib3
 import x_wr_timezone
 
 from visitwatch.connectors.base import (
@@ -267,7 +268,7 @@ class IcsSource(CalendarSource):
         size = 0
         deadline = monotonic_time.monotonic() + max(self._timeout, 1.0) * 4
         try:
-            for chunk in response.iter_content(chunk_size=65536):
+            for chunk in _pieces(response):
                 size += len(chunk)
                 if size > self._max_bytes:
                     raise self._too_large()
@@ -277,7 +278,7 @@ class IcsSource(CalendarSource):
                         f"(not complete after {max(self._timeout, 1.0) * 4:g}s)"
                     )
                 chunks.append(chunk)
-        except requests.RequestException as err:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
             raise ConnectorError(
                 f"source {self.name!r}: the download from {self._where} broke off: "
                 f"{_network_reason(err)}"
@@ -969,7 +970,22 @@ def _seconds(value: Any, *, default: float) -> float:
     return default
 
 
-def _network_reason(err: requests.RequestException) -> str:
+def _pieces(response: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives: each piece as soon as any bytes come, so the caller's
+    deadline holds against a server that drips a byte at a time (``iter_content`` waits
+    for whole 64 KiB pieces, each under its own read timeout)."""
+    raw = response.raw
+    if not hasattr(raw, "read1"):
+        yield from response.iter_content(chunk_size=65536)
+        return
+    while True:
+        piece = raw.read1(65536, decode_content=True)
+        if not piece:
+            return
+        yield piece
+
+
+def _network_reason(err: requests.RequestException | urllib3.exceptions.HTTPError) -> str:
     match = _ERRNO_TEXT.search(str(err))
     if match:
         return match.group(0).strip()

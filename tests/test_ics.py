@@ -1429,3 +1429,41 @@ def test_parse_budget_bounds_parsing_a_huge_feed(tmp_path: Path) -> None:
     assert not result.complete
     assert "parse_budget" in reasons(result)[""]
     assert len(result.events) < 1200
+
+
+def test_a_server_that_drips_the_feed_is_cut_off_at_the_deadline(tmp_path: Path):
+    """A byte every 0.2 s passes every read timeout; the whole download still has a limit."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/calendar\r\nContent-Length: 5000\r\n\r\n"
+        )
+        while not stop.is_set():
+            try:
+                conn.sendall(b"X")
+            except OSError:
+                break
+            stop.wait(0.2)
+        conn.close()
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    try:
+        source = make_source(tmp_path, {"url": f"http://127.0.0.1:{port}/cal.ics", "timeout": "1s"})
+        started = time.monotonic()
+        with pytest.raises(ConnectorError, match="too slowly"):
+            source.fetch(WIDE)
+        assert time.monotonic() - started < 15  # 5000 bytes would take 1000 s (hang check)
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
