@@ -644,9 +644,9 @@ class Syncer:
     def _record_problems(self, source: str, problems: list[EventProblem], now: datetime) -> None:
         with self.store.transaction() as conn:
             for problem in problems:
-                log.warning(
-                    "entry_unreadable", source=source, uid=problem.uid, reason=problem.reason
-                )
+                # The reason can quote the feed (an address, a name): only at debug.
+                log.warning("entry_unreadable", source=source, uid=problem.uid)
+                log.debug("entry_unreadable_reason", uid=problem.uid, reason=problem.reason)
                 conn.execute(
                     "INSERT INTO problems (source, uid, reason, first_seen, last_seen)"
                     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (source, uid, reason)"

@@ -410,3 +410,20 @@ def test_a_visit_removed_then_back_in_the_calendar_is_watched_again(world: World
     world.at(T0 + timedelta(hours=2, seconds=5))
     tick(service)
     assert [m["recipient"]["id"] for m in world.messages("reminder")] == ["asha.khan@example.org"]
+
+
+def test_an_unreadable_entry_is_logged_without_the_feed_text_it_quotes(world: World):
+    """A damaged line quoting a family's address reaches the log above debug only as a uid."""
+    from structlog.testing import capture_logs
+
+    damaged = home_visit("damaged").replace(
+        "DTSTART:",
+        "DTSTART:20261123T170000ZLOCATION:14 Brook Street - Jane Doe (DV risk)\r\nX-OLD:",
+    )
+    world.write_calendar(damaged, home_visit("fine"))
+    service = world.service()
+    with capture_logs() as events:
+        tick(service)
+    loud = [e for e in events if e["log_level"] in ("info", "warning", "error")]
+    assert any(e["event"] == "entry_unreadable" and e["uid"] == "damaged" for e in loud)
+    assert not any("Jane Doe" in str(e) or "Brook Street" in str(e) for e in loud)
