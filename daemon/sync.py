@@ -284,18 +284,13 @@ class Syncer:
         fresh = self.policy.extract(replace(event, categories=added), kind, self.tz)
         if fresh.checked_in and self._started(row, now, timedelta(0)):
             self.watcher.check_in(row["id"], via="calendar")
-        elif (
-            fresh.help_requested
-            and not details.checked_in
-            and not row["help_requested_at"]
-            and self._started(row, now, timedelta(minutes=15))
-        ):
+        elif fresh.help_requested and not details.checked_in and not row["help_requested_at"]:
+            # Help counts whenever it is new, before the start too: it can only raise alerts.
             self.watcher.request_help(row["id"], via="calendar")
 
     @staticmethod
     def _started(row: dict[str, Any], now: datetime, lead: timedelta) -> bool:
-        # A check-in ("Safe") applies only to a visit that has started; help may come a
-        # little early. A category set in advance is not new at the start (see _process),
+        # A check-in ("Safe") applies only to a visit that has started. A category set in advance is not new at the start (see _process),
         # so one copied onto a whole series cannot silence it. Modification times are never
         # consulted: visitwatch's own write-back moves them.
         return now >= from_ts(row["start"]) - lead

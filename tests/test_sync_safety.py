@@ -427,3 +427,14 @@ def test_an_unreadable_entry_is_logged_without_the_feed_text_it_quotes(world: Wo
     loud = [e for e in events if e["log_level"] in ("info", "warning", "error")]
     assert any(e["event"] == "entry_unreadable" and e["uid"] == "damaged" for e in loud)
     assert not any("Jane Doe" in str(e) or "Brook Street" in str(e) for e in loud)
+
+
+def test_a_help_category_added_well_before_the_start_raises_help(world: World):
+    """Help set on a booked visit (after a first read) alerts at once: it can only raise alerts."""
+    world.write_calendar(home_visit())  # starts at 13:00
+    service = world.service()
+    tick(service)
+    world.write_calendar(home_visit(categories=("Home Visit", "Help")))
+    world.at(T0 + timedelta(minutes=10))  # 50 minutes before the start
+    tick(service)
+    assert {m["recipient"]["id"] for m in world.messages("help")} >= {"maria.jones@example.org"}
