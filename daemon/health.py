@@ -68,6 +68,7 @@ class HealthMonitor:
             written += self._unbuilt_sources(conn, now)
             written += self._incomplete_reads(conn, now)
             written += self._held_reads(conn, now)
+            written += self._unreadable_entries(conn, now)
             written += self._undelivered(conn, now)
             written += self._expiring_secrets(conn, now)
         return written
@@ -227,6 +228,37 @@ class HealthMonitor:
                 conn,
                 f"held:{name}:{source['held_since']}",
                 f"visitwatch: calendar {name!r} would remove {len(ids)} visits: held",
+                text,
+                now,
+            )
+        return written
+
+    def _unreadable_entries(self, conn: sqlite3.Connection, now: datetime) -> int:
+        """Entries a calendar read could not use: one of them may be a visit nobody watches.
+
+        One notice per source each time a read finds entries it did not have trouble with
+        before; the reasons (which can quote the feed) stay in `visitwatch status`.
+        """
+        written = 0
+        for row in conn.execute(
+            "SELECT source, COUNT(*) AS n, MAX(first_seen) AS newest,"
+            " GROUP_CONCAT(uid, ', ') AS uids FROM problems WHERE uid != ''"
+            " AND first_seen >= ? GROUP BY source",
+            (ts(now - RECENT),),
+        ).fetchall():
+            uids = row["uids"].split(", ")
+            shown = ", ".join(uids[:10]) + (f" and {len(uids) - 10} more" if len(uids) > 10 else "")
+            text = (
+                f"{row['n']} entr{'y' if row['n'] == 1 else 'ies'} in the calendar "
+                f"{row['source']!r} could not be read: {shown}.\n\n"
+                "If one of them is a home visit, it is not being watched as booked (one that "
+                "was known before keeps its last good times). `visitwatch status` shows each "
+                "with the reason; fix the entry in the calendar and it is read again."
+            )
+            written += self.notify(
+                conn,
+                f"unreadable:{row['source']}:{row['newest']}",
+                f"visitwatch: entries in calendar {row['source']!r} cannot be read",
                 text,
                 now,
             )

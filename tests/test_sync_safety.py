@@ -438,3 +438,18 @@ def test_a_help_category_added_well_before_the_start_raises_help(world: World):
     world.at(T0 + timedelta(minutes=10))  # 50 minutes before the start
     tick(service)
     assert {m["recipient"]["id"] for m in world.messages("help")} >= {"maria.jones@example.org"}
+
+
+def test_an_unreadable_new_entry_reaches_an_admin_once(world: World):
+    """A new visit with a damaged start is told to an admin by uid, once, not only in status."""
+    broken = home_visit("broken").replace("DTSTART:20261123T130000Z", "DTSTART:99991399T990000Z")
+    world.write_calendar(home_visit("fine"), broken)
+    service = world.service()
+    tick(service)
+    tick(service)
+    notices = [n for n in world.messages("admin") if "cannot be read" in n["subject"]]
+    assert len(notices) == 1 and "broken" in notices[0]["text"]
+    assert "Brook Street" not in notices[0]["text"]  # the reason (feed text) stays in status
+    world.clock.advance(timedelta(minutes=10))
+    tick(service)
+    assert len([n for n in world.messages("admin") if "cannot be read" in n["subject"]]) == 1
