@@ -500,6 +500,18 @@ def _construction_problems(
                     "give exactly one of client_secret and certificate",
                 )
             )
+    for key, option in options.items():
+        value = settings.get(key)
+        # A limit or time budget of zero would fail (or leave incomplete) every read.
+        if key.startswith("max_") and option.kind == "int" and value is not None and value < 1:
+            problems.append(ConfigProblem(f"{prefix}.{key}", "must be 1 or more"))
+        if (
+            option.kind == "duration"
+            and (key == "timeout" or key.endswith("_budget"))
+            and isinstance(value, timedelta)
+            and value <= timedelta(0)
+        ):
+            problems.append(ConfigProblem(f"{prefix}.{key}", "must be longer than zero"))
     if "mailboxes" in options and not [m for m in settings.get("mailboxes") or [] if m.strip()]:
         problems.append(
             ConfigProblem(f"{prefix}.mailboxes", "is empty", "list the mailboxes to read")

@@ -230,6 +230,9 @@ def write_source(world: World, body: str) -> Path:
             "exactly one of url or path",
         ),
         ('type = "ics"\nurl = "ftp://example.org/c.ics"\n', "sources[0].url", "http"),
+        ('type = "ics"\npath = "c.ics"\nparse_budget = "0s"\n', "sources[0].parse_budget", "zero"),
+        ('type = "ics"\npath = "c.ics"\ntimeout = "0s"\n', "sources[0].timeout", "zero"),
+        ('type = "ics"\npath = "c.ics"\nmax_bytes = 0\n', "sources[0].max_bytes", "1 or more"),
         (
             'type = "graph"\ntenant_id = ""\nclient_id = "x"\nmailboxes = ["a@example.org"]\n'
             'client_secret = { env = "VW_TEST_SECRET" }\n',
