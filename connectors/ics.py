@@ -91,7 +91,9 @@ class IcsSource(CalendarSource):
             "int", default=20_000, help="entries (VEVENTs) read from one feed; the rest reported"
         ),
         "max_occurrences": Option(
-            "int", default=500, help="occurrences of one series watched inside the window"
+            "int",
+            default=500,
+            help="a series with more in the window is reported; its first is watched",
         ),
         "series_budget": Option(
             "duration", default="2s", help="time one series may take to expand"
@@ -423,13 +425,17 @@ class IcsSource(CalendarSource):
                     complete = False
                     break
             except _TooMany:
+                # Not a believable entry (a visit every minute): watching hundreds of copies
+                # would bury real alerts in a storm. Its first occurrence is the one someone
+                # surely meant; it stays watched, and the rule is reported.
+                expanded = expanded[:1]
                 problems.append(
                     EventProblem(
                         self.name,
                         uid,
                         f"recurrence rule makes more than {self._max_occurrences} occurrences "
-                        f"in the window; only the first {self._max_occurrences} are watched "
-                        "(max_occurrences)",
+                        "in the window; only its first is watched: fix the rule "
+                        "(or raise max_occurrences)",
                     )
                 )
                 log.warning("ics.series_capped", source=self.name, uid=uid)
