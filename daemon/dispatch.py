@@ -83,7 +83,6 @@ class DispatchReport:
     failed: int = 0
     fallbacks: int = 0
     notices: int = 0  # admin notices written (a channel's outage or recovery)
-    stalled: list[str] = field(default_factory=list)  # channels whose lane is stuck in a send
 
     def add(self, other: DispatchReport) -> None:
         self.sent += other.sent
@@ -221,7 +220,6 @@ class Dispatcher:
                 break
             if not any(b.report.fallbacks or b.report.notices for b in batches):
                 break
-        report.stalled = [n for n, lane in self._lanes.items() if lane.stalled(self._stall())]
         return report
 
     def next_due(self, after: datetime) -> datetime | None:
@@ -249,7 +247,8 @@ class Dispatcher:
         return not any(lane.in_flight for lane in list(self._lanes.values()))
 
     def lanes_stalled(self) -> list[str]:
-        return [n for n, lane in self._lanes.items() if lane.stalled(self._stall())]
+        limit = self.send_timeout.total_seconds()
+        return [n for n, lane in list(self._lanes.items()) if lane.stalled(limit)]
 
     def close(self, timeout: float = 2.0) -> bool:
         """Stop the lanes; True when every one finished (a hung send is left behind)."""
@@ -260,9 +259,6 @@ class Dispatcher:
             lane.stop()
         deadline = time.monotonic() + timeout
         return all(lane.join(max(0.0, deadline - time.monotonic())) for lane in lanes)
-
-    def _stall(self) -> float:
-        return self.send_timeout.total_seconds()
 
     def _lane(self, name: str) -> Lane:
         with self._lanes_lock:
@@ -571,10 +567,9 @@ class Dispatcher:
             return 0  # this outage was announced already
         conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (meta, ts(now)))
         oldest = rows[0]
-        lane = self._lanes.get(channel)
         why = oldest["last_error"] or (
             f"no answer for over {self.send_timeout.total_seconds():g}s"
-            if lane and lane.stalled(self._stall())
+            if channel in self.lanes_stalled()
             else "not yet attempted"
         )
         config = self.configs.get(channel)

@@ -430,17 +430,23 @@ kinds = ["admin"]
 """
 
 
+def _both_channels_refuse(world: World, scripts: dict[str, Script], last: str) -> Service:
+    """CHAIN with sms falling back to ``last``; mail and sms refuse for good; one tick past due."""
+    world.channels = CHAIN.format(last=last)
+    world.write_calendar(home_visit())
+    service = world.service()
+    for name in ("mail", "sms"):
+        scripts.setdefault(name, Script()).set(PERMANENT)
+    world.at(DEADLINE + timedelta(seconds=5))
+    tick(service)
+    return service
+
+
 def test_fallbacks_chain_to_a_channel_that_works(
     world: World, scripted_channels: dict[str, Script]
 ):
     """mail -> sms -> outbox: when the first two fail for good, the outbox gets the alert."""
-    world.channels = CHAIN.format(last="outbox")
-    world.write_calendar(home_visit())
-    service = world.service()
-    for name in ("mail", "sms"):
-        scripted_channels.setdefault(name, Script()).set(PERMANENT)
-    world.at(DEADLINE + timedelta(seconds=5))
-    tick(service)
+    service = _both_channels_refuse(world, scripted_channels, last="outbox")
     assert [m["kind"] for m in world.messages() if m["kind"] != "admin"] == ["reminder"]
     chain = service.store.query(
         "SELECT channel, status FROM notifications WHERE kind = 'reminder' ORDER BY id"
@@ -456,13 +462,7 @@ def test_a_fallback_cycle_stops_at_a_channel_already_tried(
     world: World, scripted_channels: dict[str, Script]
 ):
     """mail -> sms -> mail: each channel is tried once, then the admin hears of the failure."""
-    world.channels = CHAIN.format(last="mail")
-    world.write_calendar(home_visit())
-    service = world.service()
-    for name in ("mail", "sms"):
-        scripted_channels.setdefault(name, Script()).set(PERMANENT)
-    world.at(DEADLINE + timedelta(seconds=5))
-    tick(service)
+    service = _both_channels_refuse(world, scripted_channels, last="mail")
     tick(service)
     chain = service.store.query(
         "SELECT channel, status FROM notifications WHERE kind = 'reminder' ORDER BY id"
