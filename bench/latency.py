@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from visitwatch.connectors.base import ConnectorError
 from visitwatch.connectors.outbox import read_outbox
+from visitwatch.core.errors import ConnectorError
 from visitwatch.daemon import lifecycle, logs
 from visitwatch.daemon.clock import SystemClock
 from visitwatch.daemon.config import load_config

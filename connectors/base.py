@@ -1,178 +1,52 @@
-"""The contracts between visitwatch and the outside world.
+"""The contracts between visitwatch and the outside world: sources and channels.
 
 Glossary
 --------
 source
     Something visitwatch reads calendar entries from: an ICS feed, an Outlook mailbox.
     A source returns :class:`CalendarEvent` occurrences inside a time window.
-occurrence
-    One concrete instance of a calendar entry. A single event has one occurrence; a
-    recurring series has one per date, each identified by ``(uid, recurrence_id)``.
 channel
     Somewhere a :class:`Message` is delivered: the outbox file, the console, e-mail.
 permanent error
     A :class:`ConnectorError` that retrying cannot fix (bad credentials, unknown
     recipient). A temporary one (connection refused, throttled) is retried with backoff.
+capability
+    Something only some connectors can do (label entries in the calendar, look people up,
+    expire a credential). Each is declared here with a default that means "cannot"; a
+    connector that can overrides it. The daemon asks; it never inspects a connector's
+    attributes or option names.
 
-This module sits at the bottom of the dependency graph: ``policies`` and ``daemon`` import
-it, it imports neither. The project-wide base error lives here for that reason.
+The types both sides share (events, messages, options, errors) live in
+:mod:`visitwatch.core`; this module adds only the connector classes.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any, ClassVar
-from zoneinfo import ZoneInfo
+from collections.abc import Callable, Iterable, Mapping
+from datetime import date, datetime
+from typing import Any, ClassVar, Protocol
+
+from visitwatch.core.calendar import FetchResult, TimeWindow
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.notification import Message
+from visitwatch.core.options import ConnectorContext, Option
 
 
-class VisitwatchError(Exception):
-    """Base of every error visitwatch raises on purpose.
+class Person(Protocol):
+    """Someone a source's directory knows (see :meth:`CalendarSource.people`)."""
 
-    Its message is written for the person who can fix the problem: what is wrong,
-    where (file, key, event uid) and how to fix it. The CLI shows it without a traceback.
-    """
-
-
-class ConnectorError(VisitwatchError):
-    """A source or channel failed. ``permanent`` says whether retrying can help."""
-
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.permanent = permanent
+    id: str
+    name: str
+    email: str
+    mobile: str
+    manager_id: str
 
 
-# --------------------------------------------------------------------------- options
-
-
-class Secret:
-    """A secret value read from the environment or a file; never printed."""
-
-    __slots__ = ("_origin", "_value")
-
-    def __init__(self, value: str, origin: str) -> None:
-        self._value = value
-        self._origin = origin  # e.g. "env VISITWATCH_SMTP_PASSWORD": safe to show
-
-    def reveal(self) -> str:
-        return self._value
-
-    @property
-    def origin(self) -> str:
-        return self._origin
-
-    def __repr__(self) -> str:
-        return f"Secret(from {self._origin})"
-
-    __str__ = __repr__
-
-
-@dataclass(frozen=True)
-class Option:
-    """One setting a connector accepts in its config table.
-
-    ``kind`` is one of: ``str``, ``int``, ``float``, ``bool``, ``list`` (of strings),
-    ``duration`` (``"90s"``, ``"15m"``, ``"2h"``, ``"1d"`` -> ``timedelta``), ``path``
-    (relative to the config file's folder), ``secret`` (a table ``{ env = "NAME" }``,
-    ``{ file = "/path" }`` or ``{ credential = "name" }`` -> :class:`Secret`; never an
-    inline string), ``str_or_secret`` (either; use it for values such as secret ICS URLs).
-    """
-
-    kind: str
-    required: bool = False
-    default: Any = None
-    help: str = ""
-    choices: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ConnectorContext:
-    """What every connector may rely on, handed over by the daemon."""
-
-    timezone: ZoneInfo  # the organisation's zone: floating times are read in it
-    state_dir: Path  # a folder the connector may write to (caches)
-    config_dir: Path  # relative paths in the config resolve against this
-    user_agent: str = "visitwatch"
-
-
-# --------------------------------------------------------------------------- calendars
-
-
-@dataclass(frozen=True)
-class TimeWindow:
-    """The half-open interval ``[start, end)`` a source is asked about (aware UTC)."""
-
-    start: datetime
-    end: datetime
-
-    @classmethod
-    def around(cls, now: datetime, past: timedelta, ahead: timedelta) -> TimeWindow:
-        return cls(now - past, now + ahead)
-
-
-@dataclass(frozen=True)
-class Attendee:
-    email: str  # lower-cased
-    name: str = ""
-    response: str = ""  # accepted, declined, tentative, needs-action, or ""
-    role: str = ""  # required, optional, resource, or ""
-
-
-@dataclass(frozen=True)
-class CalendarEvent:
-    """One occurrence of a calendar entry, normalised. All times are aware UTC."""
-
-    source: str  # the configured source name
-    uid: str
-    recurrence_id: str  # "" for a single event; the original start (ISO, UTC) otherwise
-    subject: str
-    start: datetime
-    end: datetime | None  # None when the feed gave neither an end nor a duration
-    description: str = ""
-    location: str = ""
-    categories: tuple[str, ...] = ()
-    attendees: tuple[Attendee, ...] = ()
-    organizer: str = ""  # e-mail address, lower-cased, or ""
-    owner: str = ""  # the staff id the calendar belongs to, when the source says so
-    all_day: bool = False
-    cancelled: bool = False
-    private: bool = False
-    last_modified: datetime | None = None
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.source, self.uid, self.recurrence_id)
-
-
-@dataclass(frozen=True)
-class EventProblem:
-    """An entry (or a whole feed, uid "") that could not be read, and why."""
-
-    source: str
-    uid: str
-    reason: str
-
-
-@dataclass
-class FetchResult:
-    """What one fetch produced.
-
-    ``complete`` is true when the source returned everything in the window, so an entry
-    that is missing has really been removed, unless its uid is named in ``problems`` (an
-    entry that could not be read is not a removed one). ``fingerprint`` is a hash of the content:
-    the same fingerprint for the same window means the same events. ``unchanged`` is true
-    when the content matched the fingerprint the caller already knew: ``events`` is then
-    empty and the caller keeps what it has.
-    """
-
-    events: list[CalendarEvent] = field(default_factory=list)
-    problems: list[EventProblem] = field(default_factory=list)
-    complete: bool = True
-    fingerprint: str | None = None
-    unchanged: bool = False
+class PeopleDirectory(Protocol):
+    def lookup(self, ids: Iterable[str]) -> Mapping[str, Person]:
+        """The people with these ids it knows; never raises for a lookup that failed."""
+        ...
 
 
 class Connector(ABC):
@@ -186,6 +60,11 @@ class Connector(ABC):
         self.settings = dict(settings)
         self.context = context
 
+    @classmethod
+    def credential_expiry(cls, settings: Mapping[str, Any]) -> date | None:
+        """When this connector's credential stops working (admins are warned before), if known."""
+        return None
+
     def check(self) -> str:
         """Try the connection once; return a one-line success message or raise."""
         return "nothing to check"
@@ -195,6 +74,24 @@ class Connector(ABC):
 
 
 class CalendarSource(Connector):
+    @classmethod
+    def owner(cls, settings: Mapping[str, Any]) -> str:
+        """The staff id of the person whose calendar this is, or "" when it is shared."""
+        return ""
+
+    @property
+    def writes_back(self) -> bool:
+        """True when :meth:`write_back` is available and the admin asked for it."""
+        return False
+
+    def write_back(self, uid: str, recurrence_id: str, state: str) -> None:
+        """Show ``state`` on the calendar entry (best effort; a courtesy, never an alert)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write to its calendar")
+
+    def people(self, clock: Callable[[], datetime]) -> PeopleDirectory | None:
+        """A staff directory this source's tenant can answer, when the admin asked for it."""
+        return None
+
     @abstractmethod
     def fetch(self, window: TimeWindow, known: str | None = None) -> FetchResult:
         """Return the occurrences overlapping ``window``.
@@ -205,48 +102,6 @@ class CalendarSource(Connector):
         the source cannot be read at all. Problems with single entries go into
         ``FetchResult.problems``; they never raise.
         """
-
-
-# --------------------------------------------------------------------------- alerts
-
-
-@dataclass(frozen=True)
-class Recipient:
-    id: str  # staff id (usually the e-mail address)
-    name: str
-    email: str = ""
-    mobile: str = ""
-
-
-@dataclass(frozen=True)
-class Message:
-    """One notification addressed to one recipient over one channel."""
-
-    id: int
-    kind: str  # compliance, reminder, overrun, escalation, all_clear, ended, help, admin
-    visit_id: str | None
-    recipient: Recipient
-    channel: str
-    subject: str
-    text: str
-    created: datetime  # aware UTC
-
-    def as_record(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "visit_id": self.visit_id,
-            "recipient": {
-                "id": self.recipient.id,
-                "name": self.recipient.name,
-                "email": self.recipient.email,
-                "mobile": self.recipient.mobile,
-            },
-            "channel": self.channel,
-            "subject": self.subject,
-            "text": self.text,
-            "created": self.created.isoformat(),
-        }
 
 
 class Channel(Connector):

@@ -17,7 +17,10 @@ import sys
 import threading
 from typing import ClassVar, TextIO
 
-from visitwatch.connectors.base import Channel, ConnectorError, Message, Option
+from visitwatch.connectors.base import Channel
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.notification import Message
+from visitwatch.core.options import Option
 
 _RULE = "─" * 72
 _BOLD = "\x1b[1m"

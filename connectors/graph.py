@@ -36,9 +36,9 @@ import html
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, time, timedelta, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,17 +49,7 @@ import requests
 import structlog
 from icalendar.timezone.windows_to_olson import WINDOWS_TO_OLSON
 
-from visitwatch.connectors.base import (
-    Attendee,
-    CalendarEvent,
-    CalendarSource,
-    ConnectorContext,
-    ConnectorError,
-    EventProblem,
-    FetchResult,
-    Option,
-    TimeWindow,
-)
+from visitwatch.connectors.base import CalendarSource
 from visitwatch.connectors.graph_client import (
     EXPIRED_DELTA_CODES,
     GRAPH_OPTIONS,
@@ -68,6 +58,10 @@ from visitwatch.connectors.graph_client import (
     mailbox_path,
     shared_client,
 )
+from visitwatch.connectors.graph_directory import GraphDirectory
+from visitwatch.core.calendar import Attendee, CalendarEvent, EventProblem, FetchResult, TimeWindow
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.options import ConnectorContext, Option
 
 log = structlog.get_logger(__name__)
 
@@ -191,6 +185,7 @@ class GraphCalendarSource(CalendarSource):
 
     def __init__(self, name: str, settings: Mapping[str, Any], context: ConnectorContext) -> None:
         super().__init__(name, settings, context)
+        self._people: GraphDirectory | None = None
         # Addresses are case-insensitive: one listed twice is read once.
         unique: dict[str, str] = {}
         for mailbox in self.settings.get("mailboxes") or []:
@@ -224,6 +219,23 @@ class GraphCalendarSource(CalendarSource):
         self._index: dict[tuple[str, str], tuple[str, str, tuple[str, ...]]] = {}
         self._state_file: Path = context.state_dir / f"graph-{_safe_name(name)}.json"
         self._load_state()
+
+    # ------------------------------------------------------------------ capabilities
+
+    @classmethod
+    def credential_expiry(cls, settings: Mapping[str, Any]) -> date | None:
+        return settings.get("secret_expires")
+
+    @property
+    def writes_back(self) -> bool:
+        return bool(self.settings.get("write_back"))
+
+    def people(self, clock: Callable[[], datetime]) -> GraphDirectory | None:
+        if not self.settings.get("directory"):
+            return None
+        if self._people is None:
+            self._people = GraphDirectory(self.client, self.context.state_dir, clock)
+        return self._people
 
     # ------------------------------------------------------------------ public API
 
@@ -316,7 +328,7 @@ class GraphCalendarSource(CalendarSource):
         have set "Help" or "Safe" since the last poll, and only visitwatch's own labels are
         ever replaced or removed.
         """
-        if not self.settings.get("write_back"):
+        if not self.writes_back:
             return
         found = self._index.get((uid, recurrence_id))
         if found is None:

@@ -37,7 +37,8 @@ import msal
 import requests
 import structlog
 
-from visitwatch.connectors.base import ConnectorError, Option, Secret
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.options import Option, Secret
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +53,7 @@ GRAPH_OPTIONS: dict[str, Option] = {
     "client_secret": Option("secret", help='{ env = "..." }: or use a certificate instead'),
     "certificate": Option("path", help="PEM (private key + certificate) or PFX file"),
     "certificate_password": Option("secret", help="passphrase of the PFX or encrypted PEM"),
-    "secret_expires": Option("str", default="", help="YYYY-MM-DD: admins are warned before"),
+    "secret_expires": Option("date", help="YYYY-MM-DD: admins are warned before"),
     "authority_host": Option("str", default="https://login.microsoftonline.com",
                              help="national clouds use their own, e.g. login.microsoftonline.us"),
     "graph_url": Option("str", default="https://graph.microsoft.com/v1.0"),

@@ -32,8 +32,8 @@ from urllib.parse import quote
 
 import structlog
 
-from visitwatch.connectors.base import ConnectorError
 from visitwatch.connectors.graph_client import GraphClient, mailbox_path
+from visitwatch.core.errors import ConnectorError
 
 log = structlog.get_logger(__name__)
 

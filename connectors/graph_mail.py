@@ -22,17 +22,13 @@ import base64
 import binascii
 import html
 import json
+from collections.abc import Mapping
+from datetime import date
 from typing import Any, ClassVar
 
 import structlog
 
-from visitwatch.connectors.base import (
-    Channel,
-    ConnectorContext,
-    ConnectorError,
-    Message,
-    Option,
-)
+from visitwatch.connectors.base import Channel
 from visitwatch.connectors.graph_client import (
     GRAPH_OPTIONS,
     GraphClient,
@@ -40,6 +36,9 @@ from visitwatch.connectors.graph_client import (
     mailbox_path,
     shared_client,
 )
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.notification import Message
+from visitwatch.core.options import ConnectorContext, Option
 
 log = structlog.get_logger(__name__)
 
@@ -143,6 +142,10 @@ class GraphMailChannel(Channel):
             visit_id=message.visit_id,
             request_id=response.headers.get("request-id", ""),
         )
+
+    @classmethod
+    def credential_expiry(cls, settings: Mapping[str, Any]) -> date | None:
+        return settings.get("secret_expires")
 
     def check(self) -> str:
         """Token, permission and sender, as far as they can be seen without sending.

@@ -29,18 +29,10 @@ import structlog
 import urllib3
 import x_wr_timezone
 
-from visitwatch.connectors.base import (
-    Attendee,
-    CalendarEvent,
-    CalendarSource,
-    ConnectorContext,
-    ConnectorError,
-    EventProblem,
-    FetchResult,
-    Option,
-    Secret,
-    TimeWindow,
-)
+from visitwatch.connectors.base import CalendarSource
+from visitwatch.core.calendar import Attendee, CalendarEvent, EventProblem, FetchResult, TimeWindow
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.options import ConnectorContext, Option, Secret
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from visitwatch.connectors.base import Channel, ConnectorError, Message, Option
+from visitwatch.connectors.base import Channel
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.notification import Message
+from visitwatch.core.options import Option
 
 # The records hold staff names and visit details: not for every local user to read.
 _FILE_MODE = 0o640

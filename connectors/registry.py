@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-from visitwatch.connectors.base import CalendarSource, Channel, VisitwatchError
+from visitwatch.connectors.base import CalendarSource, Channel
+from visitwatch.core.errors import VisitwatchError
 
 SOURCES: dict[str, str] = {
     "ics": "visitwatch.connectors.ics:IcsSource",

@@ -28,14 +28,10 @@ from typing import Any, ClassVar
 
 import structlog
 
-from visitwatch.connectors.base import (
-    Channel,
-    ConnectorContext,
-    ConnectorError,
-    Message,
-    Option,
-    Secret,
-)
+from visitwatch.connectors.base import Channel
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.notification import Message
+from visitwatch.core.options import ConnectorContext, Option, Secret
 
 log = structlog.get_logger(__name__)
 

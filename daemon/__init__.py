@@ -1,1 +1,1 @@
-__version__ = "0.1.0"
+"""The background service: sync, policy checks, the sweep, delivery, the record."""

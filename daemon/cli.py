@@ -16,9 +16,11 @@ from typing import Any
 
 import structlog
 
-from visitwatch.connectors.base import ConnectorError, TimeWindow, VisitwatchError
-from visitwatch.connectors.options import parse_duration
-from visitwatch.daemon import __version__, logs
+from visitwatch import __version__
+from visitwatch.core.calendar import TimeWindow
+from visitwatch.core.errors import ConnectorError, VisitwatchError
+from visitwatch.core.options import parse_duration
+from visitwatch.daemon import logs
 from visitwatch.daemon.config import Config, config_path, load_config
 from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.reach import unreachable

@@ -12,8 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from visitwatch.connectors.base import Channel, Option, Secret, VisitwatchError
-from visitwatch.connectors.options import ConfigProblem, validate_options
+from visitwatch.connectors.base import CalendarSource, Channel, Connector
 from visitwatch.connectors.registry import (
     CHANNELS,
     SOURCES,
@@ -21,6 +20,8 @@ from visitwatch.connectors.registry import (
     channel_class,
     source_class,
 )
+from visitwatch.core.errors import VisitwatchError
+from visitwatch.core.options import ConfigProblem, Option, Secret, validate_options
 from visitwatch.policies import parse_policy
 from visitwatch.policies.model import PolicySettings
 
@@ -171,10 +172,22 @@ class Directory:
 class ConnectorConfig:
     name: str
     type: str
-    cls: type
+    cls: type[Connector]
     settings: Mapping[str, Any]
     fallback: str = ""
     kinds: tuple[str, ...] | None = None
+
+    @property
+    def owner(self) -> str:
+        """For a source: the staff id whose calendar it is ("" when shared)."""
+        if issubclass(self.cls, CalendarSource):
+            return self.cls.owner(self.settings)
+        return ""
+
+    @property
+    def credential_expiry(self) -> date | None:
+        """When the connector's credential stops working, if its settings say."""
+        return self.cls.credential_expiry(self.settings)
 
 
 @dataclass(frozen=True)
@@ -527,25 +540,11 @@ def _cross_check(
     problems: list[ConfigProblem],
 ) -> None:
     for index, source in enumerate(sources):
-        owner = source.settings.get("owner") or ""
+        owner = source.owner
         if owner and directory.get(owner) is None:
             problems.append(
                 ConfigProblem(f"sources[{index}].owner", f"{owner!r} is not in the staff directory")
             )
-    for section, connectors in (("sources", sources), ("channels", channels)):
-        for index, connector in enumerate(connectors):
-            expires = connector.settings.get("secret_expires")
-            if expires:
-                try:
-                    date.fromisoformat(expires)
-                except ValueError:
-                    problems.append(
-                        ConfigProblem(
-                            f"{section}[{index}].secret_expires",
-                            f"{expires!r} is not a date",
-                            "write YYYY-MM-DD",
-                        )
-                    )
     channel_names = {c.name for c in channels}
     for index, channel in enumerate(channels):
         if channel.fallback and channel.fallback not in channel_names:

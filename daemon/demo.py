@@ -14,7 +14,7 @@ from pathlib import Path
 
 from icalendar import Calendar, Event
 
-from visitwatch.connectors.base import VisitwatchError
+from visitwatch.core.errors import VisitwatchError
 from visitwatch.daemon.sync import visit_id
 
 SOURCE = "demo-calendar"

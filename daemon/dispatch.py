@@ -34,7 +34,9 @@ from typing import Any, Protocol
 
 import structlog
 
-from visitwatch.connectors.base import Channel, ConnectorError, Message, Recipient
+from visitwatch.connectors.base import Channel
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.notification import Message, Recipient
 from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import ConnectorConfig
 from visitwatch.daemon.store import Store, from_ts, record_unwritable, ts

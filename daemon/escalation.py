@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from visitwatch.connectors.base import Message, Recipient, VisitwatchError
+from visitwatch.core.errors import VisitwatchError
+from visitwatch.core.notification import Message, Recipient
 from visitwatch.daemon import lifecycle, messages
 from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import Config, ConnectorConfig, Directory, StaffMember

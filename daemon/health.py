@@ -19,11 +19,11 @@ import hashlib
 import json
 import sqlite3
 from collections.abc import Mapping
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 
 import structlog
 
-from visitwatch.connectors.base import Message
+from visitwatch.core.notification import Message
 from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import Config
 from visitwatch.daemon.escalation import Addressee, Watcher, admin_addressees, enqueue
@@ -309,10 +309,9 @@ class HealthMonitor:
         written = 0
         today = now.astimezone(self.config.daemon.timezone).date()
         for connector in (*self.config.sources, *self.config.channels):
-            expires_text = connector.settings.get("secret_expires") or ""
-            if not expires_text:
+            expires = connector.credential_expiry
+            if expires is None:
                 continue
-            expires = date.fromisoformat(expires_text)
             left = (expires - today).days
             due = [d for d in EXPIRY_WARNINGS_DAYS if left <= d]
             if not due:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from visitwatch.connectors.base import Recipient
+from visitwatch.core.notification import Recipient
 from visitwatch.daemon.config import Config, ConnectorConfig, StaffMember
 from visitwatch.daemon.escalation import admin_addressees
 from visitwatch.daemon.lifecycle import default_ladder
@@ -109,7 +109,7 @@ def _addressed(config: Config) -> _Wanted:
     # Whose visits are watched: staff in the worker role and the owners of calendars.
     workers = [m for m in directory.members.values() if m.role == "worker"]
     for source in config.sources:
-        owner = directory.get(source.settings.get("owner") or "")
+        owner = directory.get(source.owner)
         if owner is not None and owner not in workers:
             workers.append(owner)
 

@@ -35,14 +35,10 @@ import structlog
 from apscheduler.executors.base import BaseExecutor, run_job
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from visitwatch.connectors.base import (
-    CalendarSource,
-    Channel,
-    ConnectorContext,
-    ConnectorError,
-    VisitwatchError,
-)
-from visitwatch.daemon import __version__
+from visitwatch import __version__
+from visitwatch.connectors.base import CalendarSource, Channel
+from visitwatch.core.errors import ConnectorError, VisitwatchError
+from visitwatch.core.options import ConnectorContext
 from visitwatch.daemon.clock import Clock, SystemClock
 from visitwatch.daemon.config import Config, ConnectorConfig, StaffMember
 from visitwatch.daemon.dispatch import (
@@ -108,7 +104,6 @@ class Service:
             send_timeout=getattr(config.daemon, "send_timeout", SEND_TIMEOUT),
             notify_admins=self.health.notify,
         )
-        self._directories: dict[str, Any] = {}
         self._not_in_directory: dict[str, datetime] = {}
         self.syncer.learn = self.learn_people
         self.lock = DaemonLock(config.daemon.database)
@@ -130,10 +125,9 @@ class Service:
         does not know (a family's address on an invitation) are not asked about again for a
         day.
         """
-        if not source.settings.get("directory") or not hasattr(source, "client"):
+        directory = source.people(self.clock.now)
+        if directory is None:
             return
-        from visitwatch.connectors.graph_directory import GraphDirectory
-
         now = self.clock.now()
         recently_missing = {
             i for i, when in self._not_in_directory.items() if now - when < timedelta(days=1)
@@ -141,10 +135,6 @@ class Service:
         ids -= recently_missing
         if not ids:
             return
-        directory = self._directories.get(source.name)
-        if directory is None:
-            directory = GraphDirectory(source.client, self.config.daemon.state_dir, self.clock.now)
-            self._directories[source.name] = directory
         try:
             people = directory.lookup(ids)
             managers = {p.manager_id for p in people.values() if p.manager_id}
@@ -224,11 +214,7 @@ class Service:
         change itself), so a restart resumes where it stopped. Best effort: this is a
         courtesy for office staff watching Outlook, never a substitute for an alert.
         """
-        writers = {
-            name: source
-            for name, source in self.sources.items()
-            if source.settings.get("write_back") and hasattr(source, "write_back")
-        }
+        writers = {name: source for name, source in self.sources.items() if source.writes_back}
         if not writers:
             return 0
         last = int(self.store.get_meta("write_back_audit_id") or 0)

@@ -24,7 +24,7 @@ from typing import Any
 
 import sqlite_utils
 
-from visitwatch.connectors.base import VisitwatchError
+from visitwatch.core.errors import VisitwatchError
 
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 # Seconds a connection waits for another's write lock before "database is locked".

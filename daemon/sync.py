@@ -29,13 +29,9 @@ from typing import Any
 
 import structlog
 
-from visitwatch.connectors.base import (
-    CalendarEvent,
-    CalendarSource,
-    ConnectorError,
-    EventProblem,
-    TimeWindow,
-)
+from visitwatch.connectors.base import CalendarSource
+from visitwatch.core.calendar import CalendarEvent, EventProblem, TimeWindow
+from visitwatch.core.errors import ConnectorError
 from visitwatch.daemon import lifecycle
 from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import Config

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from visitwatch.connectors.base import CalendarEvent
+from visitwatch.core.calendar import CalendarEvent
 from visitwatch.policies.model import PolicySettings, VisitDetails
 
 # Field names used between the line parser and the extractor.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from zoneinfo import ZoneInfo
 
-from visitwatch.connectors.base import CalendarEvent
+from visitwatch.core.calendar import CalendarEvent
 from visitwatch.policies.extraction import Extractor
 from visitwatch.policies.model import Finding, PolicySettings, VisitDetails
 from visitwatch.policies.recognition import Recogniser

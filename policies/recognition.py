@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from visitwatch.connectors.base import CalendarEvent, VisitwatchError
+from visitwatch.core.calendar import CalendarEvent
+from visitwatch.core.errors import VisitwatchError
 from visitwatch.policies.extraction import ADDRESS, category_key, description_lines, read_line
 from visitwatch.policies.model import Recognition
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from visitwatch.connectors.base import CalendarEvent
+from visitwatch.core.calendar import CalendarEvent
 from visitwatch.policies.model import Finding, PolicySettings, VisitDetails
 
 Rule = Callable[[CalendarEvent, VisitDetails, PolicySettings], Finding | None]

@@ -19,9 +19,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from visitwatch.connectors.base import Option, VisitwatchError
-from visitwatch.connectors.options import (
+from visitwatch.core.errors import VisitwatchError
+from visitwatch.core.options import (
     ConfigProblem,
+    Option,
     format_duration,
     parse_duration,
     validate_options,

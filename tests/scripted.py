@@ -17,7 +17,9 @@ from typing import ClassVar
 import pytest
 
 from visitwatch.connectors import registry
-from visitwatch.connectors.base import Channel, ConnectorError, Message
+from visitwatch.connectors.base import Channel
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.notification import Message
 
 OK = "ok"
 TEMPORARY = "temporary"  # raises ConnectorError(permanent=False), like a refused connection

@@ -26,17 +26,13 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from structlog.testing import capture_logs
 
 from tests.mailserver import Recorder, free_port
-from visitwatch.connectors.base import (
-    Channel,
-    ConnectorContext,
-    ConnectorError,
-    Message,
-    Recipient,
-)
+from visitwatch.connectors.base import Channel
 from visitwatch.connectors.console import ConsoleChannel
-from visitwatch.connectors.options import validate_options
 from visitwatch.connectors.outbox import OutboxChannel, read_outbox
 from visitwatch.connectors.smtp import SmtpChannel
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.notification import Message, Recipient
+from visitwatch.core.options import ConnectorContext, validate_options
 
 PASSWORD = "correct-horse-battery-staple"
 USERNAME = "alerts"
@@ -257,7 +253,8 @@ def test_outbox_concurrent_processes_write_whole_lines(tmp_path: Path) -> None:
         "from datetime import UTC, datetime\n"
         "from pathlib import Path\n"
         "from zoneinfo import ZoneInfo\n"
-        "from visitwatch.connectors.base import ConnectorContext, Message, Recipient\n"
+        "from visitwatch.core.notification import Message, Recipient\n"
+        "from visitwatch.core.options import ConnectorContext\n"
         "from visitwatch.connectors.outbox import OutboxChannel\n"
         "n = int(sys.argv[1]); path = Path(sys.argv[2])\n"
         "ctx = ConnectorContext(ZoneInfo('UTC'), path.parent, path.parent)\n"

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from visitwatch.connectors.base import Secret
-from visitwatch.connectors.options import parse_duration
+from visitwatch.core.options import Secret, parse_duration
 from visitwatch.daemon.config import ConfigError, load_config
 from visitwatch.daemon.reach import unreachable
 

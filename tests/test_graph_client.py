@@ -24,9 +24,9 @@ from cryptography.x509.oid import NameOID
 
 from tests.graph_server import FakeGraph
 from visitwatch.connectors import graph_client
-from visitwatch.connectors.base import ConnectorError
 from visitwatch.connectors.graph_client import GRAPH_OPTIONS, GraphClient, GraphError
-from visitwatch.connectors.options import validate_options
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.options import validate_options
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from tests.graph_server import FakeGraph
 from visitwatch.connectors import graph_client
 from visitwatch.connectors.graph_client import GRAPH_OPTIONS, GraphClient
 from visitwatch.connectors.graph_directory import CACHE_FILE, GraphDirectory, Person
-from visitwatch.connectors.options import validate_options
+from visitwatch.core.options import validate_options
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 ASHA = "asha.khan@contoso.org"

@@ -22,9 +22,10 @@ from structlog.testing import capture_logs
 
 from tests.graph_server import FakeGraph, graph_user, iter_sent_headers, jwt_claims
 from visitwatch.connectors import graph_client
-from visitwatch.connectors.base import ConnectorContext, ConnectorError, Message, Recipient
 from visitwatch.connectors.graph_mail import GraphMailChannel, render_html
-from visitwatch.connectors.options import validate_options
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.notification import Message, Recipient
+from visitwatch.core.options import ConnectorContext, validate_options
 
 TENANT = "00000000-0000-0000-0000-0000000000aa"
 CLIENT_ID = "11111111-1111-1111-1111-111111111111"

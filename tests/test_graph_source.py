@@ -23,15 +23,10 @@ from responses import matchers
 from tests.graph_server import FakeGraph
 from tests.graph_server import graph_event as fake_event
 from visitwatch.connectors import graph_client
-from visitwatch.connectors.base import (
-    Attendee,
-    ConnectorContext,
-    ConnectorError,
-    FetchResult,
-    TimeWindow,
-)
 from visitwatch.connectors.graph import WRITE_BACK_CATEGORIES, GraphCalendarSource
-from visitwatch.connectors.options import validate_options
+from visitwatch.core.calendar import Attendee, FetchResult, TimeWindow
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.options import ConnectorContext, validate_options
 from visitwatch.policies.extraction import category_key
 from visitwatch.policies.model import PolicySettings
 

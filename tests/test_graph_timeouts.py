@@ -22,10 +22,10 @@ import pytest
 
 from tests.graph_server import FakeGraph, SilentServer
 from visitwatch.connectors import graph_client
-from visitwatch.connectors.base import ConnectorError
 from visitwatch.connectors.graph_client import GRAPH_OPTIONS, GraphClient
 from visitwatch.connectors.graph_directory import GraphDirectory
-from visitwatch.connectors.options import validate_options
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.options import validate_options
 
 HANG_CHECK = 10.0  # seconds: far above every timeout configured here
 ASHA = "asha.khan@contoso.org"

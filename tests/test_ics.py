@@ -18,15 +18,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from visitwatch.connectors.base import (
-    Attendee,
-    ConnectorContext,
-    ConnectorError,
-    FetchResult,
-    TimeWindow,
-)
 from visitwatch.connectors.ics import IcsSource
-from visitwatch.connectors.options import validate_options
+from visitwatch.core.calendar import Attendee, FetchResult, TimeWindow
+from visitwatch.core.errors import ConnectorError
+from visitwatch.core.options import ConnectorContext, validate_options
 
 # --------------------------------------------------------------------------- server
 

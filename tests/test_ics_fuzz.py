@@ -25,9 +25,9 @@ import recurring_ical_events
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from visitwatch.connectors.base import ConnectorContext, FetchResult, TimeWindow
 from visitwatch.connectors.ics import IcsSource
-from visitwatch.connectors.options import validate_options
+from visitwatch.core.calendar import FetchResult, TimeWindow
+from visitwatch.core.options import ConnectorContext, validate_options
 
 ZONE = "Europe/London"
 WINDOW = TimeWindow(datetime(2026, 6, 28, tzinfo=UTC), datetime(2026, 7, 19, tzinfo=UTC))

@@ -14,8 +14,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from visitwatch.connectors.base import Attendee, CalendarEvent
-from visitwatch.connectors.options import format_duration
+from visitwatch.core.calendar import Attendee, CalendarEvent
+from visitwatch.core.options import format_duration
 from visitwatch.policies import Policy, load_preset, parse_policy
 from visitwatch.policies.model import VisitDetails
 

@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 from tests.conftest import T0, World, home_visit, ics_event, tick
-from visitwatch.connectors.base import FetchResult, TimeWindow
+from visitwatch.core.calendar import FetchResult, TimeWindow
 from visitwatch.daemon import cli
 from visitwatch.daemon.config import ConfigError, load_config
 from visitwatch.daemon.sync import visit_id

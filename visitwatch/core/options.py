@@ -13,11 +13,61 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from visitwatch.connectors.base import Option, Secret
+
+class Secret:
+    """A secret value read from the environment or a file; never printed."""
+
+    __slots__ = ("_origin", "_value")
+
+    def __init__(self, value: str, origin: str) -> None:
+        self._value = value
+        self._origin = origin  # e.g. "env VISITWATCH_SMTP_PASSWORD": safe to show
+
+    def reveal(self) -> str:
+        return self._value
+
+    @property
+    def origin(self) -> str:
+        return self._origin
+
+    def __repr__(self) -> str:
+        return f"Secret(from {self._origin})"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting a connector accepts in its config table.
+
+    ``kind`` is one of: ``str``, ``int``, ``float``, ``bool``, ``list`` (of strings),
+    ``duration`` (``"90s"``, ``"15m"``, ``"2h"``, ``"1d"`` -> ``timedelta``), ``path``
+    (relative to the config file's folder), ``secret`` (a table ``{ env = "NAME" }``,
+    ``{ file = "/path" }`` or ``{ credential = "name" }`` -> :class:`Secret`; never an
+    inline string), ``str_or_secret`` (either; use it for values such as secret ICS URLs),
+    ``date`` (``"2027-03-31"`` or a TOML date -> :class:`datetime.date`).
+    """
+
+    kind: str
+    required: bool = False
+    default: Any = None
+    help: str = ""
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConnectorContext:
+    """What every connector may rely on, handed over by the daemon."""
+
+    timezone: ZoneInfo  # the organisation's zone: floating times are read in it
+    state_dir: Path  # a folder the connector may write to (caches)
+    config_dir: Path  # relative paths in the config resolve against this
+    user_agent: str = "visitwatch"
 
 
 @dataclass(frozen=True)
@@ -163,6 +213,15 @@ def _convert(
             return parse_duration(value), None
         except (ValueError, TypeError, OverflowError) as err:
             return None, ConfigProblem(key, str(err))
+    if kind == "date":
+        if isinstance(value, date) and not isinstance(value, datetime):
+            return value, None
+        if isinstance(value, str):
+            try:
+                return date.fromisoformat(value.strip()), None
+            except ValueError:
+                pass
+        return None, ConfigProblem(key, f"{value!r} is not a date", "write YYYY-MM-DD")
     if kind == "path":
         if not isinstance(value, str) or not value:
             return wrong("a path")
