@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Protocol
 from visitwatch.core.calendar import FetchResult, TimeWindow
 from visitwatch.core.errors import ConnectorError
 from visitwatch.core.notification import Message
-from visitwatch.core.options import ConnectorContext, Option
+from visitwatch.core.options import ConfigProblem, ConnectorContext, Option
 
 
 class Person(Protocol):
@@ -59,6 +59,16 @@ class Connector(ABC):
         self.name = name
         self.settings = dict(settings)
         self.context = context
+
+    @classmethod
+    def settings_problems(cls, settings: Mapping[str, Any]) -> list[ConfigProblem]:
+        """Checks across options that the schema cannot state one by one.
+
+        ``settings`` have passed :func:`~visitwatch.core.options.validate_options`; keys
+        of the problems are option names (the caller adds where the table is). Called
+        once, at config time: constructors trust their settings and never re-check them.
+        """
+        return []
 
     @classmethod
     def credential_expiry(cls, settings: Mapping[str, Any]) -> date | None:

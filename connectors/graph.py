@@ -55,13 +55,14 @@ from visitwatch.connectors.graph_client import (
     GRAPH_OPTIONS,
     GraphClient,
     GraphError,
+    app_problems,
     mailbox_path,
     shared_client,
 )
 from visitwatch.connectors.graph_directory import GraphDirectory
 from visitwatch.core.calendar import Attendee, CalendarEvent, EventProblem, FetchResult, TimeWindow
 from visitwatch.core.errors import ConnectorError
-from visitwatch.core.options import ConnectorContext, Option
+from visitwatch.core.options import ConfigProblem, ConnectorContext, Option
 
 log = structlog.get_logger(__name__)
 
@@ -156,7 +157,10 @@ class GraphCalendarSource(CalendarSource):
     options: ClassVar[dict[str, Option]] = {
         **GRAPH_OPTIONS,
         "mailboxes": Option(
-            "list", required=True, help="user principal names or ids of the mailboxes to read"
+            "list",
+            required=True,
+            nonempty=True,
+            help="user principal names or ids of the mailboxes to read",
         ),
         "calendars": Option(
             "list", default=[], help="calendar names or ids in each mailbox; empty: the default"
@@ -221,6 +225,10 @@ class GraphCalendarSource(CalendarSource):
         self._load_state()
 
     # ------------------------------------------------------------------ capabilities
+
+    @classmethod
+    def settings_problems(cls, settings: Mapping[str, Any]) -> list[ConfigProblem]:
+        return app_problems(settings)
 
     @classmethod
     def credential_expiry(cls, settings: Mapping[str, Any]) -> date | None:

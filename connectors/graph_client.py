@@ -38,7 +38,7 @@ import requests
 import structlog
 
 from visitwatch.core.errors import ConnectorError
-from visitwatch.core.options import Option, Secret
+from visitwatch.core.options import ConfigProblem, Option, Secret
 
 log = structlog.get_logger(__name__)
 
@@ -48,8 +48,8 @@ MAX_WAIT_SECONDS = 120.0
 
 # Options every Graph connector takes (the source and the mail channel add their own).
 GRAPH_OPTIONS: dict[str, Option] = {
-    "tenant_id": Option("str", required=True, help="the directory (tenant) id from Entra"),
-    "client_id": Option("str", required=True, help="the app registration's client id"),
+    "tenant_id": Option("str", required=True, nonempty=True, help="the directory (tenant) id from Entra"),
+    "client_id": Option("str", required=True, nonempty=True, help="the app registration's client id"),
     "client_secret": Option("secret", help='{ env = "..." }: or use a certificate instead'),
     "certificate": Option("path", help="PEM (private key + certificate) or PFX file"),
     "certificate_password": Option("secret", help="passphrase of the PFX or encrypted PEM"),
@@ -58,8 +58,16 @@ GRAPH_OPTIONS: dict[str, Option] = {
                              help="national clouds use their own, e.g. login.microsoftonline.us"),
     "graph_url": Option("str", default="https://graph.microsoft.com/v1.0"),
     "ca_file": Option("path", help="CA bundle to trust (a TLS-inspecting proxy)"),
-    "timeout": Option("duration", default="30s"),
+    "timeout": Option("duration", positive=True, default="30s"),
 }  # fmt: skip
+
+
+def app_problems(settings: Mapping[str, Any]) -> list[ConfigProblem]:
+    """An app registration signs in with a client secret or a certificate: exactly one."""
+    if bool(settings.get("client_secret")) != bool(settings.get("certificate")):
+        return []
+    return [ConfigProblem("client_secret", "give exactly one of client_secret and certificate")]
+
 
 # Error codes of a delta token Graph no longer honours, case-folded: Graph spells them
 # "SyncStateNotFound" for Outlook and "syncStateNotFound" for directory resources.

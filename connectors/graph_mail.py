@@ -33,12 +33,13 @@ from visitwatch.connectors.graph_client import (
     GRAPH_OPTIONS,
     GraphClient,
     GraphError,
+    app_problems,
     mailbox_path,
     shared_client,
 )
 from visitwatch.core.errors import ConnectorError
 from visitwatch.core.notification import Message
-from visitwatch.core.options import ConnectorContext, Option
+from visitwatch.core.options import ConfigProblem, ConnectorContext, Option
 
 log = structlog.get_logger(__name__)
 
@@ -142,6 +143,10 @@ class GraphMailChannel(Channel):
             visit_id=message.visit_id,
             request_id=response.headers.get("request-id", ""),
         )
+
+    @classmethod
+    def settings_problems(cls, settings: Mapping[str, Any]) -> list[ConfigProblem]:
+        return app_problems(settings)
 
     @classmethod
     def credential_expiry(cls, settings: Mapping[str, Any]) -> date | None:

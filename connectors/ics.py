@@ -13,7 +13,7 @@ import hashlib
 import re
 import sys
 import time as monotonic_time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
@@ -32,7 +32,7 @@ import x_wr_timezone
 from visitwatch.connectors.base import CalendarSource
 from visitwatch.core.calendar import Attendee, CalendarEvent, EventProblem, FetchResult, TimeWindow
 from visitwatch.core.errors import ConnectorError
-from visitwatch.core.options import ConnectorContext, Option, Secret
+from visitwatch.core.options import ConfigProblem, ConnectorContext, Option, Secret
 
 log = structlog.get_logger(__name__)
 
@@ -67,33 +67,66 @@ class IcsSource(CalendarSource):
     type_name: ClassVar[str] = "ics"
     options: ClassVar[dict[str, Option]] = {
         "url": Option(
-            "str_or_secret",
+            "url",
             help="http(s) address of the feed; give secret addresses as { env = ... }",
         ),
         "path": Option("path", help="a local .ics file, instead of url"),
         "owner": Option("str", default="", help="staff id the calendar belongs to"),
-        "timeout": Option("duration", default="30s", help="how long one download may take"),
+        "timeout": Option(
+            "duration", positive=True, default="30s", help="how long one download may take"
+        ),
         "max_bytes": Option(
-            "int", default=20_000_000, help="a larger feed is refused (the read fails)"
+            "int",
+            positive=True,
+            default=20_000_000,
+            help="a larger feed is refused (the read fails)",
         ),
         "max_line": Option(
-            "int", default=1_000_000, help="longer lines (unfolded) are left out and reported"
+            "int",
+            positive=True,
+            default=1_000_000,
+            help="longer lines (unfolded) are left out and reported",
         ),
         "max_entries": Option(
-            "int", default=20_000, help="entries (VEVENTs) read from one feed; the rest reported"
+            "int",
+            positive=True,
+            default=20_000,
+            help="entries (VEVENTs) read from one feed; the rest reported",
         ),
         "max_occurrences": Option(
             "int",
+            positive=True,
             default=500,
             help="a series with more in the window is reported; its first is watched",
         ),
         "series_budget": Option(
-            "duration", default="2s", help="time one series may take to expand"
+            "duration", positive=True, default="2s", help="time one series may take to expand"
         ),
         "parse_budget": Option(
-            "duration", default="60s", help="time one read may take to parse and expand"
+            "duration",
+            positive=True,
+            default="60s",
+            help="time one read may take to parse and expand",
         ),
     }
+
+    @classmethod
+    def settings_problems(cls, settings: Mapping[str, Any]) -> list[ConfigProblem]:
+        url, path = settings.get("url"), settings.get("path")
+        if (url is None) != (path is None):
+            return []
+        given = "both were given" if url is not None else "neither was given"
+        return [
+            ConfigProblem(
+                "url",
+                f"give exactly one of url or path ({given})",
+                'url = "https://..." (or { env = "NAME" }) for a feed, path for a file',
+            )
+        ]
+
+    @classmethod
+    def owner(cls, settings: Mapping[str, Any]) -> str:
+        return str(settings.get("owner") or "")
 
     def __init__(self, name: str, settings: dict[str, Any], context: ConnectorContext) -> None:
         super().__init__(name, settings, context)

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from visitwatch.connectors.base import CalendarSource, Channel, Connector
@@ -21,7 +20,7 @@ from visitwatch.connectors.registry import (
     source_class,
 )
 from visitwatch.core.errors import VisitwatchError
-from visitwatch.core.options import ConfigProblem, Option, Secret, validate_options
+from visitwatch.core.options import ConfigProblem, Option, validate_options
 from visitwatch.policies import parse_policy
 from visitwatch.policies.model import PolicySettings
 
@@ -413,10 +412,14 @@ def _parse_connectors(
         settings, found = validate_options(
             entry, options, prefix, config_dir, ignore=frozenset({"name", "type"})
         )
+        if not found:
+            # Checks across options, declared by the connector class itself.
+            found = [
+                ConfigProblem(f"{prefix}.{p.key}", p.message, p.hint)
+                for p in cls.settings_problems(settings)
+            ]
         if not is_channel and not found:
-            found = _guard_problems(settings, prefix) + _construction_problems(
-                cls, settings, prefix
-            )
+            found = _guard_problems(settings, prefix)
         problems += found
         if found:
             continue
@@ -458,77 +461,6 @@ def _guard_problems(settings: Mapping[str, Any], prefix: str) -> list[ConfigProb
     hold = settings.get("removal_hold")
     if isinstance(hold, timedelta) and hold <= timedelta(0):
         problems.append(ConfigProblem(f"{prefix}.removal_hold", "must be longer than zero"))
-    return problems
-
-
-def _construction_problems(
-    cls: type, settings: Mapping[str, Any], prefix: str
-) -> list[ConfigProblem]:
-    """What would stop the source from being built, as config problems with their key.
-
-    Checked here so that `check` and start-up fail early, instead of the daemon starting
-    without the source. Judged by the options a source declares, so any source with a
-    url/path pair, or a Microsoft 365 app registration, is checked the same way.
-    """
-    options = getattr(cls, "options", {})
-    problems = []
-    if "url" in options and "path" in options:
-        url, path = settings.get("url"), settings.get("path")
-        if (url is None) == (path is None):
-            given = "both were given" if url is not None else "neither was given"
-            problems.append(
-                ConfigProblem(
-                    f"{prefix}.url",
-                    f"give exactly one of url or path ({given})",
-                    'url = "https://..." (or { env = "NAME" }) for a feed, path for a file',
-                )
-            )
-        if url is not None:
-            value = url.reveal() if isinstance(url, Secret) else str(url)
-            parts = urlsplit(value.strip())
-            if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-                # Only the scheme is shown: the rest of a calendar URL is often its secret.
-                shown = f"a {parts.scheme}:// address" if parts.scheme else "not an address"
-                problems.append(
-                    ConfigProblem(
-                        f"{prefix}.url",
-                        f"must be an http:// or https:// address ({shown})",
-                    )
-                )
-    if "tenant_id" in options:
-        for key, what in (
-            ("tenant_id", "the directory (tenant) id from Entra"),
-            ("client_id", "the app registration's client id"),
-        ):
-            if not str(settings.get(key) or "").strip():
-                problems.append(ConfigProblem(f"{prefix}.{key}", "is empty", f"give {what}"))
-        if (
-            "client_secret" in options
-            and "certificate" in options
-            and bool(settings.get("client_secret")) == bool(settings.get("certificate"))
-        ):
-            problems.append(
-                ConfigProblem(
-                    f"{prefix}.client_secret",
-                    "give exactly one of client_secret and certificate",
-                )
-            )
-    for key, option in options.items():
-        value = settings.get(key)
-        # A limit or time budget of zero would fail (or leave incomplete) every read.
-        if key.startswith("max_") and option.kind == "int" and value is not None and value < 1:
-            problems.append(ConfigProblem(f"{prefix}.{key}", "must be 1 or more"))
-        if (
-            option.kind == "duration"
-            and (key == "timeout" or key.endswith("_budget"))
-            and isinstance(value, timedelta)
-            and value <= timedelta(0)
-        ):
-            problems.append(ConfigProblem(f"{prefix}.{key}", "must be longer than zero"))
-    if "mailboxes" in options and not [m for m in settings.get("mailboxes") or [] if m.strip()]:
-        problems.append(
-            ConfigProblem(f"{prefix}.mailboxes", "is empty", "list the mailboxes to read")
-        )
     return problems
 
 

@@ -947,18 +947,31 @@ def test_local_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "table",
+    ("table", "expected"),
     [
-        pytest.param({}, id="neither"),
-        pytest.param({"url": "https://example.org/a.ics", "path": "a.ics"}, id="both"),
-        pytest.param({"url": "ftp://example.org/a.ics"}, id="not-http"),
+        pytest.param({}, "give exactly one of url or path (neither was given)", id="neither"),
+        pytest.param(
+            {"url": "https://example.org/a.ics", "path": "a.ics"},
+            "give exactly one of url or path (both were given)",
+            id="both",
+        ),
+        pytest.param(
+            {"url": "ftp://example.org/secret-token/a.ics"},
+            "must be an http:// or https:// address (a ftp:// address)",
+            id="not-http",
+        ),
     ],
 )
-def test_bad_configuration_is_permanent(tmp_path: Path, table: dict[str, Any]) -> None:
-    """Both/neither of url and path, or a non-http URL, is refused at construction."""
-    with pytest.raises(ConnectorError, match="home-visits") as caught:
-        make_source(tmp_path, table)
-    assert caught.value.permanent
+def test_bad_configuration_is_a_config_problem(
+    tmp_path: Path, table: dict[str, Any], expected: str
+) -> None:
+    """Both/neither of url and path, or a non-http URL, is a problem on the url key,
+    found once at config time, and the address itself is never repeated back."""
+    settings, problems = validate_options(table, IcsSource.options, "sources[0]", tmp_path)
+    problems += IcsSource.settings_problems(settings) if not problems else []
+    assert [p.message for p in problems] == [expected]
+    assert problems[0].key.endswith("url")
+    assert "secret-token" not in str(problems[0])
 
 
 def test_check_reports_entries_in_window(server: Server, tmp_path: Path) -> None:
@@ -1419,7 +1432,7 @@ def test_parse_budget_bounds_parsing_a_huge_feed(tmp_path: Path) -> None:
         event(f"v{n}", f"DTSTART:202607{1 + n % 9:02d}T{8 + n % 9:02d}0000Z", "DURATION:PT1H")
         for n in range(1200)
     ]
-    result = read_file_source(tmp_path, calendar(*many), parse_budget="0s")
+    result = read_file_source(tmp_path, calendar(*many), parse_budget="1ms")
     assert not result.complete
     assert "parse_budget" in reasons(result)[""]
     assert len(result.events) < 1200

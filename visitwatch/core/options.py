@@ -14,8 +14,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 
@@ -50,7 +52,15 @@ class Option:
     (relative to the config file's folder), ``secret`` (a table ``{ env = "NAME" }``,
     ``{ file = "/path" }`` or ``{ credential = "name" }`` -> :class:`Secret`; never an
     inline string), ``str_or_secret`` (either; use it for values such as secret ICS URLs),
-    ``date`` (``"2027-03-31"`` or a TOML date -> :class:`datetime.date`).
+    ``date`` (``"2027-03-31"`` or a TOML date -> :class:`datetime.date`), ``url`` (an
+    http:// or https:// address, written inline or as a secret table -> ``str`` or
+    :class:`Secret`; only its scheme is ever shown), ``email`` (one e-mail address),
+    ``table`` (a table of strings, such as extra HTTP headers -> ``dict[str, str]``).
+
+    ``positive`` asks for a number of at least 1, or a duration longer than zero (a limit
+    or time budget of zero would fail every read). ``nonempty`` asks for a string or list
+    with something in it besides blanks. Checks across several options (one of ``url`` or
+    ``path``) belong to :meth:`Connector.settings_problems`.
     """
 
     kind: str
@@ -58,6 +68,8 @@ class Option:
     default: Any = None
     help: str = ""
     choices: tuple[str, ...] = ()
+    positive: bool = False
+    nonempty: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,7 +93,7 @@ class ConfigProblem:
         return f"{text} ({self.hint})" if self.hint else text
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s|ms)", re.IGNORECASE)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|d|h|m|s)", re.IGNORECASE)
 _UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 # No setting needs longer; a bound keeps a typo ("99999999999d") a config error, not an
 # OverflowError deep in datetime arithmetic.
@@ -213,6 +225,37 @@ def _convert(
             return parse_duration(value), None
         except (ValueError, TypeError, OverflowError) as err:
             return None, ConfigProblem(key, str(err))
+    if kind == "url":
+        if isinstance(value, str):
+            text: str | None = value
+            converted: Any = value
+        else:
+            converted, problem = read_secret(value, key)
+            if problem:
+                return None, problem
+            text = converted.reveal()
+        parts = urlsplit(text.strip())
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            # Only the scheme is shown: the rest of a calendar URL is often its secret.
+            shown = f"a {parts.scheme}:// address" if parts.scheme else "not an address"
+            return None, ConfigProblem(key, f"must be an http:// or https:// address ({shown})")
+        return converted, None
+    if kind == "email":
+        if not isinstance(value, str):
+            return wrong("an e-mail address")
+        _name, address = parseaddr(value)
+        local, at, domain = address.rpartition("@")
+        if not (at and local and "." in domain) or any(c.isspace() for c in address):
+            return None, ConfigProblem(
+                key, f"{value!r} is not an e-mail address", 'write e.g. "visitwatch@example.org"'
+            )
+        return value, None
+    if kind == "table":
+        if isinstance(value, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            return dict(value), None
+        return wrong('a table of strings, e.g. { "X-Team" = "north" }')
     if kind == "date":
         if isinstance(value, date) and not isinstance(value, datetime):
             return value, None
@@ -228,6 +271,22 @@ def _convert(
         path = Path(value).expanduser()
         return (path if path.is_absolute() else config_dir / path), None
     raise AssertionError(f"unknown option kind {kind!r} for {key}")
+
+
+def _constraint(value: Any, option: Option, key: str) -> ConfigProblem | None:
+    """``positive`` and ``nonempty``, checked on the converted value."""
+    if option.positive:
+        if isinstance(value, timedelta) and value <= timedelta(0):
+            return ConfigProblem(key, "must be longer than zero")
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 1:
+            return ConfigProblem(key, "must be 1 or more")
+    if option.nonempty:
+        blank = (isinstance(value, str) and not value.strip()) or (
+            isinstance(value, list) and not [v for v in value if v.strip()]
+        )
+        if blank:
+            return ConfigProblem(key, "is empty", option.help)
+    return None
 
 
 def validate_options(
@@ -263,6 +322,7 @@ def validate_options(
             problems.append(ConfigProblem(f"{prefix}.{key}", "unknown key", hint))
             continue
         converted, problem = _convert(value, option, f"{prefix}.{key}", config_dir)
+        problem = problem or _constraint(converted, option, f"{prefix}.{key}")
         if problem:
             problems.append(problem)
         else:
