@@ -11,7 +11,7 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from email.utils import parseaddr
@@ -273,6 +273,17 @@ def _convert(
     raise AssertionError(f"unknown option kind {kind!r} for {key}")
 
 
+def did_you_mean(word: str, known: Iterable[str], *, listing: bool = True) -> str:
+    """A hint for a mistyped name: the closest known one, else (``listing``) all of them."""
+    names = sorted(known)
+    close = difflib.get_close_matches(word, names, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    if not listing:
+        return ""
+    return "known: " + ", ".join(names) if names else "nothing is known here"
+
+
 def _constraint(value: Any, option: Option, key: str) -> ConfigProblem | None:
     """``positive`` and ``nonempty``, checked on the converted value."""
     if option.positive:
@@ -309,15 +320,10 @@ def validate_options(
             continue
         option = options.get(key)
         if option is None:
-            close = difflib.get_close_matches(key, list(options), n=1)
             hint = (
-                f"did you mean {close[0]!r}?"
-                if close
-                else (
-                    "known keys: " + ", ".join(sorted(options))
-                    if options
-                    else "this table takes no keys"
-                )
+                did_you_mean(key, options).replace("known: ", "known keys: ", 1)
+                if options
+                else "this table takes no keys"
             )
             problems.append(ConfigProblem(f"{prefix}.{key}", "unknown key", hint))
             continue
