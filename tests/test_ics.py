@@ -748,7 +748,7 @@ def test_expansion_failure_is_a_problem_not_an_exception(
     server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """If the expansion library blows up on a series, fetch reports it instead of raising."""
-    import visitwatch.connectors.ics as ics
+    import visitwatch.connectors.ics_expand as ics
 
     real_of = ics.recurring_ical_events.of
 
