@@ -19,7 +19,7 @@ from typing import ClassVar, TextIO
 
 from visitwatch.connectors.base import Channel
 from visitwatch.core.errors import ConnectorError
-from visitwatch.core.notification import Message
+from visitwatch.core.notification import Message, NotificationKind
 from visitwatch.core.options import Option
 
 _RULE = "─" * 72
@@ -29,8 +29,8 @@ _GREEN = "\x1b[32m"
 _RESET = "\x1b[0m"
 
 # Kinds that ask someone to act now stand out; the all-clear is visibly good news.
-_ALARM_KINDS = frozenset({"overrun", "escalation", "help"})
-_GOOD_KINDS = frozenset({"all_clear"})
+_ALARM_KINDS = frozenset(kind for kind in NotificationKind if kind.urgent)
+_GOOD_KINDS = frozenset({NotificationKind.ALL_CLEAR})
 
 # One lock for every console channel: two configured consoles (or two threads) writing
 # to the same terminal must not interleave their blocks.
@@ -53,8 +53,13 @@ class ConsoleChannel(Channel):
     def _stream(self) -> TextIO:
         # Looked up on every send, not at construction: sys.stdout is replaced by pytest's
         # capsys, by redirect_stdout and by daemonising code after channels are built.
-        stream: TextIO = getattr(sys, self.settings.get("stream") or "stdout")
+        stream: TextIO = getattr(sys, self.stream_name)
         return stream
+
+    @property
+    def stream_name(self) -> str:
+        name: str = self.settings["stream"]
+        return name
 
     def send(self, message: Message) -> None:
         stream = self._stream()
@@ -65,15 +70,15 @@ class ConsoleChannel(Channel):
             except (OSError, ValueError) as err:
                 # ValueError: "I/O operation on closed file".
                 raise ConnectorError(
-                    f"cannot print to {self.settings.get('stream', 'stdout')}: {err}",
+                    f"cannot print to {self.stream_name}: {err}",
                     permanent=False,
                 ) from err
 
     def check(self) -> str:
         stream = self._stream()
         if getattr(stream, "closed", False):
-            raise ConnectorError(f"{self.settings.get('stream', 'stdout')} is closed")
-        return f"console prints to {self.settings.get('stream', 'stdout')}"
+            raise ConnectorError(f"{self.stream_name} is closed")
+        return f"console prints to {self.stream_name}"
 
     def format(self, message: Message, *, colour: bool = False) -> str:
         """The block printed for ``message``, ending in a newline."""

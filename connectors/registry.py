@@ -10,6 +10,7 @@ import importlib
 
 from visitwatch.connectors.base import CalendarSource, Channel
 from visitwatch.core.errors import VisitwatchError
+from visitwatch.core.options import did_you_mean
 
 SOURCES: dict[str, str] = {
     "ics": "visitwatch.connectors.ics:IcsSource",
@@ -21,6 +22,7 @@ CHANNELS: dict[str, str] = {
     "console": "visitwatch.connectors.console:ConsoleChannel",
     "smtp": "visitwatch.connectors.smtp:SmtpChannel",
     "graph_mail": "visitwatch.connectors.graph_mail:GraphMailChannel",
+    "webhook": "visitwatch.connectors.webhook:WebhookChannel",
 }
 
 
@@ -32,10 +34,8 @@ def _load(table: dict[str, str], kind: str, type_name: str) -> type:
     try:
         target = table[type_name]
     except KeyError:
-        known = ", ".join(sorted(table))
-        raise UnknownConnectorType(
-            f"unknown {kind} type {type_name!r}; known types: {known}"
-        ) from None
+        hint = did_you_mean(type_name, table).replace("known: ", "known types: ", 1)
+        raise UnknownConnectorType(f"unknown {kind} type {type_name!r}; {hint}") from None
     module_name, _, class_name = target.partition(":")
     return getattr(importlib.import_module(module_name), class_name)
 

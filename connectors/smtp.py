@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import smtplib
 import ssl
+from collections.abc import Mapping
 from datetime import datetime
 from email.errors import HeaderParseError
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid, parseaddr
+from pathlib import Path
 from typing import Any, ClassVar
 
 import structlog
@@ -31,11 +33,14 @@ import structlog
 from visitwatch.connectors.base import Channel
 from visitwatch.core.errors import ConnectorError
 from visitwatch.core.notification import Message
-from visitwatch.core.options import ConnectorContext, Option, Secret
+from visitwatch.core.options import ConfigProblem, ConnectorContext, Option, Secret
 
 log = structlog.get_logger(__name__)
 
 _SECURITY = ("starttls", "tls", "none")
+# Ports whose servers greet in plain text (STARTTLS may follow), and the implicit-TLS port.
+_PLAIN_PORTS = frozenset({25, 587})
+_TLS_PORTS = frozenset({465})
 
 
 class SmtpChannel(Channel):
@@ -44,8 +49,16 @@ class SmtpChannel(Channel):
     type_name: ClassVar[str] = "smtp"
     address_field: ClassVar[str | None] = "email"
     options: ClassVar[dict[str, Option]] = {
-        "host": Option("str", required=True, help="the SMTP server, e.g. smtp.example.org"),
-        "port": Option("int", default=587, help="587 for starttls, 465 for tls, 25 for none"),
+        "host": Option(
+            "str", required=True, nonempty=True, help="the SMTP server, e.g. smtp.example.org"
+        ),
+        "port": Option(
+            "int",
+            default=587,
+            positive=True,
+            maximum=65535,
+            help="587 for starttls, 465 for tls, 25 for none",
+        ),
         "security": Option(
             "str",
             default="starttls",
@@ -57,11 +70,11 @@ class SmtpChannel(Channel):
             "secret", default=None, help='{ env = "NAME" }, { file = ... } or { credential = ... }'
         ),
         "sender": Option(
-            "str",
+            "email",
             required=True,
             help='the From address, e.g. "visitwatch <alerts@example.org>"',
         ),
-        "timeout": Option("duration", default="20s", help="per network operation"),
+        "timeout": Option("duration", default="20s", positive=True, help="per network operation"),
         "verify_tls": Option(
             "bool",
             default=True,
@@ -70,44 +83,52 @@ class SmtpChannel(Channel):
         "ca_file": Option("path", default=None, help="a PEM bundle of CAs to trust"),
     }
 
-    def __init__(self, name: str, settings: dict[str, Any], context: ConnectorContext) -> None:
-        super().__init__(name, settings, context)
-        self.host: str = self.settings["host"]
-        self.port: int = int(self.settings.get("port") or 587)
-        self.security: str = self.settings.get("security") or "starttls"
-        self.username: str = self.settings.get("username") or ""
-        self.password: Secret | None = self.settings.get("password")
-        self.sender: str = self.settings["sender"]
-        timeout = self.settings.get("timeout")
-        self.timeout: float = timeout.total_seconds() if timeout is not None else 20.0
-        self.verify_tls: bool = self.settings.get("verify_tls", True) is not False
-        self.ca_file = self.settings.get("ca_file")
+    @classmethod
+    def settings_problems(cls, settings: Mapping[str, Any]) -> list[ConfigProblem]:
+        """A login half given, or a port that speaks another protocol than ``security``."""
+        problems = []
+        if settings["username"] and settings["password"] is None:
+            problems.append(
+                ConfigProblem(
+                    "password",
+                    "username is set but password is not",
+                    'add password = { env = "NAME" } (or file/credential)',
+                )
+            )
+        if settings["password"] is not None and not settings["username"]:
+            problems.append(ConfigProblem("username", "password is set but username is empty"))
+        security, port = settings["security"], settings["port"]
+        if security == "tls" and port in _PLAIN_PORTS:
+            problems.append(
+                ConfigProblem(
+                    "security",
+                    f'"tls" starts TLS at once, but port {port} greets in plain text',
+                    'use port 465 for "tls", or security = "starttls"',
+                )
+            )
+        if security != "tls" and port in _TLS_PORTS:
+            problems.append(
+                ConfigProblem(
+                    "security",
+                    f"port {port} expects TLS from the first byte, not {security!r}",
+                    'set security = "tls"',
+                )
+            )
+        return problems
 
-        # Mistakes in the table that no retry can fix are reported at start-up, not at
-        # the first overrun.
-        if self.security not in _SECURITY:
-            raise ConnectorError(
-                f"channel {name!r}: security must be one of {', '.join(_SECURITY)}",
-                permanent=True,
-            )
+    def __init__(self, name: str, settings: Mapping[str, Any], context: ConnectorContext) -> None:
+        super().__init__(name, settings, context)
+        # Validated once at config time (options and settings_problems): trusted here.
+        self.host: str = self.settings["host"]
+        self.port: int = self.settings["port"]
+        self.security: str = self.settings["security"]
+        self.username: str = self.settings["username"]
+        self.password: Secret | None = self.settings["password"]
+        self.sender: str = self.settings["sender"]
+        self.timeout: float = self.settings["timeout"].total_seconds()
+        self.verify_tls: bool = self.settings["verify_tls"]
+        self.ca_file: Path | None = self.settings["ca_file"]
         self.sender_address = parseaddr(self.sender)[1]
-        if "@" not in self.sender_address:
-            raise ConnectorError(
-                f"channel {name!r}: sender {self.sender!r} is not an e-mail address; "
-                'write e.g. "visitwatch <alerts@example.org>"',
-                permanent=True,
-            )
-        if self.username and self.password is None:
-            raise ConnectorError(
-                f"channel {name!r}: username is set but password is not; "
-                'add password = { env = "NAME" } (or file/credential)',
-                permanent=True,
-            )
-        if self.password is not None and not self.username:
-            raise ConnectorError(
-                f"channel {name!r}: password is set but username is empty",
-                permanent=True,
-            )
 
     @property
     def where(self) -> str:

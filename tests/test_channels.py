@@ -664,12 +664,59 @@ def test_smtp_options_validated(context: ConnectorContext) -> None:
     ]
 
 
-def test_smtp_inconsistent_settings_fail_at_construction(context: ConnectorContext) -> None:
-    """A username without a password, or a bad sender, is refused before any alert."""
-    with pytest.raises(ConnectorError, match="password is not"):
-        make_channel(SmtpChannel, smtp_table(25, username="alerts"), context)
-    with pytest.raises(ConnectorError, match="not an e-mail address"):
-        make_channel(SmtpChannel, smtp_table(25, sender="visitwatch"), context)
+def smtp_problems(table: dict[str, Any], context: ConnectorContext) -> dict[str, str]:
+    """What the config loader finds wrong with an SMTP table: each option, then across them."""
+    settings, problems = validate_options(
+        table, SmtpChannel.options, "channels[0]", context.config_dir
+    )
+    if not problems:
+        problems = SmtpChannel.settings_problems(settings)
+    return {p.key: p.message for p in problems}
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "words"),
+    [
+        ({"sender": "visitwatch"}, "channels[0].sender", "not an e-mail address"),
+        ({"sender": "not-an-address"}, "channels[0].sender", "not an e-mail address"),
+        ({"port": 70000}, "channels[0].port", "at most 65535"),
+        ({"port": 0}, "channels[0].port", "1 or more"),
+        ({"timeout": "0s"}, "channels[0].timeout", "longer than zero"),
+        ({"host": " "}, "channels[0].host", "empty"),
+        ({"username": "alerts"}, "password", "password is not"),
+        ({"password": {"env": "VW_TEST_SMTP_PASSWORD"}}, "username", "username is empty"),
+        ({"security": "tls", "port": 587}, "security", "plain text"),
+        ({"security": "starttls", "port": 465}, "security", "TLS from the first byte"),
+        ({"security": "none", "port": 465}, "security", "TLS from the first byte"),
+    ],
+)
+def test_smtp_settings_that_cannot_work_are_config_problems(
+    context: ConnectorContext,
+    password_env: dict[str, str],
+    extra: dict[str, Any],
+    key: str,
+    words: str,
+) -> None:
+    """A bad sender, port, login pair or security/port mix is found when the config is read."""
+    found = smtp_problems({**smtp_table(25), **extra}, context)
+    assert list(found) == [key] and words in found[key]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"security": "starttls", "port": 587},
+        {"security": "tls", "port": 465},
+        {"security": "none", "port": 2525},
+        {"username": USERNAME, "password": {"env": "VW_TEST_SMTP_PASSWORD"}},
+    ],
+)
+def test_smtp_settings_that_work_pass(
+    context: ConnectorContext, password_env: dict[str, str], extra: dict[str, Any]
+) -> None:
+    """The usual setups (and a test server on any port) raise no problem."""
+    assert smtp_problems({**smtp_table(25), **extra}, context) == {}
 
 
 def test_registry_knows_the_channels() -> None:

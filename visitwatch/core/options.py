@@ -58,8 +58,9 @@ class Option:
     ``table`` (a table of strings, such as extra HTTP headers -> ``dict[str, str]``).
 
     ``positive`` asks for a number of at least 1, or a duration longer than zero (a limit
-    or time budget of zero would fail every read). ``nonempty`` asks for a string or list
-    with something in it besides blanks. Checks across several options (one of ``url`` or
+    or time budget of zero would fail every read). ``maximum`` bounds a number from above
+    (a port is at most 65535). ``nonempty`` asks for a string or list with something in it
+    besides blanks. Checks across several options (one of ``url`` or
     ``path``) belong to :meth:`Connector.settings_problems`.
     """
 
@@ -69,6 +70,7 @@ class Option:
     help: str = ""
     choices: tuple[str, ...] = ()
     positive: bool = False
+    maximum: float | None = None
     nonempty: bool = False
 
 
@@ -227,7 +229,7 @@ def _convert(
             return None, ConfigProblem(key, str(err))
     if kind == "url":
         if isinstance(value, str):
-            text: str | None = value
+            text: str = value
             converted: Any = value
         else:
             converted, problem = read_secret(value, key)
@@ -285,12 +287,15 @@ def did_you_mean(word: str, known: Iterable[str], *, listing: bool = True) -> st
 
 
 def _constraint(value: Any, option: Option, key: str) -> ConfigProblem | None:
-    """``positive`` and ``nonempty``, checked on the converted value."""
+    """``positive``, ``maximum`` and ``nonempty``, checked on the converted value."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
     if option.positive:
         if isinstance(value, timedelta) and value <= timedelta(0):
             return ConfigProblem(key, "must be longer than zero")
-        if isinstance(value, int | float) and not isinstance(value, bool) and value < 1:
+        if number and value < 1:
             return ConfigProblem(key, "must be 1 or more")
+    if option.maximum is not None and number and value > option.maximum:
+        return ConfigProblem(key, f"must be at most {option.maximum:g}", option.help)
     if option.nonempty:
         blank = (isinstance(value, str) and not value.strip()) or (
             isinstance(value, list) and not [v for v in value if v.strip()]

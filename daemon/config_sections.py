@@ -1,0 +1,259 @@
+"""The [daemon], [[staff]], [[sources]] and [[channels]] sections: their options and parsing.
+
+Each function adds what it finds wrong to ``problems`` and goes on, so an admin sees every
+mistake at once; :mod:`visitwatch.daemon.config` puts the sections together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from visitwatch.connectors.base import Channel, Connector
+from visitwatch.connectors.registry import UnknownConnectorType
+from visitwatch.core.notification import NotificationKind
+from visitwatch.core.options import ConfigProblem, Option, did_you_mean, validate_options
+from visitwatch.daemon.config_types import ConnectorConfig, DaemonSettings, Directory, StaffMember
+
+DAEMON_OPTIONS: dict[str, Option] = {
+    "database": Option("path", default="visitwatch.db", help="SQLite file; relative to this file"),
+    "state_dir": Option("path", default=".", help="folder for caches and the outbox"),
+    "timezone": Option("str", default="Europe/London", help="IANA zone, e.g. Europe/London"),
+    "poll_interval": Option(
+        "duration", default="5m", positive=True, help="how often calendars are read"
+    ),
+    "sweep_interval": Option(
+        "duration", default="10s", positive=True, help="how often deadlines are checked"
+    ),
+    "window_past": Option("duration", default="2d"),
+    "window_ahead": Option("duration", default="14d"),
+    "adopt_overdue_within": Option(
+        "duration",
+        default="12h",
+        help="a visit first seen longer than this after its deadline is recorded, not escalated",
+    ),
+    "delivery_deadline": Option(
+        "duration",
+        default="2m",
+        positive=True,
+        help="an alert not delivered within this long goes to its channel's fallback and "
+        "raises an admin notice",
+    ),
+    "send_timeout": Option(
+        "duration",
+        default="30s",
+        positive=True,
+        help="the longest one delivery attempt may take before it counts as failed",
+    ),
+    "removal_guard": Option(
+        "float",
+        default=0.5,
+        help="a read that would remove more than this share of a source's watched visits "
+        "(and at least removal_guard_min of them), or all of them, is held, not applied",
+    ),
+    "removal_guard_min": Option(
+        "int",
+        default=3,
+        positive=True,
+        help="the fewest removals the removal_guard share applies to",
+    ),
+    "removal_hold": Option(
+        "duration",
+        default="30m",
+        positive=True,
+        help="a held read is applied once it has repeated this long (or an admin confirms "
+        "it with `visitwatch sources confirm NAME`)",
+    ),
+    "public_base_url": Option("str", default="", help="where staff reach check-in links"),
+    "log_level": Option("str", default="info", choices=("debug", "info", "warning", "error")),
+}
+
+STAFF_OPTIONS: dict[str, Option] = {
+    "id": Option("str", required=True, help="usually the e-mail address"),
+    "name": Option("str", required=True),
+    "email": Option("str", default=""),
+    "mobile": Option("str", default=""),
+    "role": Option("str", default="worker", help="worker, manager, director, admin, ..."),
+    "manager": Option("str", default="", help="the id of this person's line manager"),
+}
+
+# Per-source overrides of the [daemon] removal guard (sync.py); absent: the daemon's.
+SOURCE_COMMON: dict[str, Option] = {
+    "removal_guard": Option("float", help="this source's removal_guard share"),
+    "removal_guard_min": Option("int", positive=True, help="this source's removal_guard_min"),
+    "removal_hold": Option("duration", positive=True, help="this source's removal_hold"),
+}
+
+# Every kind a channel's `kinds` may name, in the order NotificationKind declares them.
+KINDS: tuple[str, ...] = tuple(NotificationKind)
+
+CHANNEL_COMMON: dict[str, Option] = {
+    "fallback": Option("str", default="", help="channel used when this one keeps failing"),
+    "kinds": Option("list", default=None, help="notification kinds sent here (default: all)"),
+}
+
+
+def parse_daemon(
+    table: Mapping[str, Any], config_dir: Path, problems: list[ConfigProblem]
+) -> DaemonSettings | None:
+    settings, found = validate_options(table, DAEMON_OPTIONS, "daemon", config_dir)
+    problems += found
+    zone = None
+    if isinstance(settings.get("timezone"), str):
+        try:
+            zone = ZoneInfo(settings["timezone"])
+        except (ZoneInfoNotFoundError, ValueError):
+            problems.append(
+                ConfigProblem(
+                    "daemon.timezone",
+                    f"unknown time zone {settings['timezone']!r}",
+                    'use an IANA name such as "Europe/London"',
+                )
+            )
+    problems += _guard_problems(settings, "daemon")
+    for key in ("database", "state_dir"):
+        if isinstance(settings.get(key), Path):
+            problems += _unusable_path(f"daemon.{key}", settings[key], folder=key == "state_dir")
+    if found or zone is None:
+        return None
+    settings["timezone"] = zone
+    return DaemonSettings(**settings)
+
+
+def _unusable_path(key: str, path: Path, *, folder: bool) -> list[ConfigProblem]:
+    """A file path that names a folder, or lies under a file, can never be opened."""
+    if folder:
+        if path.exists() and not path.is_dir():
+            return [ConfigProblem(key, f"{path} is a file, not a folder")]
+    elif path.is_dir():
+        return [ConfigProblem(key, f"{path} is a folder", "name a file, e.g. visitwatch.db")]
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return [ConfigProblem(key, f"{parent} is a file, so {path} cannot be made")]
+            break
+    return []
+
+
+def parse_staff(entries: list[Any], config_dir: Path, problems: list[ConfigProblem]) -> Directory:
+    members: dict[str, StaffMember] = {}
+    for index, entry in enumerate(entries):
+        prefix = f"staff[{index}]"
+        if not isinstance(entry, Mapping):
+            problems.append(ConfigProblem(prefix, "expected a table [[staff]]"))
+            continue
+        settings, found = validate_options(entry, STAFF_OPTIONS, prefix, config_dir)
+        problems += found
+        if found:
+            continue
+        settings["id"] = settings["id"].strip().lower()
+        settings["manager"] = settings["manager"].strip().lower()
+        if not settings["email"] and "@" in settings["id"]:
+            settings["email"] = settings["id"]
+        if settings["id"] in members:
+            problems.append(ConfigProblem(f"{prefix}.id", f"{settings['id']!r} appears twice"))
+        members[settings["id"]] = StaffMember(**settings)
+    for index, member in enumerate(members.values()):
+        if member.manager and member.manager not in members:
+            close = did_you_mean(member.manager, members, listing=False)
+            problems.append(
+                ConfigProblem(
+                    f"staff[{index}].manager",
+                    f"manager {member.manager!r} is not in the staff directory",
+                    close or "add them as a [[staff]] entry or correct the id",
+                )
+            )
+    return Directory(members)
+
+
+def parse_connectors(
+    entries: list[Any],
+    section: str,
+    known: Mapping[str, str],
+    load: Callable[[str], type[Connector]],
+    config_dir: Path,
+    problems: list[ConfigProblem],
+) -> list[ConnectorConfig]:
+    result: list[ConnectorConfig] = []
+    names: set[str] = set()
+    for index, entry in enumerate(entries):
+        prefix = f"{section}[{index}]"
+        if not isinstance(entry, Mapping):
+            problems.append(ConfigProblem(prefix, f"expected a table [[{section}]]"))
+            continue
+        name, type_name = entry.get("name"), entry.get("type")
+        if not isinstance(name, str) or not name:
+            problems.append(ConfigProblem(f"{prefix}.name", "is required (a short unique name)"))
+            name = f"{section}[{index}]"
+        elif name in names:
+            problems.append(ConfigProblem(f"{prefix}.name", f"{name!r} is used twice"))
+        names.add(name)
+        if not isinstance(type_name, str):
+            problems.append(
+                ConfigProblem(
+                    f"{prefix}.type", "is required", "known types: " + ", ".join(sorted(known))
+                )
+            )
+            continue
+        try:
+            cls = load(type_name)
+        except UnknownConnectorType as err:
+            problems.append(ConfigProblem(f"{prefix}.type", str(err)))
+            continue
+        options = dict(cls.options)
+        is_channel = issubclass(cls, Channel)
+        if is_channel:
+            options.update(CHANNEL_COMMON)
+        else:
+            options.update(SOURCE_COMMON)
+        settings, found = validate_options(
+            entry, options, prefix, config_dir, ignore=frozenset({"name", "type"})
+        )
+        if not found:
+            # Checks across options, declared by the connector class itself.
+            found = [
+                ConfigProblem(f"{prefix}.{p.key}", p.message, p.hint)
+                for p in cls.settings_problems(settings)
+            ]
+        if not is_channel and not found:
+            found = _guard_problems(settings, prefix)
+        problems += found
+        if found:
+            continue
+        fallback, kinds = "", None
+        if is_channel:
+            fallback = settings.pop("fallback") or ""
+            kinds = settings.pop("kinds")
+            for kind in kinds or ():
+                if kind not in KINDS:
+                    problems.append(
+                        ConfigProblem(f"{prefix}.kinds", f"unknown kind {kind!r}", kind_hint(kind))
+                    )
+        result.append(
+            ConnectorConfig(
+                name, type_name, cls, settings, fallback, tuple(kinds) if kinds else None
+            )
+        )
+    return result
+
+
+def kind_hint(kind: str) -> str:
+    """The hint for a notification kind nobody knows: the closest, else all of them."""
+    close = did_you_mean(kind, KINDS, listing=False)
+    return close or "known: " + ", ".join(KINDS)
+
+
+def _guard_problems(settings: Mapping[str, Any], prefix: str) -> list[ConfigProblem]:
+    """The removal guard's share is a fraction below 1 (its count and hold are options)."""
+    share = settings.get("removal_guard")
+    if share is None or 0 <= share < 1:
+        return []
+    return [
+        ConfigProblem(
+            f"{prefix}.removal_guard",
+            f"{share} is not a share",
+            "a number from 0 up to (not including) 1, e.g. 0.5",
+        )
+    ]

@@ -1,0 +1,109 @@
+"""What a read config holds: the staff directory, connector entries, the daemon's settings."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from visitwatch.connectors.base import CalendarSource, Connector
+
+
+@dataclass(frozen=True)
+class StaffMember:
+    id: str
+    name: str
+    email: str = ""
+    mobile: str = ""
+    role: str = "worker"
+    manager: str = ""
+
+
+@dataclass(frozen=True)
+class Directory:
+    """The staff directory: who works here, how to reach them, who their manager is."""
+
+    members: Mapping[str, StaffMember] = field(default_factory=dict)
+
+    def get(self, staff_id: str) -> StaffMember | None:
+        return self.members.get(staff_id.strip().lower())
+
+    def find(self, text: str) -> StaffMember | None:
+        """Match an id, e-mail address or display name, ignoring case."""
+        needle = text.strip().lower().removeprefix("mailto:")
+        if not needle:
+            return None
+        for member in self.members.values():
+            if needle in (member.id, member.email.lower(), member.name.lower()):
+                return member
+        return None
+
+    def with_role(self, role: str) -> list[StaffMember]:
+        return [m for m in self.members.values() if m.role == role]
+
+    def filled_from(self, people: Iterable[StaffMember]) -> Directory:
+        """This directory, with gaps filled from another (Microsoft 365): ours always wins."""
+        members = dict(self.members)
+        for person in people:
+            known = members.get(person.id)
+            if known is None:
+                members[person.id] = person
+                continue
+            members[person.id] = StaffMember(
+                known.id,
+                known.name or person.name,
+                known.email or person.email,
+                known.mobile or person.mobile,
+                known.role,
+                known.manager or person.manager,
+            )
+        return Directory(members)
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    name: str
+    type: str
+    cls: builtins.type[Connector]  # `type` above is the config's type string
+    settings: Mapping[str, Any]
+    fallback: str = ""
+    kinds: tuple[str, ...] | None = None
+
+    @property
+    def owner(self) -> str:
+        """For a source: the staff id whose calendar it is ("" when shared)."""
+        if issubclass(self.cls, CalendarSource):
+            return self.cls.owner(self.settings)
+        return ""
+
+    @property
+    def credential_expiry(self) -> date | None:
+        """When the connector's credential stops working, if its settings say."""
+        return self.cls.credential_expiry(self.settings)
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    database: Path
+    state_dir: Path
+    timezone: ZoneInfo
+    poll_interval: timedelta
+    sweep_interval: timedelta
+    window_past: timedelta
+    window_ahead: timedelta
+    adopt_overdue_within: timedelta
+    public_base_url: str
+    log_level: str
+    # An alert not delivered within this long goes to its channel's fallback, and an admin
+    # is told (dispatch.py).
+    delivery_deadline: timedelta = timedelta(minutes=2)
+    # The longest one delivery attempt may take before it counts as failed.
+    send_timeout: timedelta = timedelta(seconds=30)
+    # The mass-removal guard (sync.py): share, fewest removals, how long a held read waits.
+    removal_guard: float = 0.5
+    removal_guard_min: int = 3
+    removal_hold: timedelta = timedelta(minutes=30)
