@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from visitwatch.core.notification import NotificationKind
+
 VISIT_KINDS = ("home_visit", "lone_working")
 
 
@@ -43,8 +45,13 @@ class EscalationStep:
 
     after: timedelta  # from the deadline
     to: tuple[str, ...]  # "worker", "manager", "role:<role>", or a staff id
-    kind: str  # "reminder", "overrun" or "escalation"
+    kind: NotificationKind  # one whose ``is_step`` is true: reminder, overrun, escalation
     repeat: timedelta | None = None  # only the last step may repeat, until acknowledged
+
+    def __post_init__(self) -> None:
+        # A kind written as its string value becomes the enum member (ValueError if it is
+        # no kind at all), so every step carries a real NotificationKind.
+        object.__setattr__(self, "kind", NotificationKind(self.kind))
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,7 @@ class PolicySettings:
     require_address: bool = True
     return_defaults_to_end: bool = True  # no "Return by:" line: the entry's end is the deadline
     notify_manager_of_findings: bool = True
-    # The `after` of the first rung that alerts anyone but the worker (see settings.py).
+    # The `after` of the first rung that alerts anyone but the worker (see ladder.py).
     grace: timedelta = timedelta(minutes=15)
     # An acknowledged visit still unresolved this long after the ack re-alerts (lifecycle.py).
     ack_timeout: timedelta = timedelta(minutes=30)

@@ -1,8 +1,10 @@
 """The policy's requirements, one small function each, returning what a visit lacks.
 
-A rule is ``(event, details, settings) -> Finding | None``. Messages are written for the
-worker who owns the entry: what is missing and the exact line to add. The clause comes
-from ``settings.clauses`` so alerts quote the organisation's own policy.
+Every finding's name and severity are declared once, in :data:`FINDINGS`; every list of
+rule names derives from it. A rule's check is ``(event, details, settings) -> str | None``:
+the message when the visit falls short, written for the worker who owns the entry (what is
+missing and the exact line to add). The clause comes from ``settings.clauses`` so alerts
+quote the organisation's own policy.
 
 Choices, per the two seed policies:
 
@@ -19,21 +21,30 @@ Choices, per the two seed policies:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from visitwatch.core.calendar import CalendarEvent
 from visitwatch.policies.model import Finding, PolicySettings, VisitDetails
 
-Rule = Callable[[CalendarEvent, VisitDetails, PolicySettings], Finding | None]
+Check = Callable[[CalendarEvent, VisitDetails, PolicySettings], str | None]
 
 ERROR = "error"
 WARNING = "warning"
 
 
-def _finding(settings: PolicySettings, rule: str, severity: str, message: str) -> Finding:
-    # A preset quotes a clause for every rule; an admin-made policy may not, so fall back
-    # to the policy's title rather than an empty reference.
-    clause = settings.clauses.get(rule) or settings.title
-    return Finding(rule=rule, severity=severity, message=message, clause=clause)
+@dataclass(frozen=True)
+class FindingSpec:
+    """One kind of finding: its name (also its clause key), severity and check."""
+
+    name: str
+    severity: str  # ERROR (the policy requires it) or WARNING
+    check: Check | None  # None: raised outside the policy's rules (see its entry)
+
+    def finding(self, message: str, settings: PolicySettings) -> Finding:
+        # A preset quotes a clause for every rule; an admin-made policy may not, so fall
+        # back to the policy's title rather than an empty reference.
+        clause = settings.clauses.get(self.name) or settings.title
+        return Finding(rule=self.name, severity=self.severity, message=message, clause=clause)
 
 
 def _needs_risk_assessment(details: VisitDetails, settings: PolicySettings) -> bool:
@@ -44,52 +55,43 @@ def _needs_risk_assessment(details: VisitDetails, settings: PolicySettings) -> b
 
 def risk_assessment_missing(
     event: CalendarEvent, details: VisitDetails, settings: PolicySettings
-) -> Finding | None:
+) -> str | None:
     if not _needs_risk_assessment(details, settings) or details.risk_assessment:
         return None
-    return _finding(
-        settings,
-        "risk_assessment_missing",
-        ERROR,
+    return (
         "No risk assessment is recorded for this visit. Once it is done, add a line "
-        '"Risk assessment: complete" (or the RA reference, e.g. "RA: RA-0113") to the entry.',
+        '"Risk assessment: complete" (or the RA reference, e.g. "RA: RA-0113") to the entry.'
     )
 
 
 def risk_assessment_incomplete(
     event: CalendarEvent, details: VisitDetails, settings: PolicySettings
-) -> Finding | None:
+) -> str | None:
     if not _needs_risk_assessment(details, settings):
         return None
     if not details.risk_assessment or details.risk_assessment_complete:
         return None
-    return _finding(
-        settings,
-        "risk_assessment_incomplete",
-        ERROR,
+    return (
         f'The risk assessment is recorded as "{details.risk_assessment}", not as complete. '
         "Complete it before the visit, then change the line to "
-        '"Risk assessment: complete" (or give the RA reference, e.g. "RA: RA-0113").',
+        '"Risk assessment: complete" (or give the RA reference, e.g. "RA: RA-0113").'
     )
 
 
 def expected_return_missing(
     event: CalendarEvent, details: VisitDetails, settings: PolicySettings
-) -> Finding | None:
+) -> str | None:
     if not settings.require_expected_return or details.expected_return is not None:
         return None
-    return _finding(
-        settings,
-        "expected_return_missing",
-        ERROR,
+    return (
         "No expected return or check-in time could be read from this entry. Add a line "
-        '"Return by: 15:30" (or "Check-in by: 15:30") to the entry.',
+        '"Return by: 15:30" (or "Check-in by: 15:30") to the entry.'
     )
 
 
 def expected_return_before_start(
     event: CalendarEvent, details: VisitDetails, settings: PolicySettings
-) -> Finding | None:
+) -> str | None:
     if details.expected_return is None or details.expected_return > event.start:
         return None
     where = (
@@ -97,75 +99,75 @@ def expected_return_before_start(
         if details.expected_return_from == "event_end"
         else "The expected return time is not after the visit's start."
     )
-    return _finding(
-        settings,
-        "expected_return_before_start",
-        WARNING,
+    return (
         f'{where} Fix the entry\'s times or add a line "Return by: 15:30" with the time '
-        "you expect to be back; alerts are timed from it.",
+        "you expect to be back; alerts are timed from it."
     )
 
 
 def address_missing(
     event: CalendarEvent, details: VisitDetails, settings: PolicySettings
-) -> Finding | None:
+) -> str | None:
     if not settings.require_address or details.kind != "home_visit" or details.address:
         return None
-    return _finding(
-        settings,
-        "address_missing",
-        ERROR,
+    return (
         "The visit has no address. Put the family's address in the entry's Location, "
-        'or add a line "Address: 12 High Street, Preston PR1 2AB" to the entry.',
+        'or add a line "Address: 12 High Street, Preston PR1 2AB" to the entry.'
     )
 
 
 def pair_without_second_worker(
     event: CalendarEvent, details: VisitDetails, settings: PolicySettings
-) -> Finding | None:
+) -> str | None:
     if not details.pair_required or details.second_worker or _colleague_invited(event):
         return None
-    return _finding(
-        settings,
-        "pair_without_second_worker",
-        ERROR,
+    return (
         "This visit is to be made in pairs, but no second worker is named. Invite your "
-        'colleague to the entry or add a line "With: <their name>".',
+        'colleague to the entry or add a line "With: <their name>".'
     )
 
 
 def going_home_after(
     event: CalendarEvent, details: VisitDetails, settings: PolicySettings
-) -> Finding | None:
+) -> str | None:
     if not details.going_home_after:
         return None
     safe = settings.checkin_categories[0] if settings.checkin_categories else "Safe"
-    return _finding(
-        settings,
-        "going_home_after",
-        WARNING,
+    return (
         "You are going home straight after this visit. Make sure the return time allows "
         f'for the journey, and when you arrive home set the "{safe}" category on the entry '
-        "(or use the check-in link): that is your safe-arrival notification.",
+        "(or use the check-in link): that is your safe-arrival notification."
     )
 
 
-RULES: tuple[Rule, ...] = (
-    risk_assessment_missing,
-    risk_assessment_incomplete,
-    expected_return_missing,
-    expected_return_before_start,
-    address_missing,
-    pair_without_second_worker,
-    going_home_after,
+FINDINGS: tuple[FindingSpec, ...] = (
+    FindingSpec("risk_assessment_missing", ERROR, risk_assessment_missing),
+    FindingSpec("risk_assessment_incomplete", ERROR, risk_assessment_incomplete),
+    FindingSpec("expected_return_missing", ERROR, expected_return_missing),
+    FindingSpec("expected_return_before_start", WARNING, expected_return_before_start),
+    FindingSpec("address_missing", ERROR, address_missing),
+    FindingSpec("pair_without_second_worker", ERROR, pair_without_second_worker),
+    FindingSpec("going_home_after", WARNING, going_home_after),
+    # Raised by the daemon (daemon/sync.py), not by a rule: it alone holds the staff
+    # directory that tells whether the entry names a known worker.
+    FindingSpec("worker_unknown", WARNING, None),
 )
+FINDINGS_BY_NAME: dict[str, FindingSpec] = {spec.name: spec for spec in FINDINGS}
+# The policy's own rules, in the order they run; a preset quotes a clause for each.
+RULE_NAMES: tuple[str, ...] = tuple(spec.name for spec in FINDINGS if spec.check is not None)
+# Every finding that may quote a clause of [policy.clauses].
+FINDING_NAMES: tuple[str, ...] = tuple(FINDINGS_BY_NAME)
 
 
 def check_visit(
     event: CalendarEvent, details: VisitDetails, settings: PolicySettings
 ) -> list[Finding]:
     """Every finding for one visit, errors first, in rule order."""
-    findings = [f for rule in RULES if (f := rule(event, details, settings)) is not None]
+    findings = [
+        spec.finding(message, settings)
+        for spec in FINDINGS
+        if spec.check is not None and (message := spec.check(event, details, settings))
+    ]
     return sorted(findings, key=lambda finding: finding.severity != ERROR)
 
 

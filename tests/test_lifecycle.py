@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from visitwatch.core.notification import NotificationKind
 from visitwatch.daemon import lifecycle
 from visitwatch.daemon.lifecycle import VisitClock, plan
 from visitwatch.policies.model import EscalationStep
@@ -14,10 +15,13 @@ START = datetime(2026, 11, 23, 13, 0, tzinfo=UTC)
 DEADLINE = datetime(2026, 11, 23, 15, 30, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
 LADDER = (
-    EscalationStep(timedelta(0), ("worker",), "reminder"),
-    EscalationStep(timedelta(minutes=15), ("manager",), "overrun"),
+    EscalationStep(timedelta(0), ("worker",), NotificationKind.REMINDER),
+    EscalationStep(timedelta(minutes=15), ("manager",), NotificationKind.OVERRUN),
     EscalationStep(
-        timedelta(minutes=45), ("role:director",), "escalation", repeat=timedelta(minutes=15)
+        timedelta(minutes=45),
+        ("role:director",),
+        NotificationKind.ESCALATION,
+        repeat=timedelta(minutes=15),
     ),
 )
 
@@ -194,9 +198,9 @@ def test_acknowledgement_timeout_brings_the_next_rung_forward():
 def test_acknowledgement_timeout_pulls_a_distant_rung_forward():
     """With the next rung far off, the timeout fires it early, and it does not fire twice."""
     ladder = (
-        EscalationStep(timedelta(0), ("worker",), "reminder"),
-        EscalationStep(timedelta(minutes=15), ("manager",), "overrun"),
-        EscalationStep(timedelta(hours=2), ("role:director",), "escalation"),
+        EscalationStep(timedelta(0), ("worker",), NotificationKind.REMINDER),
+        EscalationStep(timedelta(minutes=15), ("manager",), NotificationKind.OVERRUN),
+        EscalationStep(timedelta(hours=2), ("role:director",), NotificationKind.ESCALATION),
     )
     acked = DEADLINE + timedelta(minutes=16)
     clock = fresh(state=lifecycle.OVERDUE, step=2, acknowledged_at=acked)

@@ -15,9 +15,11 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from visitwatch.core.calendar import Attendee, CalendarEvent
+from visitwatch.core.notification import NotificationKind
 from visitwatch.core.options import format_duration
 from visitwatch.policies import Policy, load_preset, parse_policy
 from visitwatch.policies.model import VisitDetails
+from visitwatch.policies.rules import FINDINGS_BY_NAME, RULE_NAMES
 
 LONDON = ZoneInfo("Europe/London")
 # Winter: London is UTC+0, so local clock times equal UTC ones in the simple cases.
@@ -591,20 +593,7 @@ def test_preset_clauses_are_verbatim_quotes_of_the_seed_policy(preset: str) -> N
     """Every clause is 'Section: "quote"' with the quote and section found in the seed."""
     text = squash(seed_text(preset))
     clauses = load_preset(preset).clauses
-    expected = {
-        "risk_assessment_missing",
-        "risk_assessment_incomplete",
-        "expected_return_missing",
-        "expected_return_before_start",
-        "address_missing",
-        "pair_without_second_worker",
-        "going_home_after",
-        "reminder",
-        "overrun",
-        "escalation",
-        "help",
-        "all_clear",
-    }
+    expected = {*RULE_NAMES, "reminder", "overrun", "escalation", "help", "all_clear"}
     assert set(clauses) >= expected
     for name, clause in clauses.items():
         match = re.fullmatch(r'(?P<section>[^"]+): "(?P<quote>.+)"', clause, re.DOTALL)
@@ -724,6 +713,81 @@ def test_parse_policy_reports_every_problem_with_its_key() -> None:
     # Still usable: the default preset, with the admin's valid parts applied.
     assert settings.name == "pan-lancashire"
     assert settings.recognition.subject_patterns == ("ok",)
+
+
+def test_clauses_and_instructions_for_every_kind_the_daemon_looks_up_are_kept() -> None:
+    """Clauses for extended, removed and worker_unknown parse and reach the settings."""
+    settings, problems = parse_policy(
+        {
+            "clauses": {
+                "extended": "4.1: extensions are agreed with the manager",
+                "removed": "4.2: a cancelled visit is confirmed with the worker",
+                "worker_unknown": "2.3: every visit names its worker",
+            },
+            "instructions": {
+                "extended": "Check the new return time is realistic.",
+                "removed": "Phone the worker to confirm they are safe.",
+            },
+        }
+    )
+    assert problems == []
+    assert settings.clauses["extended"] == "4.1: extensions are agreed with the manager"
+    assert settings.clauses["removed"] == "4.2: a cancelled visit is confirmed with the worker"
+    assert settings.clauses["worker_unknown"] == "2.3: every visit names its worker"
+    assert settings.instructions["removed"] == "Phone the worker to confirm they are safe."
+    # The preset's own clauses are still there underneath.
+    assert settings.clauses["overrun"] == load_preset("pan-lancashire").clauses["overrun"]
+
+
+def test_every_notification_kind_and_finding_takes_a_clause() -> None:
+    """No kind a message is sent for, and no finding, is refused as an unknown clause key."""
+    kinds = [kind.value for kind in NotificationKind]
+    _, problems = parse_policy(
+        {
+            "clauses": {name: f"clause for {name}" for name in [*kinds, *FINDINGS_BY_NAME]},
+            "instructions": {kind: f"do this for {kind}" for kind in kinds},
+        }
+    )
+    assert problems == []
+
+
+def test_a_finding_raised_by_the_daemon_is_declared_but_not_run_by_the_policy() -> None:
+    """worker_unknown has a severity and a clause key, but no policy rule raises it."""
+    assert FINDINGS_BY_NAME["worker_unknown"].severity == "warning"
+    assert FINDINGS_BY_NAME["worker_unknown"].check is None
+    assert "worker_unknown" not in RULE_NAMES
+    bare = entry(subject="Home visit", description="")
+    findings = PAN.check(bare, details_of(bare))
+    assert "risk_assessment_missing" in {finding.rule for finding in findings}
+    assert "worker_unknown" not in {finding.rule for finding in findings}
+    assert all(f.severity == FINDINGS_BY_NAME[f.rule].severity for f in findings)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "hint"),
+    [
+        ("clauses", "worker_unkown", "did you mean 'worker_unknown'?"),
+        ("clauses", "extnded", "did you mean 'extended'?"),
+        ("instructions", "remvoed", "did you mean 'removed'?"),
+    ],
+)
+def test_an_unknown_clause_or_instruction_key_gets_a_hint(
+    section: str, key: str, hint: str
+) -> None:
+    """A misspelt key is still refused, with the closest accepted key suggested."""
+    settings, problems = parse_policy({section: {key: "some text"}})
+    assert [(p.key, p.message, p.hint) for p in problems] == [
+        (f"policy.{section}.{key}", "unknown key", hint)
+    ]
+    assert key not in getattr(settings, section)
+
+
+def test_an_unknown_clause_key_with_no_close_match_lists_the_known_keys() -> None:
+    """With nothing close, the hint lists every key the table takes, the new ones included."""
+    _, problems = parse_policy({"instructions": {"zzzz": "text"}})
+    assert [p.key for p in problems] == ["policy.instructions.zzzz"]
+    assert problems[0].hint.startswith("known keys: ")
+    assert "extended" in problems[0].hint and "removed" in problems[0].hint
 
 
 @pytest.mark.parametrize(
