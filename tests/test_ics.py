@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -96,9 +97,10 @@ class Server:
         return self.base + path
 
 
-@pytest.fixture
-def server() -> Iterator[Server]:
-    feed = Feed()
+@contextmanager
+def serving(feed: Feed | None = None) -> Iterator[Server]:
+    """A loopback HTTP server serving ``feed`` until the block ends."""
+    feed = feed or Feed()
     handler = type("Handler", (_Handler,), {"feed": feed})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
@@ -109,6 +111,12 @@ def server() -> Iterator[Server]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(5)
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    with serving() as running:
+        yield running
 
 
 # --------------------------------------------------------------------------- helpers
