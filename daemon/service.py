@@ -16,44 +16,43 @@ never delay the sweep that raises alerts:
 Every wait is measured on the monotonic clock and every deadline compared on the wall
 clock when the loop wakes, so a wall-clock step (NTP after a VM resume) delays nothing by
 more than ``sweep_interval``; the polls, which APScheduler times by the wall clock, are
-re-armed when a step is noticed.
+re-armed when a step is noticed (``loops.py``, ``polls.py``). ``watchdog.py`` tells systemd
+how we are; ``write_back.py`` holds the write-back pass.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 import structlog
-from apscheduler.executors.base import BaseExecutor, run_job
-from apscheduler.schedulers.background import BackgroundScheduler
 
 from visitwatch import __version__
-from visitwatch.connectors.base import CalendarSource, Channel
-from visitwatch.core.errors import ConnectorError, VisitwatchError
+from visitwatch.connectors.base import CalendarSource, Channel, Connector
+from visitwatch.core.errors import VisitwatchError
 from visitwatch.core.options import ConnectorContext
 from visitwatch.daemon.clock import Clock, SystemClock
 from visitwatch.daemon.config import Config, ConnectorConfig, StaffMember
-from visitwatch.daemon.dispatch import (
-    DELIVERY_DEADLINE,
-    SEND_TIMEOUT,
-    Dispatcher,
-    DispatchReport,
-)
+from visitwatch.daemon.dispatch import Dispatcher, DispatchReport
+from visitwatch.daemon.episode import Episode
 from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.health import HealthMonitor
+from visitwatch.daemon.loops import SWEEP_GAP, ClockSteps, Loop, seconds_until
+from visitwatch.daemon.polls import Polls, polls_in_flight
 from visitwatch.daemon.store import DaemonLock, Store, record_unwritable
 from visitwatch.daemon.sync import Syncer, SyncReport
+from visitwatch.daemon.watchdog import DeliveryWatchdog, sd_notify
+from visitwatch.daemon.write_back import write_back_pass
 from visitwatch.policies import Policy
 
 log = structlog.get_logger(__name__)
+
+C = TypeVar("C", bound=Connector)
 
 
 class AlreadyRunning(VisitwatchError):
@@ -77,14 +76,18 @@ class Service:
         )
         self.channel_configs: Mapping[str, ConnectorConfig] = {c.name: c for c in config.channels}
         self.channels: dict[str, Channel] = {
-            c.name: c.cls(c.name, c.settings, self.context) for c in config.channels
+            # mypy cannot take an abstract class for type[C] (python/mypy#4717).
+            c.name: _built(c, Channel, self.context)  # type: ignore[type-abstract]
+            for c in config.channels
         }
         self.sources: dict[str, CalendarSource] = {}
         self.source_errors: dict[str, str] = {}
         for source_config in config.sources:
             try:
-                self.sources[source_config.name] = source_config.cls(
-                    source_config.name, source_config.settings, self.context
+                self.sources[source_config.name] = _built(
+                    source_config,
+                    CalendarSource,  # type: ignore[type-abstract]
+                    self.context,
                 )
             except Exception as err:
                 # One broken source must not stop the others from being watched.
@@ -100,19 +103,22 @@ class Service:
             self.channels,
             self.channel_configs,
             self.clock,
-            delivery_deadline=getattr(config.daemon, "delivery_deadline", DELIVERY_DEADLINE),
-            send_timeout=getattr(config.daemon, "send_timeout", SEND_TIMEOUT),
+            delivery_deadline=config.daemon.delivery_deadline,
+            send_timeout=config.daemon.send_timeout,
             notify_admins=self.health.notify,
         )
         self._not_in_directory: dict[str, datetime] = {}
         self.syncer.learn = self.learn_people
         self.lock = DaemonLock(config.daemon.database)
         self._stop = threading.Event()
-        self._scheduler: BackgroundScheduler | None = None
+        self._polls: Polls | None = None
         self._loops: dict[str, Loop] = {}
         self._clock_steps = ClockSteps()
-        self._dispatch_stalled = False
-        self._record_down = False  # the database could not be written at the last sweep
+        self._watchdog = DeliveryWatchdog(
+            lambda subject, text: self._tell_admins_from_memory(subject, text, local_ok=True)
+        )
+        # The database could not be written at the last sweep.
+        self._record_down = Episode(log, "record_unwritable", "record_writable_again")
         # Delivery counts as stuck (no watchdog ping, an admin notice) after this long.
         self.stall_limit = 2 * config.daemon.sweep_interval.total_seconds() + 30
 
@@ -136,7 +142,7 @@ class Service:
         if not ids:
             return
         try:
-            people = directory.lookup(ids)
+            people = dict(directory.lookup(ids))
             managers = {p.manager_id for p in people.values() if p.manager_id}
             people.update(directory.lookup(managers - set(people)))
         except Exception:  # the directory is a convenience; visits are watched without it
@@ -173,9 +179,7 @@ class Service:
                 raise
             self._sweep_from_memory(err)
             return 0
-        if self._record_down:
-            self._record_down = False
-            log.warning("record_writable_again")
+        self._record_down.end()
         try:
             notices = self.health.check()
         except Exception:  # a health check must never stop the sweep that raises alerts
@@ -191,9 +195,7 @@ class Service:
         dispatcher marks them sent instead of sending them again. An admin is told at
         once, and the log says it once per episode.
         """
-        if not self._record_down:
-            self._record_down = True
-            log.error("record_unwritable", error=str(err))
+        if self._record_down.begin(error=str(err)):
             self._tell_admins_from_memory(
                 "visitwatch: the record cannot be written",
                 f"visitwatch cannot write its database ({err}); the disk may be full. "
@@ -208,34 +210,8 @@ class Service:
         return self.dispatcher.dispatch(wait)
 
     def write_back(self) -> int:
-        """Mirror state changes onto calendar entries, for sources that can and are asked to.
-
-        Driven by the audit table (a change is written there in the same transaction as the
-        change itself), so a restart resumes where it stopped. Best effort: this is a
-        courtesy for office staff watching Outlook, never a substitute for an alert.
-        """
-        writers = {name: source for name, source in self.sources.items() if source.writes_back}
-        if not writers:
-            return 0
-        last = int(self.store.get_meta("write_back_audit_id") or 0)
-        rows = self.store.query(
-            "SELECT a.id, a.to_state, v.source, v.uid, v.recurrence_id FROM audit a"
-            " JOIN visits v ON v.id = a.visit_id WHERE a.id > ? AND a.to_state IN"
-            " ('overdue', 'escalated', 'resolved', 'acknowledged') ORDER BY a.id LIMIT 200",
-            (last,),
-        )
-        done = 0
-        for row in rows:
-            source = writers.get(row["source"])
-            if source is not None:
-                try:
-                    source.write_back(row["uid"], row["recurrence_id"], row["to_state"])
-                    done += 1
-                except ConnectorError as err:
-                    log.warning("write_back_failed", source=row["source"], error=str(err))
-            last = row["id"]
-        self.store.set_meta("write_back_audit_id", str(last))
-        return done
+        """Mirror state changes onto calendar entries (best effort, see ``write_back.py``)."""
+        return write_back_pass(self.store, self.sources)
 
     def run_once(self) -> tuple[list[SyncReport], int, DispatchReport]:
         """One sync of every source, one sweep, one delivery pass (``visitwatch sync``)."""
@@ -275,10 +251,10 @@ class Service:
                 channels=len(self.channels),
                 database=str(self.config.daemon.database),
             )
-            _sd_notify("READY=1")
+            sd_notify("READY=1")
             self._stop.wait()
             log.info("daemon_stopping")
-            _sd_notify("STOPPING=1")
+            sd_notify("STOPPING=1")
             finished = self.stop_loops()
         finally:
             # A thread still inside a slow call keeps its database connection; the process
@@ -318,7 +294,7 @@ class Service:
         self.dispatcher.on_progress = self._loops["dispatch"].wake
         for loop in self._loops.values():
             loop.start()
-        self._scheduler = self._start_polls()
+        self._polls = Polls(self.sync, self.sources, self.config.daemon.poll_interval)
 
     def stop_loops(self, timeout: float = 5.0) -> bool:
         """Stop everything within ``timeout`` seconds; True when no work was left running.
@@ -329,10 +305,9 @@ class Service:
         self._stop.set()
         for loop in self._loops.values():
             loop.wake()
-        if self._scheduler is not None:
-            # wait=False: waiting here would hold APScheduler's lock while a poll finishes.
-            self._scheduler.shutdown(wait=False)
-            self._scheduler = None
+        if self._polls is not None:
+            self._polls.shutdown()
+            self._polls = None
         deadline = time.monotonic() + timeout
         finished = all(
             loop.join(max(0.0, deadline - time.monotonic())) for loop in self._loops.values()
@@ -340,40 +315,18 @@ class Service:
         # A lane inside a send that never returns is left behind; its row is still pending
         # and goes out again on the next start.
         finished &= self.dispatcher.close(min(2.0, max(0.0, deadline - time.monotonic())))
-        busy = [t.name for t in threading.enumerate() if t.name.startswith("poll:")]
+        busy = polls_in_flight()
         if busy:
-            log.warning("stopping_with_polls_in_flight", polls=len(busy))
+            log.warning("stopping_with_polls_in_flight", polls=busy)
         return finished and not busy
-
-    def _start_polls(self) -> BackgroundScheduler:
-        daemon = self.config.daemon
-        scheduler = BackgroundScheduler(
-            executors={"default": DaemonThreadExecutor()},
-            job_defaults={"coalesce": True, "max_instances": 1},
-            timezone="UTC",
-        )
-        now = datetime.now(UTC)
-        for index, name in enumerate(self.sources):
-            scheduler.add_job(
-                self._guarded,
-                "interval",
-                args=("sync", self.sync, name),
-                id=f"poll:{name}",
-                seconds=daemon.poll_interval.total_seconds(),
-                # A missed poll is simply done late; the next one is never skipped twice.
-                misfire_grace_time=int(daemon.poll_interval.total_seconds()),
-                next_run_time=now + timedelta(milliseconds=100 * index),
-            )
-        scheduler.start()
-        return scheduler
 
     def _sweep_step(self) -> float | None:
         self._clock_steps.check(self._on_clock_step)
         written = self.sweep()
         if written:
             self._loops["dispatch"].wake()
-        self._watchdog(self._loops["dispatch"])
-        delay = _seconds_until(self.watcher.next_due(), self.clock.now())
+        self._watchdog.check(self._loops["dispatch"].heartbeat, self.stall_limit)
+        delay = seconds_until(self.watcher.next_due(), self.clock.now())
         # Deadlines a moment apart share one pass (a burst costs one commit per batch, not
         # one per deadline); a write that makes something due wakes the loop at once.
         return None if delay is None else max(delay, SWEEP_GAP)
@@ -381,31 +334,11 @@ class Service:
     def _dispatch_step(self) -> float | None:
         started = self.clock.now()
         self.dispatcher.dispatch(wait=0)
-        return _seconds_until(self.dispatcher.next_due(after=started), self.clock.now())
+        return seconds_until(self.dispatcher.next_due(after=started), self.clock.now())
 
     def _write_back_step(self) -> float | None:
         self.write_back()
         return None
-
-    def _watchdog(self, dispatch: Loop) -> None:
-        """Tell systemd we are alive only while the sweep and delivery both make progress."""
-        stuck_for = time.monotonic() - dispatch.heartbeat
-        if stuck_for <= self.stall_limit:
-            if self._dispatch_stalled:
-                self._dispatch_stalled = False
-                log.warning("dispatch_progressing_again")
-            _sd_notify("WATCHDOG=1")
-            return
-        if not self._dispatch_stalled:
-            self._dispatch_stalled = True
-            log.error("dispatch_stalled", seconds=round(stuck_for))
-            self._tell_admins_from_memory(
-                "visitwatch: alert delivery has stopped",
-                f"The delivery loop has made no progress for {round(stuck_for)} s, so "
-                "alerts may not be going out. systemd will restart visitwatch; if this "
-                "repeats, run `visitwatch status` and check the journal.",
-                local_ok=True,
-            )
 
     def _tell_admins_from_memory(self, subject: str, text: str, *, local_ok: bool = False) -> None:
         """An admin notice that cannot wait for the record (or for the delivery loop)."""
@@ -418,28 +351,8 @@ class Service:
         now: times computed (by us, and by APScheduler for the polls) on the old clock are
         wrong by the size of the step."""
         self.watcher.reconsider_all()
-        scheduler = self._scheduler
-        if scheduler is None:
-            return
-        now = datetime.now(UTC)
-        for job in scheduler.get_jobs():
-            job.modify(next_run_time=now)
-        scheduler.wakeup()
-
-    @staticmethod
-    def _guarded(job: str, func: Any, *args: Any) -> None:
-        # A failing job is logged and retried at its next interval; it never stops the daemon.
-        try:
-            func(*args)
-        except ConnectorError as err:
-            log.warning("job_failed", job=job, error=str(err))
-        except sqlite3.Error as err:
-            if not record_unwritable(err):
-                log.exception("job_crashed", job=job)
-            else:  # the sweep reports this once per episode; no traceback every poll
-                log.warning("job_skipped", job=job, reason="the record cannot be written")
-        except Exception:
-            log.exception("job_crashed", job=job)
+        if self._polls is not None:
+            self._polls.run_all_now()
 
     def close(self, store: bool = True) -> None:
         # A lane still inside a send keeps its database connection: closing it under a
@@ -455,108 +368,9 @@ class Service:
             self.store.close()
 
 
-# The sweep loop's shortest sleep between passes it schedules itself.
-SWEEP_GAP = 0.2
-
-
-class Loop:
-    """A thread that runs ``step`` when woken, or when the time ``step`` returned has come.
-
-    Waits are measured on the monotonic clock (``Event.wait``), so a wall-clock step can
-    neither stall nor hurry it; ``step`` compares deadlines on the wall clock each time it
-    runs, and runs at least every ``max_wait`` seconds whatever it returned.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        step: Callable[[], float | None],
-        max_wait: float,
-        stop: threading.Event,
-    ) -> None:
-        self.name = name
-        self._step = step
-        self._max_wait = max_wait
-        self._stop = stop
-        self._wake = threading.Event()
-        self.heartbeat = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name=f"loop:{name}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def join(self, timeout: float) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()  # a wake during the step runs it again at once
-            try:
-                delay = self._step()
-            except Exception:
-                log.exception("loop_crashed", loop=self.name)
-                delay = None
-            self.heartbeat = time.monotonic()
-            wait = self._max_wait if delay is None else min(max(delay, 0.0), self._max_wait)
-            self._wake.wait(wait)
-
-
-class ClockSteps:
-    """Notices when the wall clock jumps (NTP after a suspend, an admin's ``date -s``)."""
-
-    TOLERANCE = 2.0  # seconds of disagreement between the wall and the monotonic clock
-
-    def __init__(self) -> None:
-        self._wall = time.time()
-        self._mono = time.monotonic()
-
-    def check(self, on_step: Callable[[], None]) -> None:
-        wall, mono = time.time(), time.monotonic()
-        drift = (wall - self._wall) - (mono - self._mono)
-        self._wall, self._mono = wall, mono
-        if abs(drift) > self.TOLERANCE:
-            log.warning("clock_stepped", seconds=round(drift, 1))
-            on_step()
-
-
-class DaemonThreadExecutor(BaseExecutor):
-    """APScheduler executor running each job on a daemon thread of its own.
-
-    A pool's threads are joined when the interpreter exits, so a poll stuck in a slow read
-    would hold up a stop; a daemon thread is left behind instead (its transaction, if
-    any, rolls back like a crash's). ``max_instances`` still keeps one run per job.
-    """
-
-    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
-        def target() -> None:
-            try:
-                events = run_job(job, job._jobstore_alias, run_times, self._logger.name)
-            except BaseException as err:
-                self._run_job_error(job.id, err, err.__traceback__)
-            else:
-                self._run_job_success(job.id, events)
-
-        threading.Thread(target=target, name=f"{job.id}", daemon=True).start()
-
-
-def _seconds_until(moment: datetime | None, now: datetime) -> float | None:
-    return None if moment is None else (moment - now).total_seconds()
-
-
-def _sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify, WatchdogSec=) how we are; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(state.encode())
-    except OSError as err:
-        log.warning("sd_notify_failed", error=str(err))
+def _built(config: ConnectorConfig, kind: type[C], context: ConnectorContext) -> C:
+    """The connector ``config`` describes; the registry gave its class for a ``kind``."""
+    connector = config.cls(config.name, config.settings, context)
+    if not isinstance(connector, kind):  # a registry mistake, said plainly
+        raise VisitwatchError(f"{config.name}: {config.type!r} is not a {kind.__name__}")
+    return connector
