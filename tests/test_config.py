@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from visitwatch.connectors.base import Connector
+from visitwatch.connectors.registry import CHANNELS, SOURCES, channel_class, source_class
+from visitwatch.core.notification import NotificationKind
 from visitwatch.core.options import Secret, parse_duration
 from visitwatch.daemon.config import ConfigError, load_config
 from visitwatch.daemon.reach import unreachable
@@ -36,21 +43,79 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_the_documented_example_loads(monkeypatch: pytest.MonkeyPatch):
+EXAMPLE_PATH = REPO / "examples" / "visitwatch.toml"
+SECTIONS = {"sources": (SOURCES, source_class), "channels": (CHANNELS, channel_class)}
+# A value every secret option accepts (a Standard Webhooks key is also a fine password).
+SAMPLE_SECRET = "whsec_" + base64.b64encode(b"example-secret-of-32-bytes-long!").decode()
+SAMPLE_URL = "https://calendar.example.org/secret-token.ics"
+
+
+def example_blocks() -> list[tuple[str, dict[str, Any]]]:
+    """Each [[sources]] and [[channels]] table in the example, with its section."""
+    raw = tomllib.loads(EXAMPLE_PATH.read_text(encoding="utf-8"))
+    return [(section, block) for section in SECTIONS for block in raw.get(section, [])]
+
+
+def connector_class(section: str, block: dict[str, Any]) -> type[Connector]:
+    return SECTIONS[section][1](block["type"])
+
+
+@pytest.fixture
+def example_env(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Set every { env = "NAME" } the example names to a value its option accepts."""
+    values = []
+    for section, block in example_blocks():
+        options = connector_class(section, block).options
+        for key, value in block.items():
+            if isinstance(value, dict) and set(value) == {"env"}:
+                sample = SAMPLE_URL if options[key].kind == "url" else SAMPLE_SECRET
+                monkeypatch.setenv(value["env"], sample)
+                values.append(sample)
+    return values
+
+
+def test_the_documented_example_loads(example_env: list[str]):
     """examples/visitwatch.toml, the admin's reference, is itself a valid config."""
-    monkeypatch.setenv("VISITWATCH_ASHA_ICS_URL", "https://calendar.example.org/secret-token.ics")
-    monkeypatch.setenv("VISITWATCH_SMTP_PASSWORD", "correct horse")
-    config = load_config(REPO / "examples" / "visitwatch.toml")
-    assert [s.name for s in config.sources] == [
-        "asha-calendar",
-        "team-home-visits",
-        "outlook-home-visits",
-    ]
-    assert [c.name for c in config.channels] == ["outbox", "console", "email", "outlook"]
-    assert isinstance(config.channels[2].settings["password"], Secret)
-    assert "correct horse" not in repr(config.channels[2].settings)
+    config = load_config(EXAMPLE_PATH)
+    blocks = example_blocks()
+    assert [s.name for s in config.sources] == [b["name"] for k, b in blocks if k == "sources"]
+    assert [c.name for c in config.channels] == [b["name"] for k, b in blocks if k == "channels"]
+    email = next(c for c in config.channels if c.type == "smtp")
+    assert isinstance(email.settings["password"], Secret)
+    settings = repr([c.settings for c in (*config.sources, *config.channels)])
+    assert example_env and not [value for value in example_env if value in settings]
     assert config.directory.get("ASHA.KHAN@example.org").manager == "maria.jones@example.org"
     assert [s.kind for s in config.policy.escalation] == ["reminder", "overrun", "escalation"]
+
+
+@pytest.mark.parametrize(
+    ("section", "type_name"),
+    [(section, name) for section, (known, _) in SECTIONS.items() for name in sorted(known)],
+)
+def test_the_example_shows_every_connector_and_explains_every_option(section: str, type_name: str):
+    """Each registered type has a block in the example naming each of its options (set or
+    in a comment), so a new connector cannot land undocumented."""
+    text = EXAMPLE_PATH.read_text(encoding="utf-8")
+    # A block runs from its [[section]] header to the next header of any table.
+    pieces = re.split(r"^(?=\[)", text, flags=re.MULTILINE)
+    mine = [
+        piece
+        for piece in pieces
+        if piece.startswith(f"[[{section}]]")
+        and re.search(rf'^type = "{re.escape(type_name)}"', piece, re.MULTILINE)
+    ]
+    assert mine, f"examples/visitwatch.toml has no [[{section}]] block of type {type_name!r}"
+    shown = "".join(mine)
+    options = SECTIONS[section][1](type_name).options
+    missing = [name for name in options if not re.search(rf"\b{name}\b", shown)]
+    assert missing == [], f"{type_name}: options not in the example: {missing}"
+
+
+def test_the_example_lists_every_notification_kind():
+    """The channels' `kinds` comment names every kind a channel may be limited to."""
+    text = EXAMPLE_PATH.read_text(encoding="utf-8")
+    listed = text.split("# Kinds:")[1].split("\n\n")[0]
+    assert [k for k in NotificationKind if not re.search(rf"\b{k}\b", listed)] == []
 
 
 def test_every_problem_is_reported_at_once_with_its_key(tmp_path: Path):
@@ -95,7 +160,7 @@ def test_every_problem_is_reported_at_once_with_its_key(tmp_path: Path):
     assert "daemon.poll_interval" in by_key
     assert "unknown time zone" in by_key["daemon.timezone"].message
     assert "not in the staff directory" in by_key["staff[0].manager"].message
-    assert "known types: graph, ics" in by_key["sources[0].type"].message
+    assert "known types: " + ", ".join(sorted(SOURCES)) in by_key["sources[0].type"].message
     assert "whole number" in by_key["channels[0].port"].message
     assert "cannot be written in the config" in by_key["channels[0].password"].message
     assert "policy.escalation[0].to" in by_key
@@ -165,8 +230,36 @@ def test_cli_shows_config_errors_without_a_traceback(tmp_path: Path):
     )
     assert result.returncode == 2
     assert "channels[0].type: unknown channel type 'pigeon'" in result.stderr
-    assert "known types: console, graph_mail, outbox, smtp" in result.stderr
+    assert "known types: " + ", ".join(sorted(CHANNELS)) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_reports_smtp_settings_that_cannot_work(tmp_path: Path):
+    """`visitwatch check` refuses a sender that is no address, a port beyond 65535, TLS on a
+    plain-text port and a login without its password, instead of saying the config is OK."""
+    smtp = '[[channels]]\nname = "{name}"\ntype = "smtp"\nhost = "smtp.example.org"\n{extra}\n'
+    path = write(
+        tmp_path,
+        MINIMAL
+        + smtp.format(name="a", extra='sender = "not-an-address"')
+        + smtp.format(name="b", extra='sender = "v@example.org"\nport = 70000')
+        + smtp.format(
+            name="c",
+            extra='sender = "v@example.org"\nport = 587\nsecurity = "tls"\nusername = "v"',
+        ),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "visitwatch.daemon.cli", "--config", str(path), "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout
+    assert "channels[1].sender: 'not-an-address' is not an e-mail address" in result.stderr
+    assert "channels[2].port: must be at most 65535" in result.stderr
+    assert "channels[3].security:" in result.stderr and "plain text" in result.stderr
+    assert "channels[3].password: username is set but password is not" in result.stderr
+    assert "config OK" not in result.stdout
 
 
 def test_missing_config_says_how_to_give_one(monkeypatch: pytest.MonkeyPatch):
@@ -209,10 +302,8 @@ def test_delivery_deadline_and_send_timeout_are_read_and_must_be_positive(tmp_pa
     assert keys["daemon.send_timeout"] == "must be longer than zero"
 
 
-def test_the_example_documents_the_delivery_settings(monkeypatch: pytest.MonkeyPatch):
+def test_the_example_documents_the_delivery_settings(example_env: list[str]):
     """examples/visitwatch.toml sets and explains delivery_deadline and send_timeout."""
-    monkeypatch.setenv("VISITWATCH_ASHA_ICS_URL", "https://calendar.example.org/secret-token.ics")
-    monkeypatch.setenv("VISITWATCH_SMTP_PASSWORD", "correct horse")
     text = (REPO / "examples" / "visitwatch.toml").read_text(encoding="utf-8")
     assert "\ndelivery_deadline = " in text and "\nsend_timeout = " in text
     explained = text.split("\ndelivery_deadline = ")[1].split("\nsend_timeout = ")[0]
