@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import resource
 import tempfile
 import time
@@ -38,8 +37,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from bench.visits import insert_visits, visit_row
 from visitwatch.connectors.outbox import read_outbox
 from visitwatch.core.errors import ConnectorError
+from visitwatch.core.notification import NotificationKind
 from visitwatch.daemon import lifecycle, logs
 from visitwatch.daemon.clock import SystemClock
 from visitwatch.daemon.config import load_config
@@ -77,34 +78,24 @@ def config_text() -> str:
     )
 
 
-def visit_row(index: int, deadline: datetime) -> dict:
-    start = deadline - timedelta(hours=1)
-    return {
-        "id": f"{index:012x}", "source": "bench", "uid": f"uid-{index}", "recurrence_id": "",
-        "kind": "home_visit", "worker_id": f"worker{index % WORKERS}@example.org",
-        "worker_label": f"Worker {index % WORKERS}", "worker_known": 1,
-        "subject": "Home visit", "address": f"{index} Long Road, Preston", "private": 0,
-        "start": ts(start), "end": ts(deadline), "expected_return": ts(deadline),
-        "deadline": ts(deadline), "state": lifecycle.IN_PROGRESS,
-        "findings": json.dumps([]), "next_action_at": ts(deadline),
-        "first_seen": ts(start), "last_seen": ts(start), "updated": ts(start),
-    }  # fmt: skip
-
-
 def build(folder: Path, first_deadline: datetime, window: float) -> dict[str, datetime]:
     """Write the config and 10,000 in-progress visits; return each visit's deadline."""
     (folder / "visitwatch.toml").write_text(config_text())
     store = Store(folder / "visitwatch.db")
-    rows = [
-        visit_row(i, first_deadline + timedelta(seconds=window * i / VISITS)) for i in range(VISITS)
-    ]
-    with store.transaction() as conn:
-        columns = list(rows[0])
-        conn.executemany(
-            f"INSERT INTO visits ({', '.join(repr(c) for c in columns)})"
-            f" VALUES ({', '.join('?' * len(columns))})",
-            [tuple(r[c] for c in columns) for r in rows],
+    rows = []
+    for i in range(VISITS):
+        deadline = first_deadline + timedelta(seconds=window * i / VISITS)
+        rows.append(
+            visit_row(
+                i,
+                start=deadline - timedelta(hours=1),
+                end=deadline,
+                state=lifecycle.IN_PROGRESS,
+                next_action=deadline,
+                worker=i % WORKERS,
+            )
         )
+    insert_visits(store, rows)
     store.close()
     return {r["id"]: from_ts(r["deadline"]) for r in rows}
 
@@ -117,7 +108,8 @@ def cpu_seconds() -> float:
 
 def sent_reminders(store: Store) -> int:
     row = store.one(
-        "SELECT COUNT(*) AS n FROM notifications WHERE kind = 'reminder' AND status = 'sent'"
+        "SELECT COUNT(*) AS n FROM notifications WHERE kind = ? AND status = 'sent'",
+        (NotificationKind.REMINDER,),
     )
     return row["n"] if row else 0
 
@@ -139,7 +131,7 @@ def latencies(
     seen: dict[str, float] = {}
     duplicates = 0
     for record in read_outbox(outbox):
-        if record["kind"] != "reminder":
+        if record["kind"] != NotificationKind.REMINDER:
             continue
         sent = datetime.fromisoformat(record["sent"])
         latency = (sent - deadlines[record["visit_id"]]).total_seconds() + offset(sent)

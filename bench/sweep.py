@@ -8,18 +8,18 @@ database, with 20 active visits and a growing history of resolved ones.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from bench import visits
 from visitwatch.daemon import lifecycle
 from visitwatch.daemon.clock import FrozenClock
 from visitwatch.daemon.config import parse_config
 from visitwatch.daemon.escalation import Watcher
-from visitwatch.daemon.store import Store, ts
+from visitwatch.daemon.store import Store
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 ACTIVE = 20
@@ -37,15 +37,9 @@ CONFIG = {
 
 
 def visit_row(index: int, start: datetime, state: str, next_action: datetime | None) -> dict:
-    end = start + timedelta(hours=1)
-    return {
-        "id": f"{index:012x}", "source": "bench", "uid": f"uid-{index}", "recurrence_id": "",
-        "kind": "home_visit", "worker_id": "w@example.org", "worker_label": "W",
-        "worker_known": 1, "subject": "Home visit", "address": "1 Road", "private": 0,
-        "start": ts(start), "end": ts(end), "expected_return": ts(end), "deadline": ts(end),
-        "state": state, "findings": json.dumps([]), "next_action_at": ts(next_action),
-        "first_seen": ts(start), "last_seen": ts(start), "updated": ts(start),
-    }  # fmt: skip
+    return visits.visit_row(
+        index, start=start, end=start + timedelta(hours=1), state=state, next_action=next_action
+    )
 
 
 def build(folder: Path, history: int) -> Store:
@@ -55,13 +49,7 @@ def build(folder: Path, history: int) -> Store:
     # Active visits: in progress, next action (their deadline) an hour away.
     rows += [visit_row(history + i, NOW - timedelta(minutes=30), lifecycle.IN_PROGRESS,
                        NOW + timedelta(hours=1)) for i in range(ACTIVE)]  # fmt: skip
-    with store.transaction() as conn:
-        columns = list(rows[0])
-        conn.executemany(
-            f"INSERT INTO visits ({', '.join(repr(c) for c in columns)})"
-            f" VALUES ({', '.join('?' * len(columns))})",
-            [tuple(r[c] for c in columns) for r in rows],
-        )
+    visits.insert_visits(store, rows)
     store.db.conn.execute("ANALYZE")
     return store
 
