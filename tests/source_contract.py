@@ -207,6 +207,18 @@ class CalendarSourceContract:
         assert (replaced.start, replaced.subject) == (at(3, 14), "Home visit (moved)")
         assert at(3, 9) not in [e.start for e in result.events]
 
+    def test_a_moved_occurrence_is_read_where_it_now_is(self, make_source: MakeSource) -> None:
+        """An occurrence moved into the window from beyond its end comes through (with the
+        recurrence id of its old date); one moved out of the window does not."""
+        series = visit("late-series", 13, rrule="FREQ=DAILY;COUNT=3")  # 13, 14, 15 July
+        moved_in = Entry("late-series", at(14, 15), at(14, 16), original_start=at(15))
+        moved_out = Entry("late-series", at(16, 9), at(16, 10), original_start=at(13))
+        result = make_source([series, moved_in, moved_out]).fetch(WINDOW)
+        assert [(e.start, e.recurrence_id) for e in result.events] == [
+            (at(14), at(14).isoformat()),
+            (at(14, 15), at(15).isoformat()),
+        ]
+
     def test_only_connector_error_escapes(self, broken_source: CalendarSource) -> None:
         """A source that cannot be read raises ConnectorError, never a library's error."""
         with pytest.raises(ConnectorError) as caught:
