@@ -1,7 +1,7 @@
 """One Microsoft Graph client per tenant, shared by the calendar source and the mail channel.
 
-App-only (daemon) access: msal's client-credentials flow with a client secret or a
-certificate, tokens from msal's cache. Every request goes through :meth:`GraphClient.request`,
+App-only (daemon) access: tokens come from :mod:`graph_auth`, Graph's error answers are
+worded in :mod:`graph_errors`. Every request goes through :meth:`GraphClient.request`,
 which is where Graph's failure modes are handled once:
 
 - 429 / 503 / 504: wait for ``Retry-After`` (or an exponential backoff) with jitter, retry;
@@ -26,19 +26,18 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-import msal
 import requests
 import structlog
 
-from visitwatch.core.errors import ConnectorError
-from visitwatch.core.options import ConfigProblem, Option, Secret
+from visitwatch.connectors.graph_auth import EntraTokens
+from visitwatch.connectors.graph_errors import GraphError, graph_error
+from visitwatch.core.options import ConfigProblem, Option
 
 log = structlog.get_logger(__name__)
 
@@ -69,41 +68,6 @@ def app_problems(settings: Mapping[str, Any]) -> list[ConfigProblem]:
     return [ConfigProblem("client_secret", "give exactly one of client_secret and certificate")]
 
 
-# Error codes of a delta token Graph no longer honours, case-folded: Graph spells them
-# "SyncStateNotFound" for Outlook and "syncStateNotFound" for directory resources.
-EXPIRED_DELTA_CODES = frozenset({"syncstatenotfound", "resyncrequired", "syncstateinvalid"})
-
-_TOKEN_HINTS = {
-    "AADSTS7000215": "the client secret is wrong: copy the secret's Value, not its ID",
-    "AADSTS7000222": "the client secret has expired: create a new one in Entra and update it",
-    "AADSTS700016": "no app with this client id in the tenant: check client_id and tenant_id",
-    "AADSTS90002": "the tenant was not found: check tenant_id",
-    "AADSTS700027": "the certificate is not registered on the app, or has expired",
-    "AADSTS65001": "admin consent has not been granted for the app's permissions",
-}
-
-
-class GraphError(ConnectorError):
-    """A Graph request failed; ``status`` and ``code`` come from Graph's answer."""
-
-    def __init__(
-        self, message: str, *, status: int = 0, code: str = "", permanent: bool = False
-    ) -> None:
-        super().__init__(message, permanent=permanent)
-        self.status = status
-        self.code = code
-
-
-def scope_for(graph_url: str) -> list[str]:
-    """The token scope of the Graph at ``graph_url``: its host, for national clouds too.
-
-    ``https://graph.microsoft.us/v1.0`` (US Government) asks for
-    ``https://graph.microsoft.us/.default``; a token for the global cloud is refused there.
-    """
-    parts = urlsplit(graph_url.strip())
-    return [f"{parts.scheme or 'https'}://{parts.netloc}/.default"]
-
-
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
     """``Retry-After`` as seconds from now: delay-seconds or an HTTP date (RFC 9110), else None."""
     if value is None or not value.strip():
@@ -122,74 +86,6 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-def _certificate_problem(path: Path, detail: str) -> ConnectorError:
-    return ConnectorError(f"certificate {path}: {detail}", permanent=True)
-
-
-def load_certificate(path: Path, password: Secret | None) -> dict[str, Any]:
-    """msal's ``client_credential`` for a PEM (key + certificate) or PFX file.
-
-    The key and certificate are opened here, so a wrong passphrase is reported as a
-    certificate problem (msal would report it later as if Entra did not know the tenant).
-    The certificate goes to msal as ``public_certificate``, from which msal (>= 1.35)
-    names it by its SHA-256 thumbprint instead of the deprecated SHA-1 one.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.serialization import pkcs12
-
-    passphrase = password.reveal().encode() if password else None
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise _certificate_problem(path, f"cannot be read ({err.strerror})") from err
-    if path.suffix.lower() in (".pfx", ".p12"):
-        try:
-            key, cert, _chain = pkcs12.load_key_and_certificates(data, passphrase)
-        except ValueError as err:
-            raise _certificate_problem(
-                path,
-                "the PFX cannot be opened: check certificate_password (wrong or missing "
-                "passphrase) and that the file is a PKCS#12 (.pfx) file",
-            ) from err
-        if key is None or cert is None:
-            raise _certificate_problem(
-                path, "the PFX must hold both the private key and the certificate"
-            )
-        credential: dict[str, Any] = {
-            "private_key_pfx_path": str(path),
-            "public_certificate": True,  # msal reads the certificate from the PFX (SHA-256)
-        }
-        if passphrase:
-            credential["passphrase"] = password.reveal() if password else ""
-        return credential
-    try:
-        cert = x509.load_pem_x509_certificate(data)
-    except ValueError as err:
-        raise _certificate_problem(
-            path, f"no certificate found ({err}); it must hold the private key and the "
-            "certificate in PEM form (or give a .pfx)",
-        ) from err  # fmt: skip
-    try:
-        serialization.load_pem_private_key(data, passphrase)
-    except TypeError as err:  # encrypted without a passphrase, or a passphrase for a plain key
-        raise _certificate_problem(
-            path, f"the private key and certificate_password do not match ({err})"
-        ) from err
-    except ValueError as err:
-        raise _certificate_problem(
-            path, "the private key cannot be read: check certificate_password (an encrypted "
-            "key needs its passphrase) and that the file holds the key in PEM form",
-        ) from err  # fmt: skip
-    credential = {
-        "private_key": data.decode(),
-        "public_certificate": cert.public_bytes(serialization.Encoding.PEM).decode(),
-    }
-    if passphrase:
-        credential["passphrase"] = password.reveal() if password else ""
-    return credential
-
-
 class _GraphSession(requests.Session):
     """A session with a default timeout, whose own ``verify`` wins over the environment.
 
@@ -203,14 +99,21 @@ class _GraphSession(requests.Session):
         super().__init__()
         self.timeout = timeout
 
-    def request(  # type: ignore[override]
-        self, method: str | bytes, url: str | bytes, *args: Any, timeout: Any = None, **kwargs: Any
+    def request(
+        self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
     ) -> requests.Response:
-        return super().request(
-            method, url, *args, timeout=self.timeout if timeout is None else timeout, **kwargs
-        )
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout
+        return super().request(method, url, *args, **kwargs)
 
-    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+    def merge_environment_settings(
+        self,
+        url: str | bytes | None,
+        proxies: MutableMapping[str, str] | None,
+        stream: bool | None,
+        verify: bool | str | None,
+        cert: str | tuple[str, str] | None,
+    ) -> Any:
         settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
         if self.verify is not True and verify in (None, True):
             settings["verify"] = self.verify
@@ -233,107 +136,17 @@ class GraphClient:
         self.timeout = settings["timeout"].total_seconds()
         self._sleep = sleep
         self._jitter = jitter
-        self._lock = threading.Lock()  # guards self._app only; never held during a request
-        secret, certificate = settings.get("client_secret"), settings.get("certificate")
-        if bool(secret) == bool(certificate):
-            raise ConnectorError(
-                "Microsoft Graph needs exactly one of client_secret and certificate",
-                permanent=True,
-            )
-        self._credential: Any = (
-            secret.reveal() if secret
-            else load_certificate(certificate, settings.get("certificate_password"))
-        )  # fmt: skip
         self.session = _GraphSession(self.timeout)
         self.session.headers["User-Agent"] = user_agent
         if settings.get("ca_file"):
             self.session.verify = str(settings["ca_file"])
-        # Built on first use: msal asks the authority for its OpenID configuration in the
-        # constructor, and an unreachable Entra at start-up must not stop the daemon (the
-        # other sources and channels keep working; this one reports its error when used).
-        self._app: msal.ConfidentialClientApplication | None = None
-
-    def _new_app(self) -> msal.ConfidentialClientApplication:
-        authority = f"{self.settings['authority_host'].rstrip('/')}/{self.settings['tenant_id']}"
-        return msal.ConfidentialClientApplication(
-            self.settings["client_id"],
-            client_credential=self._credential,
-            authority=authority,
-            http_client=self.session,
-            # Instance discovery asks login.microsoftonline.com about the authority; for a
-            # national cloud (or a test server) the configured host is the authority.
-            instance_discovery=False,
-            # No timeout argument: msal ignores it with our session, which has its own.
-        )
-
-    # ------------------------------------------------------------------ tokens
+        # Reads the secret or certificate now (a bad certificate is a clear error at start)
+        # but asks Entra nothing until the first request.
+        self.tokens = EntraTokens(settings, self.session, self.timeout)
 
     def token(self) -> str:
         """An access token from msal's cache, or from Entra (each request waits ``timeout``)."""
-        host = self.settings["authority_host"]
-        app = self._application()
-        try:
-            # msal's token cache has its own lock; concurrent misses each ask Entra.
-            result = app.acquire_token_for_client(scopes=scope_for(self.base))
-        except requests.Timeout as err:
-            raise GraphError(
-                f"the Entra token endpoint ({host}) did not answer within {self.timeout:g}s"
-            ) from err
-        except requests.RequestException as err:
-            raise GraphError(
-                f"cannot reach the Entra token endpoint ({host}): {type(err).__name__}"
-            ) from err
-        except ValueError as err:  # an answer that is not JSON: a proxy's error page
-            raise GraphError(
-                f"the Entra token endpoint ({host}) gave an unreadable answer"
-            ) from err
-        if "access_token" in result:
-            return result["access_token"]
-        description = str(result.get("error_description", "")).split("\r\n")[0]
-        code = next((c for c in _TOKEN_HINTS if c in description), "")
-        hint = _TOKEN_HINTS.get(
-            code,
-            "check tenant_id, client_id, the secret or certificate, "
-            "and that admin consent was granted",
-        )
-        raise GraphError(
-            f"Entra refused a token ({result.get('error', 'error')}): {description}. {hint}",
-            code=code or str(result.get("error", "")),
-            permanent=result.get("error") in ("invalid_client", "unauthorized_client",
-                                              "invalid_request", "invalid_scope"),
-        )  # fmt: skip
-
-    def _application(self) -> msal.ConfidentialClientApplication:
-        """msal's application, built on first use (outside the lock: it asks Entra)."""
-        with self._lock:
-            app = self._app
-        if app is not None:
-            return app
-        host = self.settings["authority_host"]
-        try:
-            built = self._new_app()
-        except requests.Timeout as err:
-            raise GraphError(f"Entra ({host}) did not answer within {self.timeout:g}s") from err
-        except requests.RequestException as err:
-            raise GraphError(f"cannot reach Entra ({host}): {type(err).__name__}") from err
-        except ValueError as err:
-            # msal's tenant discovery refused the authority: a configuration mistake.
-            raise GraphError(
-                f"Entra does not know the tenant {self.settings['tenant_id']!r} at {host}: "
-                f"check tenant_id ({err})",
-                permanent=True,
-            ) from err
-        with self._lock:
-            if self._app is None:  # another thread may have built one meanwhile: keep one
-                self._app = built
-            return self._app
-
-    def _refresh(self) -> None:
-        """Forget cached tokens: the next token() asks Entra again."""
-        with self._lock:
-            app = self._app
-        if app is not None:
-            app.remove_tokens_for_client()  # the cache only: instance discovery is off
+        return self.tokens.token()
 
     # ------------------------------------------------------------------ requests
 
@@ -381,7 +194,7 @@ class GraphClient:
                 return response
             if response.status_code == 401 and not refreshed:
                 refreshed = True
-                self._refresh()
+                self.tokens.forget()
                 continue
             if response.status_code in (429, 503, 504) and attempt < MAX_ATTEMPTS:
                 pause = self._pause(response.headers.get("Retry-After"), attempt)
@@ -405,39 +218,11 @@ class GraphClient:
         self._sleep(pause)
 
     def error(self, response: requests.Response, mailbox: str = "") -> GraphError:
-        status = response.status_code
         try:
-            body = response.json().get("error", {})
+            body = response.json()
         except ValueError:
-            body = {}
-        code, detail = str(body.get("code", "")), str(body.get("message", ""))[:300]
-        where = f"mailbox {mailbox}: " if mailbox else ""
-        if status == 403 or code == "ErrorAccessDenied":
-            return GraphError(
-                f"{where}access denied ({code or status}): {detail}. Check that the app has the "
-                "application permission (Calendars.Read, Mail.Send) with admin consent, and "
-                "that an application access policy or RBAC for Applications scope includes "
-                "this mailbox", status=status, code=code, permanent=True,
-            )  # fmt: skip
-        if status == 404:
-            return GraphError(
-                f"{where}not found ({code or 404}): {detail}. Check the mailbox address and "
-                "calendar name", status=status, code=code, permanent=True,
-            )  # fmt: skip
-        if status == 410 or code.casefold() in EXPIRED_DELTA_CODES:
-            return GraphError(
-                f"{where}delta state expired ({code or 410})",
-                status=status,
-                code=code or "SyncStateNotFound",
-                permanent=False,
-            )
-        permanent = 400 <= status < 500 and status not in (408, 409, 429)
-        return GraphError(
-            f"{where}Graph answered {status} {code}: {detail}".strip(),
-            status=status,
-            code=code,
-            permanent=permanent,
-        )
+            body = None
+        return graph_error(response.status_code, body, mailbox)
 
     def get(self, path: str, **kwargs: Any) -> dict[str, Any]:
         return self.request("GET", path, **kwargs).json()

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from tests.graph_server import FakeGraph
-from visitwatch.connectors import graph_client
+from visitwatch.connectors import graph_auth, graph_client
 from visitwatch.connectors.graph_client import GRAPH_OPTIONS, GraphClient, GraphError
 from visitwatch.core.errors import ConnectorError
 from visitwatch.core.options import validate_options
@@ -171,7 +171,7 @@ def test_wrong_pfx_password_is_a_certificate_problem_naming_the_option(
 )  # fmt: skip
 def test_token_scope_follows_the_graph_url(graph_url: str, scope: str):
     """National clouds: the token is asked for the Graph the requests go to."""
-    assert graph_client.scope_for(graph_url) == [scope]
+    assert graph_auth.scope_for(graph_url) == [scope]
 
 
 def test_token_request_asks_for_the_configured_graph(

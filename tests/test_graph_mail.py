@@ -575,12 +575,12 @@ def test_fake_graph_check_without_user_read_all(
 
     fake_graph.roles[:] = []  # RBAC for Applications: nothing in the token, not a failure
     fake_graph.revoke_tokens()
-    channel.client._refresh()  # and the client's cached token with them
+    channel.client.tokens.forget()  # and the client's cached token with them
     assert "no Mail.Send in the token" in channel.check()
 
     fake_graph.roles[:] = ["Mail.Send", "User.Read.All"]
     fake_graph.revoke_tokens()
-    channel.client._refresh()  # the next token carries the new role
+    channel.client.tokens.forget()  # the next token carries the new role
     assert channel.check() == f"token ok (Mail.Send granted); sender {SENDER} found"
 
 
