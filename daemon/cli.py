@@ -214,35 +214,35 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_checkin(args: argparse.Namespace) -> int:
     with _acting(args) as service:
         extend = _duration(args.extend) if args.extend else None
-        visit = service.watcher.check_in(args.visit, by=args.by, extend=extend)
+        visit = service.watcher.actions.check_in(args.visit, by=args.by, extend=extend)
         if extend:
-            when = fmt_local(from_ts(visit["deadline"]), service.config.daemon.timezone)
-            print(f"visit {visit['id']} extended: now expected back {when}")
+            when = fmt_local(visit.deadline, service.config.daemon.timezone)
+            print(f"visit {visit.id} extended: now expected back {when}")
         else:
-            print(f"visit {visit['id']} checked in: resolved, all clear sent to anyone alerted")
+            print(f"visit {visit.id} checked in: resolved, all clear sent to anyone alerted")
     return 0
 
 
 def cmd_ack(args: argparse.Namespace) -> int:
     with _acting(args) as service:
-        visit = service.watcher.acknowledge(args.alert, by=args.by, safe=args.safe)
+        visit = service.watcher.actions.acknowledge(args.alert, by=args.by, safe=args.safe)
         if args.safe:
-            print(f"visit {visit['id']} resolved: confirmed safe by {args.by}; all clear sent")
+            print(f"visit {visit.id} resolved: confirmed safe by {args.by}; all clear sent")
         else:
             minutes = int(service.config.policy.ack_timeout.total_seconds() // 60)
             print(
-                f"visit {visit['id']} acknowledged by {args.by}: repeats paused. Later rungs "
+                f"visit {visit.id} acknowledged by {args.by}: repeats paused. Later rungs "
                 f"still go out (to you too), and if the worker is not confirmed safe within "
                 f"{minutes} min you and the next rung are alerted again. When the worker is "
-                f"confirmed safe: visitwatch ack {visit['id']} --by ... --safe"
+                f"confirmed safe: visitwatch ack {visit.id} --by ... --safe"
             )
     return 0
 
 
 def cmd_help(args: argparse.Namespace) -> int:
     with _acting(args) as service:
-        visit = service.watcher.request_help(args.visit, by=args.by)
-        print(f"help requested for visit {visit['id']}: everyone on the ladder is being alerted")
+        visit = service.watcher.actions.request_help(args.visit, by=args.by)
+        print(f"help requested for visit {visit.id}: everyone on the ladder is being alerted")
     return 0
 
 

@@ -23,12 +23,13 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from visitwatch.core.notification import Message
+from visitwatch.core.notification import Message, NotificationKind
 from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import Config
-from visitwatch.daemon.escalation import Addressee, Watcher, admin_addressees, enqueue
+from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.lifecycle import TERMINAL
 from visitwatch.daemon.messages import fmt_local
+from visitwatch.daemon.recipients import Addressee, admin_addressees
 from visitwatch.daemon.store import Store, from_ts, ts
 
 log = structlog.get_logger(__name__)
@@ -52,13 +53,14 @@ class HealthMonitor:
         self.source_errors: Mapping[str, str] = {}
 
     def admins(self) -> list[Addressee]:
-        return admin_addressees(self.watcher.directory)
+        return admin_addressees(self.watcher.staff.current)
 
     def admin_messages(self, subject: str, text: str) -> list[Message]:
         """An admin notice as messages in memory, for when the record cannot queue it."""
         now = self.clock.now()
         return [
-            Message(0, "admin", None, a.recipient, "", subject, text, now) for a in self.admins()
+            Message(0, NotificationKind.ADMIN, None, a.recipient, "", subject, text, now)
+            for a in self.admins()
         ]
 
     def check(self) -> int:
@@ -84,27 +86,9 @@ class HealthMonitor:
     ) -> int:
         """Queue an admin notice, once per ``key``, avoiding ``avoid_channel`` (the one in
         trouble) whenever any other channel can reach the admin."""
-        written = 0
-        for addressee in self.admins():
-            recipient = addressee.recipient
-            channels = self.watcher.channels_for("admin", recipient)
-            # Not on the channel in trouble where another takes admin notices; else on any
-            # other that reaches this admin, whatever its kinds; else on that one after all.
-            channels = (
-                [c for c in channels if c.name != avoid_channel]
-                or [
-                    c
-                    for c in self.watcher.channels_for("admin", recipient, any_kind=True)
-                    if c.name != avoid_channel
-                ]
-                or channels
-            )
-            if not channels:
-                log.error("admin_unreachable", key=key, relation=addressee.relation)
-            for channel in channels:
-                written += enqueue(
-                    conn, None, "admin", addressee, channel.name, subject, text, now, f"admin|{key}"
-                )
+        written, _ = self.watcher.router.to_admins(
+            conn, None, subject, text, now, f"admin|{key}", avoid_channel=avoid_channel
+        )
         if written:
             log.warning("admin_notice", key=key)
         return written

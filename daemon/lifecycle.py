@@ -25,29 +25,64 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 
+from visitwatch.core.notification import NotificationKind
 from visitwatch.policies.model import EscalationStep
 
-BOOKED = "booked"
-IN_PROGRESS = "in_progress"
-DUE = "due"
-OVERDUE = "overdue"
-ESCALATED = "escalated"
-ACKNOWLEDGED = "acknowledged"
-RESOLVED = "resolved"
-CANCELLED = "cancelled"
-EXPIRED = "expired"  # first seen long after its deadline: recorded, never escalated
 
-TERMINAL = frozenset({RESOLVED, CANCELLED, EXPIRED})
+class VisitState(StrEnum):
+    """Where a visit is in its life. Every list of states in the code derives from this."""
 
-_STATE_AFTER_KIND = {"reminder": DUE, "overrun": OVERDUE, "escalation": ESCALATED}
+    BOOKED = "booked"  # not started yet
+    IN_PROGRESS = "in_progress"  # started, before its deadline
+    DUE = "due"  # the deadline passed: the worker was reminded
+    OVERDUE = "overdue"  # the manager was alerted
+    ESCALATED = "escalated"  # further up the ladder, or help was asked for
+    ACKNOWLEDGED = "acknowledged"  # someone is handling it; it is not over
+    RESOLVED = "resolved"  # the worker is safe
+    CANCELLED = "cancelled"  # cancelled or removed before it started
+    EXPIRED = "expired"  # first seen long after its deadline: recorded, never escalated
+
+    @property
+    def terminal(self) -> bool:
+        """Nothing more will happen to the visit (until a calendar edit re-opens it)."""
+        return self in _TERMINAL
+
+    @property
+    def under_way(self) -> bool:
+        """Started and not over: a worker may be out there now."""
+        return not self.terminal and self is not VisitState.BOOKED
+
+
+_TERMINAL = frozenset({VisitState.RESOLVED, VisitState.CANCELLED, VisitState.EXPIRED})
+
+
+# Short names, as the rest of the lifecycle reads best with them.
+BOOKED = VisitState.BOOKED
+IN_PROGRESS = VisitState.IN_PROGRESS
+DUE = VisitState.DUE
+OVERDUE = VisitState.OVERDUE
+ESCALATED = VisitState.ESCALATED
+ACKNOWLEDGED = VisitState.ACKNOWLEDGED
+RESOLVED = VisitState.RESOLVED
+CANCELLED = VisitState.CANCELLED
+EXPIRED = VisitState.EXPIRED
+
+TERMINAL = _TERMINAL
+
+_STATE_AFTER_KIND = {
+    NotificationKind.REMINDER: DUE,
+    NotificationKind.OVERRUN: OVERDUE,
+    NotificationKind.ESCALATION: ESCALATED,
+}
 
 
 @dataclass(frozen=True)
 class VisitClock:
     """The stored fields the lifecycle depends on."""
 
-    state: str
+    state: VisitState
     start: datetime
     deadline: datetime
     step: int = 0  # how many ladder steps have fired

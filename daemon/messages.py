@@ -6,21 +6,20 @@ when, how to reach them, what the policy says to do, and how to acknowledge.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from zoneinfo import ZoneInfo
 
-from visitwatch.daemon.store import from_ts
-from visitwatch.policies.model import PolicySettings
+from visitwatch.core.notification import NotificationKind
+from visitwatch.daemon.visits import Visit
+from visitwatch.policies.model import Finding, PolicySettings
 
 
 @dataclass(frozen=True)
 class VisitView:
     """A stored visit, with its worker resolved, ready to be described."""
 
-    row: dict[str, Any]
+    visit: Visit
     worker_name: str
     worker_mobile: str
     tz: ZoneInfo
@@ -28,23 +27,22 @@ class VisitView:
 
     @property
     def id(self) -> str:
-        return self.row["id"]
+        return self.visit.id
 
     @property
     def label(self) -> str:
-        return "lone-working session" if self.row["kind"] == "lone_working" else "home visit"
+        return "lone-working session" if self.visit.kind == "lone_working" else "home visit"
 
     @property
     def subject(self) -> str:
         # Private entries: the subject may name the family; keep it out of alerts.
-        return "(private entry)" if self.row["private"] else (self.row["subject"] or "(no title)")
+        return "(private entry)" if self.visit.private else (self.visit.subject or "(no title)")
 
-    def local(self, column: str) -> str:
-        moment = from_ts(self.row.get(column))
+    def local(self, moment: datetime | None) -> str:
         return fmt_local(moment, self.tz) if moment else "not given"
 
-    def findings(self) -> list[dict[str, str]]:
-        return json.loads(self.row["findings"] or "[]")
+    def findings(self) -> tuple[Finding, ...]:
+        return self.visit.findings
 
 
 def fmt_local(moment: datetime, tz: ZoneInfo) -> str:
@@ -61,29 +59,27 @@ def minutes_between(later: datetime, earlier: datetime) -> int:
 
 
 def _facts(view: VisitView, now: datetime) -> list[str]:
-    row = view.row
-    deadline = from_ts(row["deadline"])
+    visit = view.visit
+    deadline = visit.deadline
     lines = [
         f"Worker:           {view.worker_name}"
         + (f", mobile {view.worker_mobile}" if view.worker_mobile else ", no mobile on record"),
         f"Visit:            {view.subject}",
-        f"Address:          {row['address'] or 'NOT RECORDED'}",
-        f"Started:          {view.local('start')}",
-        f"Expected return:  {view.local('deadline')}",
+        f"Address:          {visit.address or 'NOT RECORDED'}",
+        f"Started:          {view.local(view.visit.start)}",
+        f"Expected return:  {view.local(view.visit.deadline)}",
     ]
     if deadline and now > deadline:
         lines.append(f"Overdue by:       {plural(minutes_between(now, deadline), 'minute')}")
-    status = row["risk_assessment"] or "none recorded"
-    if not row["risk_assessment_complete"]:
+    status = visit.risk_assessment or "none recorded"
+    if not visit.risk_assessment_complete:
         status += " (NOT complete)"
     elif "complete" not in status.lower():
         status += " (complete)"
     lines.append(f"Risk assessment:  {status}")
-    if row["pair_required"]:
-        lines.append(
-            f"Pair visit:       yes; second worker: {row['second_worker'] or 'none named'}"
-        )
-    if row["going_home_after"]:
+    if visit.pair_required:
+        lines.append(f"Pair visit:       yes; second worker: {visit.second_worker or 'none named'}")
+    if visit.going_home_after:
         lines.append("Going home after: yes (should notify on safe arrival)")
     return lines
 
@@ -112,23 +108,23 @@ def _how_to_ack(view: VisitView, notification_hint: str) -> list[str]:
 
 def alert(view: VisitView, kind: str, now: datetime, relation: str) -> tuple[str, str]:
     """Reminder to the worker, or overrun/escalation/help to a manager."""
-    deadline = from_ts(view.row["deadline"])
+    deadline = view.visit.deadline
     late = minutes_between(now, deadline) if deadline else 0
-    if kind == "reminder" and relation == "worker":
-        subject = f"Check in: your {view.label} was due to end at {view.local('deadline')}"
+    if kind == NotificationKind.REMINDER and relation == "worker":
+        subject = f"Check in: your {view.label} was due to end at {view.local(view.visit.deadline)}"
         body = [
-            f'Your {view.label} "{view.subject}" was expected to end at {view.local("deadline")}.',
+            f'Your {view.label} "{view.subject}" was expected to end at {view.local(view.visit.deadline)}.',
             "If you are safe, check in now:",
             f"  visitwatch checkin {view.id}",
             f"Need longer? visitwatch checkin {view.id} --extend 30m",
             f"Need help? visitwatch help {view.id}",
             "If you do not check in, your manager will be alerted.",
         ]
-        return subject, "\n".join(body + _policy_lines(view, "reminder"))
-    if kind == "help":
+        return subject, "\n".join(body + _policy_lines(view, NotificationKind.REMINDER))
+    if kind == NotificationKind.HELP:
         subject = f"HELP REQUESTED: {view.worker_name} on a {view.label}"
         intro = f"{view.worker_name} has asked for help during a {view.label}. Act now."
-    elif kind == "escalation":
+    elif kind == NotificationKind.ESCALATION:
         subject = f"ESCALATION: {view.worker_name} is {late} min overdue from a {view.label}"
         intro = (
             f"{view.worker_name} has still not checked in and nobody has acknowledged "
@@ -137,13 +133,13 @@ def alert(view: VisitView, kind: str, now: datetime, relation: str) -> tuple[str
     else:
         subject = f"OVERDUE: {view.worker_name} is {late} min past the expected return"
         intro = f"{view.worker_name} has not checked in from a {view.label}."
-    acknowledged_by = view.row.get("acknowledged_by")
-    if acknowledged_by and kind != "help":
+    acknowledged_by = view.visit.acknowledged_by
+    if acknowledged_by and kind != NotificationKind.HELP:
         # An acknowledgement covers earlier alerts only; this one says why it still came.
         subject = f"STILL NOT SAFE: {view.worker_name} is {late} min overdue from a {view.label}"
         intro = (
             f"{view.worker_name} has still not checked in. {acknowledged_by} acknowledged at "
-            f"{view.local('acknowledged_at')}, but nobody has confirmed that the worker is safe."
+            f"{view.local(view.visit.acknowledged_at)}, but nobody has confirmed that the worker is safe."
         )
     body = [intro, "", *_facts(view, now), *_policy_lines(view, kind)]
     body += _how_to_ack(view, f"Visit id: {view.id}")
@@ -156,12 +152,14 @@ def compliance(
     findings = view.findings()
     when = "starts soon" if before_start else "is booked"
     who = "Your" if relation == "worker" else f"{view.worker_name}'s"
-    subject = f"{who} {view.label} on {view.local('start')} is missing what the policy requires"
-    body = [f'{who} {view.label} "{view.subject}" {when} ({view.local("start")}).', ""]
+    subject = (
+        f"{who} {view.label} on {view.local(view.visit.start)} is missing what the policy requires"
+    )
+    body = [f'{who} {view.label} "{view.subject}" {when} ({view.local(view.visit.start)}).', ""]
     for finding in findings:
-        body.append(f"- {finding['message']}")
-        if finding.get("clause"):
-            body.append(f"    {view.policy.title}: {finding['clause']}")
+        body.append(f"- {finding.message}")
+        if finding.clause:
+            body.append(f"    {view.policy.title}: {finding.clause}")
     body += [
         "",
         "Edit the calendar entry; visitwatch reads it again at the next sync.",
@@ -172,14 +170,14 @@ def compliance(
 
 def resolution(view: VisitView, kind: str, now: datetime, by: str) -> tuple[str, str]:
     """All clear, extension or end of monitoring, to everyone who was alerted."""
-    if kind == "all_clear":
+    if kind == NotificationKind.ALL_CLEAR:
         subject = f"All clear: {view.worker_name} is safe"
         first = f"{view.worker_name} is confirmed safe ({by}) at {fmt_local(now, view.tz)}."
-    elif kind == "extended":
-        subject = f"Visit extended: {view.worker_name} now expected back {view.local('deadline')}"
+    elif kind == NotificationKind.EXTENDED:
+        subject = f"Visit extended: {view.worker_name} now expected back {view.local(view.visit.deadline)}"
         first = (
             f"{view.worker_name} checked in and extended the {view.label}; "
-            f"new expected return {view.local('deadline')}."
+            f"new expected return {view.local(view.visit.deadline)}."
         )
     else:
         subject = f"Monitoring ended: {view.worker_name}'s {view.label} was {by}"
@@ -192,7 +190,7 @@ def resolution(view: VisitView, kind: str, now: datetime, by: str) -> tuple[str,
         first,
         "",
         f"Visit:   {view.subject}",
-        f"Address: {view.row['address'] or '-'}",
+        f"Address: {view.visit.address or '-'}",
         f"Visit id: {view.id}",
     ]
     return subject, "\n".join(body + _policy_lines(view, kind))

@@ -7,7 +7,7 @@ visit does.
 
 A channel takes a notification of kind K for a recipient when it carries K (its ``kinds``
 is unset or lists K) and the recipient has the address the channel needs (its class's
-``address_field``, e.g. an e-mail address), as in ``Watcher.channels_for``.
+``address_field``, e.g. an e-mail address), as in :meth:`Router.channels_for`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from visitwatch.core.notification import Recipient
+from visitwatch.core.notification import NotificationKind, Recipient
 from visitwatch.daemon.config import Config, ConnectorConfig, StaffMember
-from visitwatch.daemon.escalation import admin_addressees
 from visitwatch.daemon.lifecycle import default_ladder
+from visitwatch.daemon.recipients import NO_MANAGER_ROLES, admin_addressees, first_with_role
+from visitwatch.daemon.routing import ADDRESS_LABELS, address_field, reaches
 
 # A help request alerts every rung of the ladder with kind "help".
-HELP = "help"
-ADMIN = "admin"
-_ADDRESS_LABELS = {"email": "e-mail address", "mobile": "mobile number"}
+HELP = NotificationKind.HELP
+ADMIN = NotificationKind.ADMIN
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,7 @@ def accepts(channel: ConnectorConfig, kind: str, recipient: Recipient) -> bool:
     """Whether ``channel`` takes a ``kind`` notification for ``recipient``."""
     if channel.kinds is not None and kind not in channel.kinds:
         return False
-    needs = getattr(channel.cls, "address_field", None)
-    return not needs or bool(getattr(recipient, needs, ""))
+    return reaches(channel, recipient)
 
 
 def _why(channels: Iterable[ConnectorConfig], kind: str) -> str:
@@ -84,8 +83,8 @@ def _why(channels: Iterable[ConnectorConfig], kind: str) -> str:
     needed = []
     described = []
     for channel in carrying:
-        field_name = getattr(channel.cls, "address_field", None) or "address"
-        label = _ADDRESS_LABELS.get(field_name, field_name)
+        field_name = address_field(channel) or "address"
+        label = ADDRESS_LABELS.get(field_name, field_name)
         if label not in needed:
             needed.append(label)
         described.append(f"{channel.name} ({channel.type}, needs {label})")
@@ -153,9 +152,8 @@ def _managers(config: Config, workers: list[StaffMember]) -> list[tuple[StaffMem
         elif (manager, "manager") not in found:
             found.append((manager, "manager"))
     if unmanaged:
-        for role in ("director", "admin", "manager"):
-            people = directory.with_role(role)
-            if people:
-                found += [(p, f"manager (fallback: role {role})") for p in people]
-                break
+        fallback = first_with_role(directory, NO_MANAGER_ROLES)
+        if fallback is not None:
+            role, people = fallback
+            found += [(p, f"manager (fallback: role {role})") for p in people]
     return found

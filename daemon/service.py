@@ -150,12 +150,12 @@ class Service:
             return
         for missing in ids - set(people):
             self._not_in_directory[missing] = now
-        merged = self.watcher.directory.filled_from(
+        # One holder, replaced whole: sync, escalation and health all see the new directory.
+        self.watcher.staff.learn(
             StaffMember(p.id.lower(), p.name, p.email, p.mobile, "worker",
                         (p.manager_id or "").lower())
             for p in people.values()
         )  # fmt: skip
-        self.watcher.directory = self.syncer.directory = merged
         log.info("directory_updated", source=source.name, people=len(people))
 
     # ------------------------------------------------------------------ one pass

@@ -19,9 +19,11 @@ from tests.conftest import T0, World, home_visit, tick
 from tests.scripted import ScriptedChannel
 from visitwatch.connectors import registry
 from visitwatch.daemon.config import Directory, StaffMember
-from visitwatch.daemon.escalation import ActionError, Watcher, admin_addressees
+from visitwatch.daemon.escalation import Watcher
+from visitwatch.daemon.recipients import admin_addressees
 from visitwatch.daemon.store import from_ts, ts
 from visitwatch.daemon.sync import visit_id
+from visitwatch.daemon.visits import ActionError, Visit
 
 START = T0 + timedelta(hours=1)  # 13:00
 DEADLINE = T0 + timedelta(hours=2)  # 14:00
@@ -50,7 +52,7 @@ def test_ack_before_any_alert_lets_every_later_rung_go_out_also_to_the_acknowled
     service = world.service()
     world.at(START + 10 * MIN)
     tick(service)
-    service.watcher.acknowledge(VISIT, by="Sam Webster")
+    service.watcher.actions.acknowledge(VISIT, by="Sam Webster")
     world.at(DEADLINE)
     tick(service)
     assert sorted(recipients(world, "reminder")) == [
@@ -65,7 +67,7 @@ def test_ack_before_any_alert_lets_every_later_rung_go_out_also_to_the_acknowled
     ]
     [to_maria] = [m for m in world.messages("overrun") if m["recipient"]["name"] == "Maria Jones"]
     assert "Sam Webster acknowledged" in to_maria["text"]
-    service.watcher.check_in(VISIT, by="Asha Khan")
+    service.watcher.actions.check_in(VISIT, by="Asha Khan")
     service.dispatch()
     assert sorted(recipients(world, "all_clear")) == [
         "maria.jones@example.org",
@@ -79,7 +81,7 @@ def test_ack_times_out_re_alerting_acknowledger_and_next_rung_and_repeats(world:
     service = world.service()
     world.at(DEADLINE + timedelta(minutes=16))
     tick(service)
-    service.watcher.acknowledge(VISIT, by="maria.jones@example.org")  # an id matches too
+    service.watcher.actions.acknowledge(VISIT, by="maria.jones@example.org")  # an id matches too
     world.at(DEADLINE + timedelta(minutes=45))
     tick(service)
     # The directors' rung was not yet raised when Maria acknowledged: it still goes.
@@ -102,7 +104,7 @@ def test_ack_times_out_re_alerting_acknowledger_and_next_rung_and_repeats(world:
     ]
     assert causes.count("acknowledged and still unresolved after 30 min: re-alerted") == 2
     # Acknowledging again restarts the timeout.
-    service.watcher.acknowledge(VISIT, by="Maria Jones")
+    service.watcher.actions.acknowledge(VISIT, by="Maria Jones")
     world.at(DEADLINE + timedelta(minutes=16 + 89))
     tick(service)
     assert len(world.messages("escalation")) == 6
@@ -115,7 +117,7 @@ def test_ack_timeout_is_a_policy_setting(world: World):
     service = world.service()
     world.at(DEADLINE + timedelta(minutes=16))
     tick(service)
-    service.watcher.acknowledge(VISIT, by="Maria Jones")
+    service.watcher.actions.acknowledge(VISIT, by="Maria Jones")
     world.at(DEADLINE + timedelta(minutes=25))
     tick(service)
     assert world.messages("escalation") == []
@@ -133,7 +135,7 @@ def test_a_moved_deadline_clears_an_earlier_ack(world: World):
     service = world.service()
     world.at(START + 10 * MIN)
     tick(service)
-    service.watcher.acknowledge(VISIT, by="Maria Jones")
+    service.watcher.actions.acknowledge(VISIT, by="Maria Jones")
     world.write_calendar(home_visit(description="Risk assessment: complete\nReturn by: 15:00"))
     world.at(START + 20 * MIN)
     tick(service)
@@ -148,7 +150,7 @@ def test_ack_without_a_name_is_refused(world: World):
     world.at(DEADLINE + timedelta(minutes=16))
     tick(service)
     with pytest.raises(ActionError, match="--by"):
-        service.watcher.acknowledge(VISIT, by="  ")
+        service.watcher.actions.acknowledge(VISIT, by="  ")
     assert visit(world, service, "state") == "overdue"
 
 
@@ -162,11 +164,11 @@ def test_check_in_and_ack_before_the_start_are_refused_saying_when_it_starts(wor
     world.at(START - MIN)
     tick(service)
     with pytest.raises(ActionError, match=r"starts at Mon 23 Nov 13:00 \(GMT\)"):
-        service.watcher.check_in(VISIT, by="Asha Khan")
+        service.watcher.actions.check_in(VISIT, by="Asha Khan")
     with pytest.raises(ActionError, match=r"cannot acknowledge visit .* yet"):
-        service.watcher.acknowledge(VISIT, by="Maria Jones")
+        service.watcher.actions.acknowledge(VISIT, by="Maria Jones")
     with pytest.raises(ActionError, match="starts at"):
-        service.watcher.acknowledge(VISIT, by="Maria Jones", safe=True)
+        service.watcher.actions.acknowledge(VISIT, by="Maria Jones", safe=True)
     assert visit(world, service, "state") == "booked"
     assert service.store.query("SELECT * FROM checkins") == []
     world.at(DEADLINE)
@@ -180,7 +182,7 @@ def test_extension_before_the_start_is_allowed_and_keeps_watching(world: World):
     service = world.service()
     world.at(START - 10 * MIN)
     tick(service)
-    service.watcher.check_in(VISIT, by="Asha Khan", extend=timedelta(minutes=30))
+    service.watcher.actions.check_in(VISIT, by="Asha Khan", extend=timedelta(minutes=30))
     assert from_ts(visit(world, service, "deadline")) == DEADLINE + timedelta(minutes=30)  # type: ignore[arg-type]
     world.at(DEADLINE + timedelta(minutes=30))
     tick(service)
@@ -193,7 +195,7 @@ def test_help_before_the_start_is_taken(world: World):
     service = world.service()
     world.at(START - 5 * MIN)
     tick(service)
-    service.watcher.request_help(VISIT, by="Asha Khan")
+    service.watcher.actions.request_help(VISIT, by="Asha Khan")
     service.dispatch()
     assert sorted(recipients(world, "help")) == [
         "maria.jones@example.org",
@@ -220,7 +222,7 @@ def test_resolved_visit_moved_to_tomorrow_is_watched_again(world: World):
     service = world.service()
     world.at(START + 5 * MIN)
     tick(service)
-    service.watcher.check_in(VISIT, by="Asha Khan")
+    service.watcher.actions.check_in(VISIT, by="Asha Khan")
     day = timedelta(days=1)
     world.write_calendar(home_visit(start=START + day, end=DEADLINE + day))
     world.at(START + 10 * MIN)
@@ -342,11 +344,11 @@ def test_grace_sets_when_the_manager_is_alerted(world: World):
 
 def _bump_version_once(service: object, monkeypatch: pytest.MonkeyPatch, always: bool = False):
     """After the watcher reads the visit, a concurrent writer changes it (as the sweep does)."""
-    watcher = service.watcher  # type: ignore[attr-defined]
-    real = watcher.current
+    visits = service.watcher.visits  # type: ignore[attr-defined]
+    real = visits.current
     bumps: list[str] = []
 
-    def racing(visit_id: str) -> dict:
+    def racing(visit_id: str) -> Visit:
         row = real(visit_id)
         if always or not bumps:
             bumps.append(visit_id)
@@ -355,7 +357,7 @@ def _bump_version_once(service: object, monkeypatch: pytest.MonkeyPatch, always:
             )
         return row
 
-    monkeypatch.setattr(watcher, "current", racing)
+    monkeypatch.setattr(visits, "current", racing)
     return bumps
 
 
@@ -366,7 +368,7 @@ def test_check_in_racing_the_sweep_succeeds(world: World, monkeypatch: pytest.Mo
     world.at(DEADLINE + timedelta(minutes=16))
     tick(service)
     bumps = _bump_version_once(service, monkeypatch)
-    service.watcher.check_in(VISIT, by="Asha Khan")
+    service.watcher.actions.check_in(VISIT, by="Asha Khan")
     assert bumps == [VISIT]
     assert visit(world, service, "state") == "resolved"
     service.dispatch()
@@ -384,13 +386,13 @@ def test_every_action_racing_the_sweep_succeeds(
     tick(service)
     _bump_version_once(service, monkeypatch)
     if action == "ack":
-        service.watcher.acknowledge(VISIT, by="Maria Jones")
+        service.watcher.actions.acknowledge(VISIT, by="Maria Jones")
         assert visit(world, service, "acknowledged_by") == "Maria Jones"
     elif action == "help":
-        service.watcher.request_help(VISIT, by="Asha Khan")
+        service.watcher.actions.request_help(VISIT, by="Asha Khan")
         assert visit(world, service, "help_requested_at") is not None
     else:
-        service.watcher.check_in(VISIT, by="Asha Khan", extend=timedelta(minutes=30))
+        service.watcher.actions.check_in(VISIT, by="Asha Khan", extend=timedelta(minutes=30))
         assert visit(world, service, "extended_until") is not None
 
 
@@ -404,7 +406,7 @@ def test_a_visit_that_keeps_changing_gives_a_clear_error_and_changes_nothing(
     tick(service)
     _bump_version_once(service, monkeypatch, always=True)
     with pytest.raises(ActionError, match="kept changing"):
-        service.watcher.check_in(VISIT, by="Asha Khan")
+        service.watcher.actions.check_in(VISIT, by="Asha Khan")
     assert visit(world, service, "state") == "overdue"
     assert service.store.query("SELECT * FROM checkins") == []
 
@@ -494,14 +496,14 @@ def test_sweep_batches_isolate_one_bad_visit_and_log_it_once(world: World):
     world.at(START)
     tick(service)
     bad = visit_id("team", "visit-3", "")
-    real_notify = service.watcher.notify
+    real_notify = service.watcher.router.notify
 
-    def notify(conn, row, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if row["id"] == bad:
+    def notify(conn, visit, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if visit.id == bad:
             raise RuntimeError("poisoned")
-        return real_notify(conn, row, *args, **kwargs)
+        return real_notify(conn, visit, *args, **kwargs)
 
-    service.watcher.notify = notify  # type: ignore[method-assign]
+    service.watcher.router.notify = notify  # type: ignore[method-assign]
     world.at(DEADLINE)
     with capture_logs() as logs:
         assert service.watcher.sweep(batch=3) == 6
@@ -514,7 +516,7 @@ def test_sweep_batches_isolate_one_bad_visit_and_log_it_once(world: World):
     }
     assert states[bad] == ("in_progress", ts(DEADLINE + 2 * MIN))
     assert sum(1 for s, _ in states.values() if s == "due") == 6
-    del service.watcher.notify
+    del service.watcher.router.notify
     world.at(DEADLINE + 2 * MIN)
     with capture_logs() as logs:
         service.watcher.sweep(batch=3)
@@ -531,7 +533,7 @@ def test_next_due_is_the_earliest_next_action(world: World):
     world.at(START)
     tick(service)
     assert service.watcher.next_due() == DEADLINE
-    service.watcher.check_in(VISIT, by="Asha Khan")
+    service.watcher.actions.check_in(VISIT, by="Asha Khan")
     assert service.watcher.next_due() is None
 
 
@@ -548,7 +550,7 @@ def test_writes_that_make_something_due_sooner_wake_the_sweep(world: World):
     assert len(woken) == 1
     world.at(START + MIN)
     service.sweep()
-    watcher.acknowledge(VISIT, by="Maria Jones")
-    watcher.request_help(VISIT, by="Asha Khan")
-    watcher.check_in(VISIT, by="Asha Khan", extend=timedelta(minutes=10))
+    watcher.actions.acknowledge(VISIT, by="Maria Jones")
+    watcher.actions.request_help(VISIT, by="Asha Khan")
+    watcher.actions.check_in(VISIT, by="Asha Khan", extend=timedelta(minutes=10))
     assert len(woken) == 4

@@ -81,11 +81,11 @@ from visitwatch.connectors.outbox import read_outbox
 from visitwatch.daemon import dispatch as dispatch_module
 from visitwatch.daemon.clock import FrozenClock
 from visitwatch.daemon.config import load_config
-from visitwatch.daemon.escalation import ActionError
 from visitwatch.daemon.lifecycle import TERMINAL
 from visitwatch.daemon.service import Service
 from visitwatch.daemon.store import from_ts, ts
 from visitwatch.daemon.sync import visit_id
+from visitwatch.daemon.visits import ActionError
 
 # Half an hour before Europe/London moves from GMT to BST (01:00 UTC on 28 March 2027).
 START = datetime(2027, 3, 28, 0, 30, tzinfo=UTC)
@@ -462,13 +462,13 @@ class VisitLifecycle(RuleBasedStateMachine):
     @rule(uid=entries)
     def check_in(self, uid: str) -> None:
         assert self.service is not None
-        self.act(lambda: self.service.watcher.check_in(self.vid(uid)))
+        self.act(lambda: self.service.watcher.actions.check_in(self.vid(uid)))
 
     @rule(uid=entries, minutes=_minutes(5, 90))
     def extend(self, uid: str, minutes: int) -> None:
         assert self.service is not None
         self.act(
-            lambda: self.service.watcher.check_in(self.vid(uid), extend=timedelta(minutes=minutes))
+            lambda: self.service.watcher.actions.check_in(self.vid(uid), extend=timedelta(minutes=minutes))
         )
 
     @rule(
@@ -478,12 +478,12 @@ class VisitLifecycle(RuleBasedStateMachine):
     )
     def acknowledge(self, uid: str, safe: bool, by: str) -> None:
         assert self.service is not None
-        self.act(lambda: self.service.watcher.acknowledge(self.vid(uid), by=by, safe=safe))
+        self.act(lambda: self.service.watcher.actions.acknowledge(self.vid(uid), by=by, safe=safe))
 
     @rule(uid=entries)
     def ask_for_help(self, uid: str) -> None:
         assert self.service is not None
-        self.act(lambda: self.service.watcher.request_help(self.vid(uid)))
+        self.act(lambda: self.service.watcher.actions.request_help(self.vid(uid)))
 
     # ------------------------------------------------------------------ channels, process
 

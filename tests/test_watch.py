@@ -12,8 +12,8 @@ from datetime import timedelta
 import pytest
 
 from tests.conftest import T0, World, home_visit, ics_event, tick
-from visitwatch.daemon.escalation import ActionError
 from visitwatch.daemon.sync import visit_id
+from visitwatch.daemon.visits import ActionError
 
 START = T0 + timedelta(hours=1)  # 13:00
 DEADLINE = T0 + timedelta(hours=2)  # 14:00, the entry's end
@@ -86,7 +86,7 @@ def test_check_in_before_the_deadline_resolves_early_and_nothing_is_sent(world: 
     service = world.service()
     world.at(START + timedelta(minutes=50))
     tick(service)
-    service.watcher.check_in(VISIT, by="Asha Khan")
+    service.watcher.actions.check_in(VISIT, by="Asha Khan")
     for minutes in (0, 15, 45, 120):
         world.at(DEADLINE + timedelta(minutes=minutes))
         tick(service)
@@ -101,7 +101,7 @@ def test_check_in_after_the_alert_sends_the_all_clear_to_everyone_alerted(world:
     service = world.service()
     world.at(DEADLINE + timedelta(minutes=50))
     tick(service)
-    service.watcher.check_in(VISIT[:6], by="Asha Khan")  # a unique prefix is enough
+    service.watcher.actions.check_in(VISIT[:6], by="Asha Khan")  # a unique prefix is enough
     service.dispatch()
     assert sorted(recipients(world, "all_clear")) == [
         "maria.jones@example.org",
@@ -119,7 +119,7 @@ def test_extension_moves_the_deadline_and_restarts_the_ladder(world: World):
     world.at(DEADLINE + 5 * MIN)
     tick(service)
     assert len(world.messages("reminder")) == 1
-    service.watcher.check_in(VISIT, by="Asha Khan", extend=timedelta(minutes=30))
+    service.watcher.actions.check_in(VISIT, by="Asha Khan", extend=timedelta(minutes=30))
     world.at(DEADLINE + timedelta(minutes=20))
     tick(service)
     assert world.messages("overrun") == []
@@ -138,7 +138,7 @@ def test_acknowledgement_stops_repeats_and_records_who(world: World):
     world.at(DEADLINE + timedelta(minutes=46))
     tick(service)
     [alert] = world.messages("escalation")
-    service.watcher.acknowledge(f"#{alert['id']}", by="Maria Jones")  # by alert number
+    service.watcher.actions.acknowledge(f"#{alert['id']}", by="Maria Jones")  # by alert number
     world.at(DEADLINE + timedelta(minutes=75))  # one minute before the ack times out
     tick(service)
     assert len(world.messages("escalation")) == 1
@@ -152,7 +152,7 @@ def test_acknowledgement_stops_repeats_and_records_who(world: World):
         "maria.jones@example.org",
         "sam.webster@example.org",
     ]
-    service.watcher.acknowledge(VISIT, by="Maria Jones", safe=True)
+    service.watcher.actions.acknowledge(VISIT, by="Maria Jones", safe=True)
     service.dispatch()
     assert "sam.webster@example.org" in recipients(world, "all_clear")
 
@@ -163,7 +163,7 @@ def test_help_request_alerts_the_whole_ladder_at_once(world: World):
     service = world.service()
     world.at(START + 10 * MIN)
     tick(service)
-    service.watcher.request_help(VISIT, by="Asha Khan")
+    service.watcher.actions.request_help(VISIT, by="Asha Khan")
     service.dispatch()
     assert sorted(recipients(world, "help")) == [
         "maria.jones@example.org",
@@ -333,15 +333,15 @@ def test_check_in_of_a_resolved_visit_is_refused_clearly(world: World):
     service = world.service()
     world.at(START)
     tick(service)
-    service.watcher.check_in(VISIT, by="Asha Khan")
+    service.watcher.actions.check_in(VISIT, by="Asha Khan")
     with pytest.raises(ActionError, match="already resolved"):
-        service.watcher.check_in(VISIT, by="Asha Khan")
+        service.watcher.actions.check_in(VISIT, by="Asha Khan")
     with pytest.raises(ActionError, match="no visit"):
-        service.watcher.check_in("ffffffffffff", by="Asha Khan")
+        service.watcher.actions.check_in("ffffffffffff", by="Asha Khan")
     with pytest.raises(ActionError, match="no alert #999"):
-        service.watcher.acknowledge("#999", by="Maria Jones")
+        service.watcher.actions.acknowledge("#999", by="Maria Jones")
     with pytest.raises(ActionError, match="at least 4 characters"):
-        service.watcher.check_in("%", by="Asha Khan")
+        service.watcher.actions.check_in("%", by="Asha Khan")
 
 
 def test_every_transition_is_in_the_append_only_audit(world: World):
@@ -353,7 +353,7 @@ def test_every_transition_is_in_the_append_only_audit(world: World):
     tick(service)
     world.at(DEADLINE + timedelta(minutes=16))
     tick(service)
-    service.watcher.check_in(VISIT, by="Asha Khan")
+    service.watcher.actions.check_in(VISIT, by="Asha Khan")
     audit = service.store.query(
         "SELECT to_state, cause, actor FROM audit WHERE visit_id = ? ORDER BY id", (VISIT,)
     )
@@ -374,14 +374,14 @@ def test_a_failed_multi_table_write_leaves_nothing_behind(world: World):
     def broken_notify(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    service.watcher.notify = broken_notify  # type: ignore[method-assign]
+    service.watcher.router.notify = broken_notify  # type: ignore[method-assign]
     service.sweep()  # logs the failure, tells an admin, and moves on
     row = service.store.one("SELECT state, step FROM visits WHERE id = ?", (VISIT,))
     assert row == {"state": "in_progress", "step": 0}
     assert service.store.query("SELECT * FROM notifications WHERE kind != 'admin'") == []
     [notice] = service.store.query("SELECT recipient_id, text FROM notifications")
     assert notice["recipient_id"] == "sam.webster@example.org" and VISIT in notice["text"]
-    del service.watcher.notify
+    del service.watcher.router.notify
     world.at(DEADLINE + timedelta(minutes=17))
     tick(service)
     assert recipients(world, "overrun") == ["maria.jones@example.org"]
