@@ -21,9 +21,10 @@ test: $(STAMP)  ## install, then run the whole test suite
 soak: $(STAMP)  ## the long runs: thousands of property examples, long crash storms
 	VISITWATCH_SOAK=1 $(BIN)/python -m pytest -m soak
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, then a type check of the package (pyproject's [tool.mypy])
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: $(STAMP)  ## print the benchmark figures (see bench/README.md)
 	$(BIN)/python -m bench

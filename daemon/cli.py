@@ -356,9 +356,9 @@ def status_data(service: Service, include_all: bool = False) -> dict[str, Any]:
             " next_attempt_at FROM notifications WHERE status = 'failed'"
             " OR (status = 'pending' AND attempts > 0) ORDER BY id"
         ),
-        "pending": service.store.one(
+        "pending": service.store.query(
             "SELECT COUNT(*) AS n FROM notifications WHERE status = 'pending'"
-        )["n"],
+        )[0]["n"],
     }
 
 
@@ -372,7 +372,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     tz = service.config.daemon.timezone
-    local = lambda text: fmt_local(from_ts(text), tz) if text else "-"  # noqa: E731
+
+    def local(text: str | None) -> str:
+        moment = from_ts(text)
+        return fmt_local(moment, tz) if moment else "-"
+
     print(f"last sweep: {local(data['last_sweep_at'])}")
     print(f"\nVISITS ({len(data['visits'])})")
     for v in data["visits"]:

@@ -31,6 +31,7 @@ from visitwatch.daemon.lifecycle import TERMINAL
 from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.recipients import Addressee, admin_addressees
 from visitwatch.daemon.store import Store, from_ts, ts
+from visitwatch.daemon.visits import Visit
 
 log = structlog.get_logger(__name__)
 
@@ -184,16 +185,17 @@ class HealthMonitor:
         ).fetchall():
             ids = json.loads(source["held_removals"])
             marks = ", ".join("?" * len(ids))
-            visits = conn.execute(
-                f"SELECT id, worker_label, start, state FROM visits WHERE id IN ({marks})"
-                " ORDER BY start",
-                ids,
-            ).fetchall()
+            visits = [
+                Visit.from_row(dict(row))
+                for row in conn.execute(
+                    f"SELECT * FROM visits WHERE id IN ({marks}) ORDER BY start", ids
+                ).fetchall()
+            ]
             hold = getattr(self.config.daemon, "removal_hold", None) or timedelta(minutes=30)
             since = from_ts(source["held_since"])
             applies = fmt_local(since + hold, tz) if since else "later"
             listing = "\n".join(
-                f"  {v['id']}  {v['state']:<11} {v['worker_label']}, {fmt_local(from_ts(v['start']), tz)}"
+                f"  {v.id}  {v.state:<11} {v.worker_label}, {fmt_local(v.start, tz)}"
                 for v in visits
             )
             name = source["name"]

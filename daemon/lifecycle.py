@@ -228,12 +228,12 @@ def plan(
 def default_ladder(grace: timedelta) -> tuple[EscalationStep, ...]:
     """Reminder at the deadline, manager after the grace period, directors after that."""
     return (
-        EscalationStep(timedelta(0), ("worker",), "reminder"),
-        EscalationStep(grace, ("manager",), "overrun"),
+        EscalationStep(timedelta(0), ("worker",), NotificationKind.REMINDER),
+        EscalationStep(grace, ("manager",), NotificationKind.OVERRUN),
         EscalationStep(
             grace + timedelta(minutes=30),
             ("role:director",),
-            "escalation",
+            NotificationKind.ESCALATION,
             repeat=timedelta(minutes=15),
         ),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -48,7 +49,9 @@ _LEVELS = {
 }
 
 
-def redact_personal_data(_logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def redact_personal_data(
+    _logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     if method == "debug":
         return event_dict
     for key in PERSONAL_KEYS.intersection(event_dict):

@@ -126,14 +126,14 @@ def _addressed(config: Config) -> _Wanted:
                 for member in directory.with_role(target.removeprefix("role:")):
                     add(member, target, kinds)
             else:
-                member = directory.get(target)
-                if member is not None:
-                    add(member, "staff", kinds)
+                named = directory.get(target)
+                if named is not None:
+                    add(named, "staff", kinds)
 
     for admin in admin_addressees(directory):
-        member = directory.get(admin.recipient.id)
-        if member is not None:
-            add(member, f"admin notices ({admin.relation})", (ADMIN,))
+        admin_member = directory.get(admin.recipient.id)
+        if admin_member is not None:
+            add(admin_member, f"admin notices ({admin.relation})", (ADMIN,))
 
     order = list(directory.members)
     return dict(sorted(wanted.items(), key=lambda item: order.index(item[0])))

@@ -116,9 +116,9 @@ class Recipients:
                 for member in directory.with_role(target.removeprefix("role:")):
                     add(recipient_of(member), target)
             else:
-                member = directory.get(target)
-                if member:
-                    add(recipient_of(member), "staff")
+                staff = directory.get(target)
+                if staff:
+                    add(recipient_of(staff), "staff")
         return list(found.values())
 
     def acknowledger(self, visit: Visit) -> list[Addressee]:

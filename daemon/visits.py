@@ -100,7 +100,7 @@ class Visit:
             elif kind == "categories":
                 values[name] = None if raw is None else tuple(json.loads(raw))
             elif kind == "state":
-                values[name] = VisitState(raw)
+                values[name] = VisitState(str(raw))
             else:
                 values[name] = raw if raw is not None or kind == "optional" else _EMPTY[kind]
         return cls(**values)

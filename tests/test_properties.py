@@ -468,7 +468,9 @@ class VisitLifecycle(RuleBasedStateMachine):
     def extend(self, uid: str, minutes: int) -> None:
         assert self.service is not None
         self.act(
-            lambda: self.service.watcher.actions.check_in(self.vid(uid), extend=timedelta(minutes=minutes))
+            lambda: self.service.watcher.actions.check_in(
+                self.vid(uid), extend=timedelta(minutes=minutes)
+            )
         )
 
     @rule(
