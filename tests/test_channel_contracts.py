@@ -15,6 +15,7 @@ import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -165,7 +166,9 @@ class TestSmtpContract(ChannelContract):
                 content = envelope.original_content or envelope.content
                 assert isinstance(content, bytes)
                 mail = email.message_from_bytes(content, policy=email.policy.default)
-                body = mail.get_body(preferencelist=("plain",))  # type: ignore[attr-defined]
+                assert isinstance(mail, EmailMessage)
+                body = mail.get_body(preferencelist=("plain",))
+                assert body is not None
                 found.append(Delivered(str(mail["Subject"]), body.get_content()))
             return found
 
@@ -247,8 +250,10 @@ class TestGraphMailContract(ChannelContract):
         def read() -> list[Delivered]:
             found = []
             for call in graph.calls:
-                if call.request.url != SEND_URL or call.response.status_code != 202:
+                answer = call.response
+                if call.request.url != SEND_URL or getattr(answer, "status_code", 0) != 202:
                     continue
+                assert call.request.body is not None
                 mail = json.loads(call.request.body)["message"]
                 found.append(Delivered(mail["subject"], mail["body"]["content"]))
             return found

@@ -84,7 +84,8 @@ def test_the_documented_example_loads(example_env: list[str]):
     assert isinstance(email.settings["password"], Secret)
     settings = repr([c.settings for c in (*config.sources, *config.channels)])
     assert example_env and not [value for value in example_env if value in settings]
-    assert config.directory.get("ASHA.KHAN@example.org").manager == "maria.jones@example.org"
+    asha = config.directory.get("ASHA.KHAN@example.org")
+    assert asha is not None and asha.manager == "maria.jones@example.org"
     assert [s.kind for s in config.policy.escalation] == ["reminder", "overrun", "escalation"]
 
 
