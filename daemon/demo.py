@@ -15,7 +15,7 @@ from pathlib import Path
 from icalendar import Calendar, Event
 
 from visitwatch.core.errors import VisitwatchError
-from visitwatch.daemon.sync import visit_id
+from visitwatch.daemon.entries import visit_id
 
 SOURCE = "demo-calendar"
 OVERRUN_UID = "overrun-visit@demo.visitwatch"

@@ -20,10 +20,9 @@ Only a complete, believable read ends a visit (principle 8):
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,7 +32,14 @@ from visitwatch.connectors.base import CalendarSource
 from visitwatch.core.calendar import CalendarEvent, EventProblem, TimeWindow
 from visitwatch.core.errors import ConnectorError
 from visitwatch.daemon.clock import Clock
-from visitwatch.daemon.config import Config, Directory
+from visitwatch.daemon.config import Config
+from visitwatch.daemon.entries import (
+    duplicate,
+    entry_fields,
+    entry_fingerprint,
+    visit_id,
+    watched_afresh,
+)
 from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.lifecycle import VisitState
 from visitwatch.daemon.messages import fmt_local
@@ -42,7 +48,6 @@ from visitwatch.daemon.source_state import INCOMPLETE_READ, SourceLedger, SyncRe
 from visitwatch.daemon.store import Store, from_ts, ts
 from visitwatch.daemon.visits import CONFLICT_RETRIES, VersionConflict, Visit, to_column
 from visitwatch.policies import Policy
-from visitwatch.policies.model import Finding, VisitDetails
 
 log = structlog.get_logger(__name__)
 
@@ -50,11 +55,6 @@ log = structlog.get_logger(__name__)
 # new occurrences of a recurring series enter it without the feed changing.
 REPROCESS_EVERY = timedelta(hours=1)
 BATCH = 200
-
-
-def visit_id(source: str, uid: str, recurrence_id: str) -> str:
-    digest = hashlib.sha256(f"{source}\x1f{uid}\x1f{recurrence_id}".encode()).hexdigest()
-    return digest[:12]
 
 
 class Syncer:
@@ -124,7 +124,7 @@ class Syncer:
                 for event in result.events[chunk_start : chunk_start + BATCH]:
                     key = (event.uid, event.recurrence_id)
                     if key in seen:
-                        report.problems.append(_duplicate(event))
+                        report.problems.append(duplicate(event))
                         continue
                     seen.add(key)
                     self._process_safely(event, existing, now, report)
@@ -207,8 +207,10 @@ class Syncer:
         report.visits += 1
         details = self.policy.extract(event, kind, self.tz)
         findings = self.policy.check(event, details)
-        fields = self._fields(event, kind, details, findings)
-        fingerprint = _fingerprint(fields, details)
+        fields = entry_fields(
+            event, kind, details, findings, self.config.policy, self.staff.current
+        )
+        fingerprint = entry_fingerprint(fields, details)
         # What the entry's categories were at the previous read: only those new since then
         # can be a check-in or a help request (none at the first read).
         previous = visit.categories if visit else None
@@ -228,7 +230,7 @@ class Syncer:
             with self.store.transaction():
                 visit = self.actions.change(
                     visit, now, "re-opened: back in the calendar", "calendar",
-                    {**_watched_afresh(fields, now), "removed_at": None},
+                    {**watched_afresh(fields, now), "removed_at": None},
                 )  # fmt: skip
             report.changed += 1
             self.watcher.wake()
@@ -264,65 +266,6 @@ class Syncer:
         elif fresh.help_requested and not details.checked_in and not visit.help_requested_at:
             # Help counts whenever it is new, before the start too: it can only raise alerts.
             self.actions.request_help(visit.id, via="calendar")
-
-    def _fields(
-        self, event: CalendarEvent, kind: str, details: VisitDetails, findings: list[Finding]
-    ) -> dict[str, Any]:
-        worker_id, worker_label, known = self._worker(event, details)
-        if not known:
-            findings = [
-                *findings,
-                Finding(
-                    "worker_unknown",
-                    "warning",
-                    "visitwatch could not tell who is making this visit: add a line "
-                    '"Worker: <name or e-mail>" or invite the worker.',
-                    self.config.policy.clauses.get("worker_unknown", ""),
-                ),
-            ]
-        end = event.end or event.start + self.config.policy.default_duration
-        expected = details.expected_return
-        return {
-            "id": visit_id(event.source, event.uid, event.recurrence_id),
-            "source": event.source,
-            "uid": event.uid,
-            "recurrence_id": event.recurrence_id,
-            "kind": kind,
-            "worker_id": worker_id,
-            "worker_label": worker_label,
-            "worker_known": int(known),
-            "subject": event.subject,
-            "address": details.address,
-            "private": int(event.private),
-            "start": ts(event.start),
-            "end": ts(end),
-            # Watched even when the entry gives no return time: the end stands in, and a
-            # finding tells the worker to add one.
-            "expected_return": ts(expected or end),
-            "expected_return_from": details.expected_return_from if expected else "event_end",
-            "risk_assessment": details.risk_assessment,
-            "risk_assessment_complete": int(details.risk_assessment_complete),
-            "worker_mobile": details.worker_mobile,
-            "second_worker": details.second_worker,
-            "pair_required": int(details.pair_required),
-            "going_home_after": int(details.going_home_after),
-            "findings": json.dumps([asdict(f) for f in findings]),
-            "categories": json.dumps(list(event.categories)),
-        }
-
-    def _worker(self, event: CalendarEvent, details: VisitDetails) -> tuple[str, str, bool]:
-        """Whose visit is this? The calendar's owner, a Worker: line, an attendee, the organiser."""
-        candidates = [event.owner, details.worker_hint]
-        candidates += [a.email for a in event.attendees if a.email != event.organizer]
-        candidates.append(event.organizer)
-        directory: Directory = self.staff.current
-        for candidate in candidates:
-            member = directory.find(candidate) if candidate else None
-            if member:
-                return member.id, member.name, True
-        label = details.worker_hint or next((a.name or a.email for a in event.attendees), "")
-        label = label or event.organizer
-        return (label.lower() if "@" in label else label), label, False
 
     def _insert(
         self, event: CalendarEvent, fields: dict[str, Any], fingerprint: str, now: datetime
@@ -387,7 +330,7 @@ class Syncer:
             and start > now
         ):
             # Checked in (or expired) and then moved to a later day: a new visit to watch.
-            changes.update(_watched_afresh(fields, now))
+            changes.update(watched_afresh(fields, now))
             cause = f"re-opened: moved to {fmt_local(start, self.tz)} by a calendar edit"
         elif deadline != ts(visit.deadline) and not visit.state.terminal:
             changes["deadline"] = deadline
@@ -402,39 +345,3 @@ class Syncer:
             changes["next_action_at"] = ts(now)  # the sweep recomputes what is due
         with self.store.transaction():
             return self.actions.change(visit, now, cause, "calendar", changes)
-
-
-def _watched_afresh(fields: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """The changes that make an ended visit a new one to watch from its start."""
-    has_errors = any(f["severity"] == "error" for f in json.loads(fields["findings"]))
-    return {
-        "state": VisitState.BOOKED if from_ts(fields["start"]) > now else VisitState.IN_PROGRESS,  # type: ignore[operator]
-        "deadline": fields["expected_return"],
-        "extended_until": None,
-        "step": 0,
-        "repeats": 0,
-        "ack_realerts": 0,
-        "acknowledged_at": None,
-        "acknowledged_by": None,
-        "help_requested_at": None,
-        "checked_in_at": None,
-        "checked_in_by": None,
-        "ended_at": None,
-        "prestart_notice_sent": int(not has_errors),
-        "next_action_at": ts(now),
-    }
-
-
-def _fingerprint(fields: dict[str, Any], details: VisitDetails) -> str:
-    material = {**fields, "checked_in": details.checked_in, "help": details.help_requested}
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _duplicate(event: CalendarEvent) -> EventProblem:
-    when = f"starting {event.start:%Y-%m-%d %H:%M} UTC"
-    return EventProblem(
-        event.source,
-        event.uid,
-        f"appears twice in the feed with the same UID, {when}: the second copy was ignored;"
-        " give each entry its own UID",
-    )

@@ -19,10 +19,10 @@ from tests.conftest import T0, World, home_visit, tick
 from tests.scripted import ScriptedChannel
 from visitwatch.connectors import registry
 from visitwatch.daemon.config import Directory, StaffMember
+from visitwatch.daemon.entries import visit_id
 from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.recipients import admin_addressees
 from visitwatch.daemon.store import from_ts, ts
-from visitwatch.daemon.sync import visit_id
 from visitwatch.daemon.visits import ActionError, Visit
 
 START = T0 + timedelta(hours=1)  # 13:00

@@ -81,10 +81,10 @@ from visitwatch.connectors.outbox import read_outbox
 from visitwatch.daemon import dispatch as dispatch_module
 from visitwatch.daemon.clock import FrozenClock
 from visitwatch.daemon.config import load_config
+from visitwatch.daemon.entries import visit_id
 from visitwatch.daemon.lifecycle import TERMINAL
 from visitwatch.daemon.service import Service
 from visitwatch.daemon.store import from_ts, ts
-from visitwatch.daemon.sync import visit_id
 from visitwatch.daemon.visits import ActionError
 
 # Half an hour before Europe/London moves from GMT to BST (01:00 UTC on 28 March 2027).

@@ -17,7 +17,7 @@ from tests.conftest import T0, World, home_visit, ics_event, tick
 from visitwatch.core.calendar import FetchResult, TimeWindow
 from visitwatch.daemon import cli
 from visitwatch.daemon.config import ConfigError, load_config
-from visitwatch.daemon.sync import visit_id
+from visitwatch.daemon.entries import visit_id
 
 START = T0 + timedelta(hours=1)  # 13:00
 DEADLINE = T0 + timedelta(hours=2)  # 14:00

@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 
 from tests.conftest import T0, World, home_visit, ics_event, tick
-from visitwatch.daemon.sync import visit_id
+from visitwatch.daemon.entries import visit_id
 from visitwatch.daemon.visits import ActionError
 
 START = T0 + timedelta(hours=1)  # 13:00

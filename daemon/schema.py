@@ -1,0 +1,194 @@
+"""The record's schema, as named migrations.
+
+Each migration runs once, in its own transaction, in this order (:meth:`Store.migrate`).
+Append new ones; never edit one that has shipped.
+
+``audit`` is append-only, enforced by triggers. Times are fixed-width UTC text, so string
+order is time order and the deadline indexes sort correctly.
+"""
+
+from __future__ import annotations
+
+# Ordered and named; each runs once, in its own transaction. Append, never edit.
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_initial",
+        """
+        CREATE TABLE visits (
+            id TEXT PRIMARY KEY,
+            source TEXT NOT NULL,
+            uid TEXT NOT NULL,
+            recurrence_id TEXT NOT NULL DEFAULT '',
+            kind TEXT NOT NULL,
+            worker_id TEXT NOT NULL DEFAULT '',
+            worker_label TEXT NOT NULL DEFAULT '',
+            worker_known INTEGER NOT NULL DEFAULT 0,
+            subject TEXT NOT NULL DEFAULT '',
+            address TEXT NOT NULL DEFAULT '',
+            private INTEGER NOT NULL DEFAULT 0,
+            start TEXT NOT NULL,
+            "end" TEXT NOT NULL,
+            expected_return TEXT,
+            expected_return_from TEXT NOT NULL DEFAULT '',
+            extended_until TEXT,
+            deadline TEXT,
+            risk_assessment TEXT NOT NULL DEFAULT '',
+            risk_assessment_complete INTEGER NOT NULL DEFAULT 0,
+            worker_mobile TEXT NOT NULL DEFAULT '',
+            second_worker TEXT NOT NULL DEFAULT '',
+            pair_required INTEGER NOT NULL DEFAULT 0,
+            going_home_after INTEGER NOT NULL DEFAULT 0,
+            findings TEXT NOT NULL DEFAULT '[]',
+            state TEXT NOT NULL,
+            step INTEGER NOT NULL DEFAULT 0,
+            repeats INTEGER NOT NULL DEFAULT 0,
+            prestart_notice_sent INTEGER NOT NULL DEFAULT 0,
+            next_action_at TEXT,
+            version INTEGER NOT NULL DEFAULT 0,
+            help_requested_at TEXT,
+            checked_in_at TEXT,
+            checked_in_by TEXT,
+            acknowledged_at TEXT,
+            acknowledged_by TEXT,
+            ended_at TEXT,
+            event_fingerprint TEXT NOT NULL DEFAULT '',
+            first_seen TEXT NOT NULL,
+            last_seen TEXT NOT NULL,
+            updated TEXT NOT NULL,
+            UNIQUE (source, uid, recurrence_id)
+        );
+        -- The sweep asks "what needs attention now?" through this index only, so its cost
+        -- follows the number of due visits, not the size of the history.
+        CREATE INDEX visits_next_action ON visits (next_action_at)
+            WHERE next_action_at IS NOT NULL;
+        CREATE INDEX visits_source_start ON visits (source, start);
+        CREATE INDEX visits_start ON visits (start);
+
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,
+            visit_id TEXT,
+            at TEXT NOT NULL,
+            from_state TEXT,
+            to_state TEXT,
+            cause TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX audit_visit ON audit (visit_id, id);
+        -- The record is append-only: history cannot be edited, only added to.
+        CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+            BEGIN SELECT RAISE(ABORT, 'the audit record is append-only'); END;
+        CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+            BEGIN SELECT RAISE(ABORT, 'the audit record is append-only'); END;
+
+        CREATE TABLE checkins (
+            id INTEGER PRIMARY KEY,
+            visit_id TEXT NOT NULL,
+            at TEXT NOT NULL,
+            action TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            via TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX checkins_visit ON checkins (visit_id);
+
+        CREATE TABLE notifications (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL UNIQUE,
+            visit_id TEXT,
+            kind TEXT NOT NULL,
+            recipient_id TEXT NOT NULL,
+            recipient_name TEXT NOT NULL,
+            recipient_email TEXT NOT NULL DEFAULT '',
+            recipient_mobile TEXT NOT NULL DEFAULT '',
+            recipient_relation TEXT NOT NULL DEFAULT '',
+            channel TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            text TEXT NOT NULL,
+            created TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TEXT,
+            last_error TEXT,
+            sent_at TEXT,
+            fallback_of INTEGER
+        );
+        CREATE INDEX notifications_pending ON notifications (next_attempt_at)
+            WHERE status = 'pending';
+        CREATE INDEX notifications_visit ON notifications (visit_id);
+
+        CREATE TABLE sources (
+            name TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            last_attempt_at TEXT,
+            last_success_at TEXT,
+            last_error TEXT,
+            failures INTEGER NOT NULL DEFAULT 0,
+            fingerprint TEXT,
+            processed_at TEXT,
+            events INTEGER NOT NULL DEFAULT 0,
+            visits INTEGER NOT NULL DEFAULT 0
+        );
+
+        CREATE TABLE problems (
+            id INTEGER PRIMARY KEY,
+            source TEXT NOT NULL,
+            uid TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            first_seen TEXT NOT NULL,
+            last_seen TEXT NOT NULL,
+            UNIQUE (source, uid, reason)
+        );
+
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        """,
+    ),
+    (
+        "0002_failed_notifications_index",
+        """
+        -- The health check looks for recent failed deliveries after every sweep.
+        CREATE INDEX notifications_failed ON notifications (created) WHERE status = 'failed';
+        CREATE INDEX notifications_fallback_of ON notifications (fallback_of)
+            WHERE fallback_of IS NOT NULL;
+        """,
+    ),
+    (
+        "0003_acknowledgement_timeout",
+        """
+        -- An acknowledgement times out: how many times an unresolved acknowledged visit has
+        -- been re-alerted since the acknowledgement (lifecycle.plan counts from it).
+        ALTER TABLE visits ADD COLUMN ack_realerts INTEGER NOT NULL DEFAULT 0;
+        """,
+    ),
+    (
+        "0004_pending_notifications_by_created",
+        """
+        -- The dispatcher looks for notifications waiting past the delivery deadline on every
+        -- pass: through this index its cost follows what is pending, not the history.
+        CREATE INDEX notifications_pending_created ON notifications (created)
+            WHERE status = 'pending';
+        """,
+    ),
+    (
+        "0005_calendar_safety",
+        """
+        -- A read that would remove many of a source's visits is held, not applied (sync.py):
+        -- which visits it would remove (JSON ids), since when, out of how many, and whether
+        -- an admin confirmed it (`visitwatch sources confirm NAME`).
+        ALTER TABLE sources ADD COLUMN held_removals TEXT;
+        ALTER TABLE sources ADD COLUMN held_since TEXT;
+        ALTER TABLE sources ADD COLUMN held_live INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE sources ADD COLUMN held_confirmed_at TEXT;
+        ALTER TABLE sources ADD COLUMN held_confirmed_by TEXT;
+        -- Reads in a row that were incomplete (cut short, damaged): they never remove visits.
+        ALTER TABLE sources ADD COLUMN incomplete INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE sources ADD COLUMN incomplete_since TEXT;
+        ALTER TABLE sources ADD COLUMN incomplete_reason TEXT;
+        -- A started visit whose entry left the calendar: still watched, people were asked.
+        ALTER TABLE visits ADD COLUMN removed_at TEXT;
+        -- The entry's categories at the last read (JSON): a check-in or help category counts
+        -- only when it is new since then, never judged by modification times.
+        ALTER TABLE visits ADD COLUMN categories TEXT;
+        """,
+    ),
+]

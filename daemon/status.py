@@ -1,0 +1,111 @@
+"""``visitwatch status``: what is watched, what is due, what could not be delivered."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+from visitwatch.core.calendar import TimeWindow
+from visitwatch.daemon.config import Config
+from visitwatch.daemon.lifecycle import TERMINAL
+from visitwatch.daemon.messages import fmt_local
+from visitwatch.daemon.service import Service
+from visitwatch.daemon.store import from_ts, ts
+
+
+def status_data(service: Service, include_all: bool = False) -> dict[str, Any]:
+    now = service.clock.now()
+    daemon = service.config.daemon
+    window = TimeWindow.around(now, daemon.window_past, daemon.window_ahead)
+    ended = ", ".join(f"'{state}'" for state in sorted(TERMINAL))
+    where = "" if include_all else f" AND state NOT IN ({ended})"
+    visits = service.store.query(
+        f'SELECT * FROM visits WHERE start < ? AND "end" >= ?{where} ORDER BY start',
+        (ts(window.end), ts(window.start)),
+    )
+    return {
+        "now": ts(now),
+        "last_sweep_at": service.store.get_meta("last_sweep_at"),
+        "visits": [
+            {
+                "id": v["id"],
+                "worker": v["worker_label"],
+                "worker_id": v["worker_id"],
+                "state": v["state"],
+                "start": v["start"],
+                "deadline": v["deadline"],
+                "subject": "(private)" if v["private"] else v["subject"],
+                "kind": v["kind"],
+                "findings": [f["rule"] for f in json.loads(v["findings"])],
+                "acknowledged_by": v["acknowledged_by"],
+                "source": v["source"],
+            }
+            for v in visits
+        ],
+        "sources": service.store.query("SELECT * FROM sources ORDER BY name")
+        + [{"name": n, "last_error": e} for n, e in service.source_errors.items()],
+        "problems": service.store.query("SELECT source, uid, reason, last_seen FROM problems"),
+        "undelivered": service.store.query(
+            "SELECT id, visit_id, kind, channel, recipient_id, status, attempts, last_error,"
+            " next_attempt_at FROM notifications WHERE status = 'failed'"
+            " OR (status = 'pending' AND attempts > 0) ORDER BY id"
+        ),
+        "pending": service.store.query(
+            "SELECT COUNT(*) AS n FROM notifications WHERE status = 'pending'"
+        )[0]["n"],
+    }
+
+
+def cmd_status(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config]) -> int:
+    service = Service(load(args))
+    try:
+        data = status_data(service, args.all)
+    finally:
+        service.close()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    tz = service.config.daemon.timezone
+
+    def local(text: str | None) -> str:
+        moment = from_ts(text)
+        return fmt_local(moment, tz) if moment else "-"
+
+    print(f"last sweep: {local(data['last_sweep_at'])}")
+    print(f"\nVISITS ({len(data['visits'])})")
+    for v in data["visits"]:
+        flags = ", ".join(v["findings"]) or "compliant"
+        print(
+            f"  {v['id']}  {v['state']:<12} {v['worker'][:22]:<22} "
+            f"start {local(v['start'])}  back by {local(v['deadline'])}  [{flags}]"
+        )
+    print("\nSOURCES")
+    for s in data["sources"]:
+        health = f"ERROR: {s['last_error']}" if s.get("last_error") else "ok"
+        print(f"  {s['name']}: {health}; last success {local(s.get('last_success_at'))}")
+        if s.get("incomplete"):
+            print(f"    INCOMPLETE: the last {s['incomplete']} reads (nothing removed)")
+        if s.get("held_removals"):
+            count = len(json.loads(s["held_removals"]))
+            confirmed = (
+                f"; confirmed by {s['held_confirmed_by']}, applied at the next read"
+                if s.get("held_confirmed_at")
+                else f"; confirm with `visitwatch sources confirm {s['name']}`"
+            )
+            print(
+                f"    HELD since {local(s.get('held_since'))}: a read would remove {count} of "
+                f"{s.get('held_live')} watched visits{confirmed}"
+            )
+    if data["problems"]:
+        print(f"\nUNREADABLE ENTRIES ({len(data['problems'])})")
+        for p in data["problems"]:
+            print(f"  {p['source']} uid={p['uid'] or '(whole feed)'}: {p['reason']}")
+    print(f"\nNOTIFICATIONS: {data['pending']} pending")
+    for n in data["undelivered"]:
+        print(
+            f"  #{n['id']} {n['kind']} via {n['channel']} to {n['recipient_id']}: {n['status']},"
+            f" {n['attempts']} attempts, last error: {n['last_error']}"
+        )
+    return 0
