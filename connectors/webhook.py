@@ -71,7 +71,12 @@ class WebhookChannel(Channel):
             default={},
             help="extra HTTP headers, written in clear: no credentials here",
         ),
-        "timeout": Option("duration", default="15s", positive=True, help="for the whole request"),
+        "timeout": Option(
+            "duration",
+            default="15s",
+            positive=True,
+            help="to connect, and for each read of the answer (send_timeout bounds the whole)",
+        ),
         "ca_file": Option("path", default=None, help="a PEM bundle of CAs to trust"),
     }
 
