@@ -36,11 +36,16 @@ from visitwatch.core.options import ConfigProblem, ConnectorContext, Option
 class Person(Protocol):
     """Someone a source's directory knows (see :meth:`CalendarSource.people`)."""
 
-    id: str
-    name: str
-    email: str
-    mobile: str
-    manager_id: str
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def email(self) -> str: ...
+    @property
+    def mobile(self) -> str: ...
+    @property
+    def manager_id(self) -> str | None: ...
 
 
 class PeopleDirectory(Protocol):

@@ -26,6 +26,7 @@ from visitwatch.daemon.routing import Router
 from visitwatch.daemon.store import Store, from_ts, ts
 from visitwatch.daemon.visits import (
     CONFLICT_RETRIES,
+    LADDER_RESET,
     ActionError,
     VersionConflict,
     Visit,
@@ -169,14 +170,10 @@ class Actions:
                 f"extended by {extend}",
                 actor,
                 {
+                    **LADDER_RESET,
                     "state": VisitState.IN_PROGRESS if now >= visit.start else visit.state,
                     "extended_until": until,
                     "deadline": until,
-                    "step": 0,
-                    "repeats": 0,
-                    "acknowledged_at": None,
-                    "acknowledged_by": None,
-                    "ack_realerts": 0,
                     "help_requested_at": None,
                     "next_action_at": now,
                 },
@@ -290,13 +287,9 @@ class Actions:
                 "help requested",
                 actor,
                 {
+                    **LADDER_RESET,
                     "state": VisitState.ESCALATED,
                     "help_requested_at": now,
-                    "step": 0,
-                    "repeats": 0,
-                    "acknowledged_at": None,
-                    "acknowledged_by": None,
-                    "ack_realerts": 0,
                     "next_action_at": now,
                 },
             )

@@ -15,6 +15,7 @@ from visitwatch.core.calendar import CalendarEvent, EventProblem
 from visitwatch.daemon.config import Directory
 from visitwatch.daemon.lifecycle import VisitState
 from visitwatch.daemon.store import from_ts, ts
+from visitwatch.daemon.visits import LADDER_RESET
 from visitwatch.policies.model import Finding, PolicySettings, VisitDetails
 
 
@@ -94,15 +95,13 @@ def worker_of(
 def watched_afresh(fields: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The changes that make an ended visit a new one to watch from its start."""
     has_errors = any(f["severity"] == "error" for f in json.loads(fields["findings"]))
+    start = from_ts(fields["start"])
+    assert start is not None
     return {
-        "state": VisitState.BOOKED if from_ts(fields["start"]) > now else VisitState.IN_PROGRESS,  # type: ignore[operator]
+        **LADDER_RESET,
+        "state": VisitState.BOOKED if start > now else VisitState.IN_PROGRESS,
         "deadline": fields["expected_return"],
         "extended_until": None,
-        "step": 0,
-        "repeats": 0,
-        "ack_realerts": 0,
-        "acknowledged_at": None,
-        "acknowledged_by": None,
         "help_requested_at": None,
         "checked_in_at": None,
         "checked_in_by": None,

@@ -46,7 +46,13 @@ from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.removals import Removals
 from visitwatch.daemon.source_state import INCOMPLETE_READ, SourceLedger, SyncReport
 from visitwatch.daemon.store import Store, from_ts, ts
-from visitwatch.daemon.visits import CONFLICT_RETRIES, VersionConflict, Visit, to_column
+from visitwatch.daemon.visits import (
+    CONFLICT_RETRIES,
+    LADDER_RESET,
+    VersionConflict,
+    Visit,
+    to_column,
+)
 from visitwatch.policies import Policy
 
 log = structlog.get_logger(__name__)
@@ -224,7 +230,7 @@ class Syncer:
         if (
             visit.state == VisitState.CANCELLED
             and not event.cancelled
-            and from_ts(fields["expected_return"]) > now  # type: ignore[operator]
+            and fields["expected_return"] > ts(now)  # fixed-width UTC text sorts as time
         ):
             # Removed (or cancelled) and now back in a read, not yet over: watch it again.
             with self.store.transaction():
@@ -335,11 +341,9 @@ class Syncer:
         elif deadline != ts(visit.deadline) and not visit.state.terminal:
             changes["deadline"] = deadline
             cause = "deadline moved by a calendar edit"
-            if from_ts(deadline) > now and (visit.step > 0 or visit.acknowledged_at):  # type: ignore[operator]
+            if deadline > ts(now) and (visit.step > 0 or visit.acknowledged_at):
                 # The worker (or office) moved the return time: start the ladder afresh.
-                changes.update(
-                    step=0, repeats=0, ack_realerts=0, acknowledged_at=None, acknowledged_by=None
-                )
+                changes.update(LADDER_RESET)
                 changes["state"] = VisitState.BOOKED if start > now else VisitState.IN_PROGRESS
         if not visit.state.terminal:
             changes["next_action_at"] = ts(now)  # the sweep recomputes what is due

@@ -30,6 +30,16 @@ from visitwatch.policies.model import Finding
 CONFLICT_RETRIES = 5
 
 
+# The changes that start a visit's ladder afresh: nothing raised, nothing acknowledged.
+LADDER_RESET: dict[str, Any] = {
+    "step": 0,
+    "repeats": 0,
+    "ack_realerts": 0,
+    "acknowledged_at": None,
+    "acknowledged_by": None,
+}
+
+
 class ActionError(VisitwatchError):
     """A check-in or acknowledgement that cannot be done (unknown visit, already resolved)."""
 
