@@ -23,7 +23,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import zip_longest
 from typing import Any, ClassVar
 
@@ -31,12 +31,7 @@ import structlog
 
 from visitwatch.connectors.base import CalendarSource
 from visitwatch.connectors.graph_auth import token_roles
-from visitwatch.connectors.graph_client import (
-    GRAPH_OPTIONS,
-    GraphClient,
-    app_problems,
-    shared_client,
-)
+from visitwatch.connectors.graph_client import GRAPH_OPTIONS, GraphClient, GraphConnector
 from visitwatch.connectors.graph_delta import DeltaStore, day_span
 from visitwatch.connectors.graph_directory import GraphDirectory
 from visitwatch.connectors.graph_mapping import Malformed, Reading, to_event, uid
@@ -74,7 +69,7 @@ class _Read:
     collected: list[tuple[Target, Raw]] = field(default_factory=list)
 
 
-class GraphCalendarSource(CalendarSource):
+class GraphCalendarSource(GraphConnector, CalendarSource):
     """Occurrences from Outlook calendars of staff or shared mailboxes, via Microsoft Graph."""
 
     type_name: ClassVar[str] = "graph"
@@ -117,9 +112,7 @@ class GraphCalendarSource(CalendarSource):
         super().__init__(name, settings, context)
         self._people: GraphDirectory | None = None
         self.mailboxes: list[str] = unique_mailboxes(self.settings["mailboxes"])
-        self.client: GraphClient = shared_client(
-            {k: self.settings.get(k) for k in GRAPH_OPTIONS}, context.user_agent
-        )
+        self.client: GraphClient = self.shared_client()
         self.reading = Reading(
             source=name,
             zone=context.timezone,
@@ -142,24 +135,18 @@ class GraphCalendarSource(CalendarSource):
 
     @classmethod
     def settings_problems(cls, settings: Mapping[str, Any]) -> list[ConfigProblem]:
-        problems = app_problems(settings)
+        problems = super().settings_problems(settings)
         if settings.get("page_size", 0) > MAX_PAGE_SIZE:
             problems.append(
                 ConfigProblem("page_size", f"must be {MAX_PAGE_SIZE} or less (Graph's largest)")
             )
         return problems
 
-    @classmethod
-    def credential_expiry(cls, settings: Mapping[str, Any]) -> date | None:
-        return settings.get("secret_expires")
-
     @property
     def writes_back(self) -> bool:
         return bool(self.settings["write_back"])
 
-    # GraphDirectory's Person is frozen and may name no manager: base.Person's members must
-    # be read-only (properties) with manager_id: str | None for this to type-check.
-    def people(self, clock: Callable[[], datetime]) -> GraphDirectory | None:  # type: ignore[override]
+    def people(self, clock: Callable[[], datetime]) -> GraphDirectory | None:
         if not self.settings["directory"]:
             return None
         if self._people is None:

@@ -27,7 +27,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
@@ -35,6 +35,7 @@ from urllib.parse import quote
 import requests
 import structlog
 
+from visitwatch.connectors.base import Connector
 from visitwatch.connectors.graph_auth import EntraTokens
 from visitwatch.connectors.graph_errors import GraphError, graph_error
 from visitwatch.core.options import ConfigProblem, Option
@@ -59,13 +60,6 @@ GRAPH_OPTIONS: dict[str, Option] = {
     "ca_file": Option("path", help="CA bundle to trust (a TLS-inspecting proxy)"),
     "timeout": Option("duration", positive=True, default="30s"),
 }  # fmt: skip
-
-
-def app_problems(settings: Mapping[str, Any]) -> list[ConfigProblem]:
-    """An app registration signs in with a client secret or a certificate: exactly one."""
-    if bool(settings.get("client_secret")) != bool(settings.get("certificate")):
-        return []
-    return [ConfigProblem("client_secret", "give exactly one of client_secret and certificate")]
 
 
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
@@ -284,6 +278,31 @@ class GraphClient:
 
     def close(self) -> None:
         self.session.close()
+
+
+class GraphConnector(Connector):
+    """What every Graph connector shares: an app registration, its checks, its client."""
+
+    @classmethod
+    def settings_problems(cls, settings: Mapping[str, Any]) -> list[ConfigProblem]:
+        # An app registration signs in with a client secret or a certificate: exactly one.
+        if bool(settings.get("client_secret")) != bool(settings.get("certificate")):
+            return []
+        return [ConfigProblem("client_secret", "give exactly one of client_secret and certificate")]
+
+    @classmethod
+    def credential_expiry(cls, settings: Mapping[str, Any]) -> date | None:
+        return settings.get("secret_expires")
+
+    def shared_client(self) -> GraphClient:
+        """The client of this app registration, shared with the other connectors using it.
+
+        Building it does no network I/O (msal is created on first use), so an unreachable
+        Entra at boot cannot stop the daemon.
+        """
+        return shared_client(
+            {k: self.settings.get(k) for k in GRAPH_OPTIONS}, self.context.user_agent
+        )
 
 
 _clients: dict[str, GraphClient] = {}

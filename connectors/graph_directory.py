@@ -130,41 +130,23 @@ class GraphDirectory:
         requests_ = []
         for n, staff_id in enumerate(ids):
             path = mailbox_path(staff_id)
-            requests_.append(
-                {"id": f"u{n}", "method": "GET", "url": f"{path}?$select={USER_FIELDS}"}
-            )
-            requests_.append(
-                {"id": f"m{n}", "method": "GET", "url": f"{path}/manager?$select={MANAGER_FIELDS}"}
-            )
-        try:
-            answers = self.client.batch(requests_)
-        except ConnectorError as err:
-            log.warning(
-                "directory.fetch_failed",
-                people=len(ids),
-                using_cache=len(cached),
-                error=str(err),
-            )
+            requests_.append(_get(f"u{n}", f"{path}?$select={USER_FIELDS}"))
+            requests_.append(_get(f"m{n}", f"{path}/manager?$select={MANAGER_FIELDS}"))
+        answers = self._batch(requests_, people=len(ids), using_cache=len(cached))
+        if answers is None:
             return {}
         fetched: dict[str, Person | None] = {}
         by_mail: dict[int, str] = {}
         for n, staff_id in enumerate(ids):
             try:
-                person = _person(staff_id, answers.get(f"u{n}"), answers.get(f"m{n}"))
+                person = _read_person(
+                    n, staff_id, answers.get(f"u{n}"), answers.get(f"m{n}"), cached
+                )
             except _NotFound:
                 by_mail[n] = staff_id  # not an id or UPN: perhaps a guest's or renamed mail
                 continue
-            except _Failed as failed:
-                log.warning(
-                    "directory.person_failed",
-                    lookup=n,
-                    status=failed.status,
-                    code=failed.code,
-                    using_cache=staff_id in cached,
-                )
-                continue
-            log.debug("directory.fetched", staff_id=staff_id, name=person.name)
-            fetched[staff_id] = person
+            if person is not None:
+                fetched[staff_id] = person
         if by_mail:
             fetched.update(self._fetch_by_mail(by_mail, cached))
         self.unmatched = sum(1 for i in ids if i in fetched and fetched[i] is None)
@@ -176,23 +158,18 @@ class GraphDirectory:
     def _fetch_by_mail(self, ids: Mapping[int, str], cached: set[str]) -> dict[str, Person | None]:
         """People ``/users/{x}`` did not find, looked up by ``mail``, then their managers."""
         found: dict[str, Person | None] = {}
-        try:
-            answers = self.client.batch([
-                {"id": f"f{n}", "method": "GET",
-                 "url": f"/users?$filter={quote(_mail_filter(i), safe='')}&$select={USER_FIELDS}"}
-                for n, i in ids.items()
-            ])  # fmt: skip
-        except ConnectorError as err:
-            log.warning("directory.fetch_failed", people=len(ids), error=str(err))
+        answers = self._batch([
+            _get(f"f{n}", f"/users?$filter={quote(_mail_filter(i), safe='')}&$select={USER_FIELDS}")
+            for n, i in ids.items()
+        ], people=len(ids))  # fmt: skip
+        if answers is None:
             return found
         users: dict[int, Mapping[str, Any]] = {}
         for n, staff_id in ids.items():
             answer = answers.get(f"f{n}")
             body = answer.get("body") if answer is not None else None
             if answer is None or answer.get("status") != 200 or not isinstance(body, dict):
-                failure = _failure(answer)
-                log.warning("directory.person_failed", lookup=n, status=failure.status,
-                            code=failure.code, using_cache=staff_id in cached)  # fmt: skip
+                _person_failed(n, _failure(answer), using_cache=staff_id in cached)
                 continue
             matches = [u for u in body.get("value") or [] if isinstance(u, dict)]
             if len(matches) == 1 and matches[0].get("id"):
@@ -203,27 +180,30 @@ class GraphDirectory:
                 found[staff_id] = None
         if not users:
             return found
-        try:
-            managers = self.client.batch([
-                {"id": f"m{n}", "method": "GET",
-                 "url": f"{mailbox_path(str(u['id']))}/manager?$select={MANAGER_FIELDS}"}
-                for n, u in users.items()
-            ])  # fmt: skip
-        except ConnectorError as err:
-            log.warning("directory.fetch_failed", people=len(users), error=str(err))
+        managers = self._batch([
+            _get(f"m{n}", f"{mailbox_path(str(u['id']))}/manager?$select={MANAGER_FIELDS}")
+            for n, u in users.items()
+        ], people=len(users))  # fmt: skip
+        if managers is None:
             return found
         for n, user in users.items():
-            staff_id = ids[n]
-            try:
-                person = _person(staff_id, {"status": 200, "body": user}, managers.get(f"m{n}"))
-            except (_NotFound, _Failed) as failed:
-                log.warning("directory.person_failed", lookup=n,
-                            status=getattr(failed, "status", 404),
-                            code=getattr(failed, "code", ""), using_cache=staff_id in cached)  # fmt: skip
-                continue
-            log.debug("directory.fetched", staff_id=staff_id, name=person.name)
-            found[staff_id] = person
+            # The user was found (status 200), so _NotFound cannot come out of this.
+            person = _read_person(
+                n, ids[n], {"status": 200, "body": user}, managers.get(f"m{n}"), cached
+            )
+            if person is not None:
+                found[ids[n]] = person
         return found
+
+    def _batch(
+        self, requests_: list[dict[str, str]], **context: Any
+    ) -> dict[str, dict[str, Any]] | None:
+        """The inner answers by id, or None when the batch itself failed (logged with ``context``)."""
+        try:
+            return self.client.batch(list(requests_))
+        except ConnectorError as err:
+            log.warning("directory.fetch_failed", error=str(err), **context)
+            return None
 
     # ------------------------------------------------------------------ the cache file
 
@@ -280,6 +260,11 @@ class GraphDirectory:
             log.warning("directory.cache_not_written", path=str(self.path), error=str(err))
 
 
+def _get(request_id: str, url: str) -> dict[str, str]:
+    """One GET inside a ``$batch``."""
+    return {"id": request_id, "method": "GET", "url": url}
+
+
 def _mail_filter(address: str) -> str:
     """``mail eq '...'`` with the address quoted for OData (a quote is doubled)."""
     return "mail eq '" + address.replace("'", "''") + "'"
@@ -290,6 +275,34 @@ class _Failed(Exception):
         super().__init__(f"{status} {code}")
         self.status = status
         self.code = code
+
+
+def _person_failed(lookup: int, failed: _Failed, *, using_cache: bool) -> None:
+    # The lookup's position, not the id: ids are addresses, often families'.
+    log.warning(
+        "directory.person_failed",
+        lookup=lookup,
+        status=failed.status,
+        code=failed.code,
+        using_cache=using_cache,
+    )
+
+
+def _read_person(
+    lookup: int,
+    staff_id: str,
+    user: Mapping[str, Any] | None,
+    manager: Mapping[str, Any] | None,
+    cached: set[str],
+) -> Person | None:
+    """The Person, or None (logged) when an answer failed; raises _NotFound."""
+    try:
+        person = _person(staff_id, user, manager)
+    except _Failed as failed:
+        _person_failed(lookup, failed, using_cache=staff_id in cached)
+        return None
+    log.debug("directory.fetched", staff_id=staff_id, name=person.name)
+    return person
 
 
 def _failure(answer: Mapping[str, Any] | None) -> _Failed:

@@ -18,33 +18,29 @@ texts that echo an address have it replaced before they can reach a warning.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import html
-import json
 from collections.abc import Mapping
-from datetime import date
 from typing import Any, ClassVar
 
 import structlog
 
 from visitwatch.connectors.base import Channel
+from visitwatch.connectors.graph_auth import token_roles
 from visitwatch.connectors.graph_client import (
     GRAPH_OPTIONS,
     GraphClient,
+    GraphConnector,
     GraphError,
-    app_problems,
     mailbox_path,
-    shared_client,
 )
 from visitwatch.core.errors import ConnectorError
-from visitwatch.core.notification import Message
+from visitwatch.core.notification import Message, NotificationKind
 from visitwatch.core.options import ConfigProblem, ConnectorContext, Option
 
 log = structlog.get_logger(__name__)
 
 # Kinds that need someone to act now: Outlook flags them and sorts them to the top.
-URGENT_KINDS = frozenset({"overrun", "escalation", "help"})
+URGENT_KINDS = frozenset(kind for kind in NotificationKind if kind.urgent)
 
 # Outlook desktop renders HTML with Word, which ignores much CSS (white-space among it), so
 # the text goes into plain paragraphs with <br> line breaks and inline styles only.
@@ -60,7 +56,7 @@ _ACCESS_HINT = (
 )
 
 
-class GraphMailChannel(Channel):
+class GraphMailChannel(GraphConnector, Channel):
     """Sends each message as Outlook mail from ``sender`` to ``recipient.email``."""
 
     type_name: ClassVar[str] = "graph_mail"
@@ -68,7 +64,7 @@ class GraphMailChannel(Channel):
     options: ClassVar[dict[str, Option]] = {
         **GRAPH_OPTIONS,
         "sender": Option(
-            "str",
+            "email",
             required=True,
             help="mailbox that sends, e.g. visitwatch@contoso.org (a shared mailbox works)",
         ),
@@ -79,21 +75,11 @@ class GraphMailChannel(Channel):
     def __init__(self, name: str, settings: dict[str, Any], context: ConnectorContext) -> None:
         super().__init__(name, settings, context)
         self.sender: str = str(self.settings["sender"]).strip()
-        self.save_to_sent_items: bool = self.settings.get("save_to_sent_items") is True
-        self.html: bool = self.settings.get("html", True) is not False
-        if "@" not in self.sender or " " in self.sender or "<" in self.sender:
-            # Graph addresses the mailbox by its address alone; a display name cannot be set.
-            raise ConnectorError(
-                f"channel {name!r}: sender {self.sender!r} must be the sending mailbox's "
-                "address alone, e.g. visitwatch@contoso.org",
-                permanent=True,
-            )
+        self.save_to_sent_items: bool = self.settings["save_to_sent_items"]
+        self.html: bool = self.settings["html"]
         # Shared with the calendar source when both use one app registration: one token
-        # cache, one connection pool. Building it does no network I/O (msal is created on
-        # first use), so an unreachable Entra at boot cannot stop the daemon.
-        self.client: GraphClient = shared_client(
-            {k: self.settings.get(k) for k in GRAPH_OPTIONS}, context.user_agent
-        )
+        # cache, one connection pool.
+        self.client: GraphClient = self.shared_client()
 
     @property
     def where(self) -> str:
@@ -105,14 +91,8 @@ class GraphMailChannel(Channel):
         recipient = message.recipient
         address = self.address_of(message)
         payload = self.payload(message)
-        log.debug(
-            "graph_mail.sending",
-            channel=self.name,
-            message_id=message.id,
-            visit_id=message.visit_id,
-            to=address,
-            subject=message.subject,
-        )
+        told = log.bind(channel=self.name, message_id=message.id, visit_id=message.visit_id)
+        told.debug("graph_mail.sending", to=address, subject=message.subject)
         try:
             response = self.client.request(
                 "POST",
@@ -122,11 +102,8 @@ class GraphMailChannel(Channel):
             )
         except ConnectorError as err:
             problem = self._translate(err, hide=(recipient.email, recipient.name))
-            log.warning(
+            told.warning(
                 "graph_mail.send_failed",
-                channel=self.name,
-                message_id=message.id,
-                visit_id=message.visit_id,
                 permanent=problem.permanent,
                 status=getattr(err, "status", 0),
                 code=getattr(err, "code", ""),
@@ -134,23 +111,27 @@ class GraphMailChannel(Channel):
             raise problem from err
         if response.status_code != 202:
             # Graph documents 202 only; any other 2xx still means Exchange took it.
-            log.info("graph_mail.unexpected_status", status=response.status_code)
-        log.info(
+            told.info("graph_mail.unexpected_status", status=response.status_code)
+        told.info(
             "graph_mail.sent",
-            channel=self.name,
             sender=self.sender,
-            message_id=message.id,
-            visit_id=message.visit_id,
             request_id=response.headers.get("request-id", ""),
         )
 
     @classmethod
     def settings_problems(cls, settings: Mapping[str, Any]) -> list[ConfigProblem]:
-        return app_problems(settings)
-
-    @classmethod
-    def credential_expiry(cls, settings: Mapping[str, Any]) -> date | None:
-        return settings.get("secret_expires")
+        problems = super().settings_problems(settings)
+        sender = str(settings.get("sender") or "").strip()
+        if any(c.isspace() for c in sender) or "<" in sender:
+            # Graph addresses the mailbox by its address alone; a display name cannot be set.
+            problems.append(
+                ConfigProblem(
+                    "sender",
+                    f"{sender!r} must be the sending mailbox's address alone",
+                    'write e.g. "visitwatch@contoso.org"',
+                )
+            )
+        return problems
 
     def check(self) -> str:
         """Token, permission and sender, as far as they can be seen without sending.
@@ -162,7 +143,7 @@ class GraphMailChannel(Channel):
         """
         client = self.client
         token = client.token()
-        roles = _token_roles(token)
+        roles = token_roles(token)
         if roles is None:
             permission = "token ok (its permissions could not be read)"
         elif "Mail.Send" in roles:
@@ -275,25 +256,6 @@ def render_html(text: str) -> str:
         for paragraph in paragraphs
     )
     return f'<html><head><meta charset="utf-8"></head><body>{body}</body></html>'
-
-
-def _token_roles(token: str) -> set[str] | None:
-    """The ``roles`` claim of an access token, or None when it is not a readable JWT.
-
-    Read only to explain a missing permission: the signature is not checked (Graph does
-    that), and Microsoft may make tokens opaque, hence None rather than an error.
-    """
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (binascii.Error, ValueError):
-        return None
-    roles = claims.get("roles", []) if isinstance(claims, dict) else None
-    if not isinstance(roles, list):
-        return None
-    return {str(r) for r in roles}
 
 
 def _scrub(text: str, secrets: tuple[str, ...]) -> str:

@@ -368,22 +368,32 @@ def test_channels_of_one_app_share_a_client_that_close_leaves_open(
     assert len(calls_to(rsps, SEND_URL)) == 1
 
 
-def test_sender_with_display_name_is_refused_at_start(context: ConnectorContext) -> None:
-    """A sender written as "Name <address>" is a configuration error, not a failed first alert."""
-    settings, _ = validate_options(
+@pytest.mark.parametrize(
+    ("sender", "words"),
+    [
+        ("visitwatch <visitwatch@contoso.org>", "address alone"),
+        ("visitwatch @contoso.org", "address"),
+        ("visitwatch", "not an e-mail address"),
+    ],
+)
+def test_sender_that_is_not_an_address_alone_is_a_config_problem(
+    context: ConnectorContext, sender: str, words: str
+) -> None:
+    """A sender written as "Name <address>" (or no address) fails the config check, not an alert."""
+    settings, problems = validate_options(
         {
             "tenant_id": TENANT,
             "client_id": CLIENT_ID,
             "client_secret": {"env": "VW_TEST_GRAPH_SECRET"},
-            "sender": "visitwatch <visitwatch@contoso.org>",
+            "sender": sender,
         },
         GraphMailChannel.options,
         "channels[0]",
         context.config_dir,
     )
-    with pytest.raises(ConnectorError, match="address alone") as caught:
-        GraphMailChannel("outlook", settings, context)
-    assert caught.value.permanent is True
+    problems += GraphMailChannel.settings_problems(settings) if not problems else []
+    assert len(problems) == 1
+    assert problems[0].key.endswith("sender") and words in str(problems[0])
 
 
 def test_entra_unreachable_at_start_is_retried_at_the_first_send(

@@ -219,6 +219,38 @@ def by_subject(result: FetchResult) -> dict[str, Any]:
     return {e.subject: e for e in result.events}
 
 
+# --------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "words"),
+    [
+        ({"page_size": 0}, "page_size", "1 or more"),
+        ({"page_size": 1001}, "page_size", "1000 or less"),
+        ({"mailboxes": [" "]}, "mailboxes", "empty"),
+        ({"certificate": "graph.pem"}, "client_secret", "exactly one"),
+    ],
+)
+def test_settings_graph_cannot_honour_are_config_problems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any], key: str, words: str
+) -> None:
+    """A page size Graph refuses, no mailbox, or two credentials: one problem naming the key."""
+    monkeypatch.setenv("VW_GRAPH_SECRET", "not-a-real-secret")
+    table = {
+        "tenant_id": TENANT,
+        "client_id": CLIENT,
+        "client_secret": {"env": "VW_GRAPH_SECRET"},
+        "mailboxes": [ASHA],
+        **extra,
+    }
+    settings, problems = validate_options(
+        table, GraphCalendarSource.options, "sources[0]", tmp_path
+    )
+    problems += GraphCalendarSource.settings_problems(settings) if not problems else []
+    assert len(problems) == 1, problems
+    assert problems[0].key.endswith(key) and words in str(problems[0])
+
+
 # --------------------------------------------------------------------------- full reads
 
 
