@@ -7,13 +7,14 @@ reads would fill and block the daemon), and :meth:`Daemon.log_tail` shows it on 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +22,39 @@ from tests.conftest import STAFF
 
 REPO = Path(__file__).resolve().parents[1]
 VISITWATCH = [sys.executable, "-m", "visitwatch.daemon.cli"]
-OUTBOX_CHANNEL = """
-[[channels]]
-name = "outbox"
-type = "outbox"
-path = "outbox.jsonl"
-"""
+TomlValue = str | int | bool | Sequence[str]
+
+
+def channel_block(name: str, type_name: str, **options: TomlValue) -> str:
+    """A ``[[channels]]`` table of a config: ``options`` are its other keys, in order."""
+    lines = ["", "[[channels]]", f"name = {_toml(name)}", f"type = {_toml(type_name)}"]
+    lines += [f"{key} = {_toml(value)}" for key, value in options.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: TomlValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string, for the plain text tests use
+    return "[" + ", ".join(json.dumps(item) for item in value) + "]"
+
+
+def smtp_channel(port: int, **options: TomlValue) -> str:
+    """The "email" channel: plain SMTP to a loopback server on ``port``, 5 s timeout."""
+    settings: dict[str, TomlValue] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "security": "none",
+        "sender": "visitwatch@example.org",
+        "timeout": "5s",
+    }
+    return channel_block("email", "smtp", **{**settings, **options})
+
+
+OUTBOX_CHANNEL = channel_block("outbox", "outbox", path="outbox.jsonl")
 
 
 def write_config(

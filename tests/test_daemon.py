@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,14 +15,20 @@ import pytest
 import structlog
 
 from tests.conftest import T0, World, home_visit, tick
+from tests.daemon_process import (
+    OUTBOX_CHANNEL,
+    REPO,
+    VISITWATCH,
+    channel_block,
+    smtp_channel,
+    wait_for,
+)
 from tests.mailserver import Recorder, free_port
 from visitwatch.connectors.outbox import read_outbox
 from visitwatch.daemon import demo
 from visitwatch.daemon.dispatch import FALLBACK_AFTER_ATTEMPTS
 from visitwatch.daemon.sync import visit_id
 
-REPO = Path(__file__).resolve().parents[1]
-VISITWATCH = [sys.executable, "-m", "visitwatch.daemon.cli"]
 DEADLINE = T0 + timedelta(hours=2)
 VISIT = visit_id("team", "visit-1", "")
 
@@ -32,15 +37,6 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     return subprocess.run(
         [*VISITWATCH, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def run_at(config: Path, moment: datetime, *steps: str) -> int:
@@ -140,23 +136,9 @@ def test_refused_smtp_is_retried_recorded_and_delivered_when_the_server_returns(
 ):
     """A mail server that is down: retries with backoff, the outbox fallback, then delivery."""
     port = free_port()
-    world.channels = f"""
-[[channels]]
-name = "email"
-type = "smtp"
-host = "127.0.0.1"
-port = {port}
-security = "none"
-sender = "visitwatch@example.org"
-timeout = "5s"
-fallback = "outbox"
-
-[[channels]]
-name = "outbox"
-type = "outbox"
-path = "outbox.jsonl"
-kinds = ["admin"]
-"""
+    world.channels = smtp_channel(port, fallback="outbox") + channel_block(
+        "outbox", "outbox", path="outbox.jsonl", kinds=["admin"]
+    )
     world.write_calendar(home_visit())
     service = world.service()
     world.at(DEADLINE + timedelta(minutes=16))
@@ -201,21 +183,7 @@ kinds = ["admin"]
 
 def test_check_reports_each_source_and_channel(world: World):
     """`visitwatch check` prints a pass or fail line per connector and fails if any fails."""
-    world.channels = f"""
-[[channels]]
-name = "outbox"
-type = "outbox"
-path = "outbox.jsonl"
-
-[[channels]]
-name = "email"
-type = "smtp"
-host = "127.0.0.1"
-port = {free_port()}
-security = "none"
-sender = "visitwatch@example.org"
-timeout = "3s"
-"""
+    world.channels = OUTBOX_CHANNEL + smtp_channel(free_port(), timeout="3s")
     world.write_calendar(
         home_visit(start=_now() + timedelta(hours=1), end=_now() + timedelta(hours=2))
     )

@@ -27,8 +27,10 @@ from tests.daemon_process import Daemon, Stop, poll_until, wait_for, write_confi
 from tests.hung_server import HungServer
 from tests.scripted import OK, TEMPORARY, Script
 from visitwatch.connectors.outbox import read_outbox
+from visitwatch.core.notification import NotificationKind
 from visitwatch.daemon.sync import visit_id
 
+REMINDER, OVERRUN = NotificationKind.REMINDER, NotificationKind.OVERRUN
 ASHA = "asha.khan@example.org"
 MARIA = "maria.jones@example.org"
 FAST = """
@@ -79,7 +81,7 @@ def required_alerts(uids: Iterable[str]) -> set[Alert]:
     return {
         (visit_id("team", uid, ""), kind, person)
         for uid in uids
-        for kind, person in (("reminder", ASHA), ("overrun", MARIA))
+        for kind, person in ((REMINDER, ASHA), (OVERRUN, MARIA))
     }
 
 
@@ -90,7 +92,7 @@ def due_times(
     return {
         (visit_id("team", uid, ""), kind, person): deadline + (overrun_after if late else ZERO)
         for uid, deadline in zip(uids, deadlines, strict=True)
-        for kind, person, late in (("reminder", ASHA, False), ("overrun", MARIA, True))
+        for kind, person, late in ((REMINDER, ASHA, False), (OVERRUN, MARIA, True))
     }
 
 
@@ -99,7 +101,7 @@ def delivered(outbox: Path) -> Counter[Alert]:
     return Counter(
         (r["visit_id"], r["kind"], r["recipient"]["id"])
         for r in read_outbox(outbox)
-        if r["kind"] in ("reminder", "overrun")
+        if r["kind"] in (REMINDER, OVERRUN)
     )
 
 
