@@ -223,6 +223,15 @@ def jwt_claims(token: str) -> dict[str, Any]:
     return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
 
 
+def unsigned_token(claims: Mapping[str, Any]) -> str:
+    """An access token shaped like Entra's (a JWT, RS256 in name, not signed) with ``claims``."""
+    header = {"typ": "JWT", "alg": "RS256", "kid": "fake-graph"}
+    return ".".join(
+        _b64url(part)
+        for part in (json.dumps(header).encode(), json.dumps(dict(claims)).encode(), b"not-signed")
+    )
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -862,7 +871,6 @@ class FakeGraph:
             )  # fmt: skip
         now = int(datetime.now(UTC).timestamp())
         roles = tuple(self.roles)
-        header = {"typ": "JWT", "alg": "RS256", "kid": "fake-graph"}
         claims = {
             "aud": "https://graph.microsoft.com",
             "iss": f"https://sts.windows.net/{self.tenant}/",
@@ -870,10 +878,7 @@ class FakeGraph:
             "app_displayname": "visitwatch", "appid": self.client_id, "idtyp": "app",
             "roles": list(roles), "tid": self.tenant, "uti": uuid.uuid4().hex,
         }  # fmt: skip
-        token = ".".join(
-            _b64url(part)
-            for part in (json.dumps(header).encode(), json.dumps(claims).encode(), b"not-signed")
-        )
+        token = unsigned_token(claims)
         self._tokens[token] = roles
         return _Reply(200, {
             "token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599,

@@ -6,7 +6,6 @@ Graph's failures is classed; the FakeGraph tests run msal, requests and TLS for 
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,7 +19,13 @@ import requests
 import responses
 from structlog.testing import capture_logs
 
-from tests.graph_server import FakeGraph, graph_user, iter_sent_headers, jwt_claims
+from tests.graph_server import (
+    FakeGraph,
+    graph_user,
+    iter_sent_headers,
+    jwt_claims,
+    unsigned_token,
+)
 from visitwatch.connectors import graph_client
 from visitwatch.connectors.graph_mail import GraphMailChannel, render_html
 from visitwatch.core.errors import ConnectorError
@@ -46,13 +51,7 @@ TEXT = (
 
 def make_token(roles: list[str]) -> str:
     """An access token shaped like Entra's: a JWT whose payload carries ``roles``."""
-
-    def part(data: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-    return ".".join(
-        [part({"typ": "JWT", "alg": "RS256"}), part({"roles": roles, "tid": TENANT}), "sig"]
-    )
+    return unsigned_token({"roles": roles, "tid": TENANT})
 
 
 TOKEN = make_token(["Calendars.Read", "Mail.Send"])
@@ -446,6 +445,28 @@ def test_check_confirms_mail_send_and_finds_the_sender(
     assert channel.check() == f"token ok (Mail.Send granted); sender {SENDER} found"
     (call,) = calls_to(rsps, USER_URL)
     assert "select=id%2Cmail" in call.request.url or "select=id,mail" in call.request.url
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["EwBwA8l6BAAUbDba3x2OMJElkF7gJ4z", make_token([]).rsplit(".", 2)[0] + ".bm90IGpzb24.sig"],
+    ids=["opaque", "damaged-payload"],
+)
+def test_check_says_so_when_the_token_cannot_be_read(
+    rsps: responses.RequestsMock, context: ConnectorContext, token: str
+) -> None:
+    """An opaque or damaged token is no fault: check() says its permissions could not be read."""
+    rsps.replace(
+        responses.POST,
+        TOKEN_URL,
+        json={"token_type": "Bearer", "expires_in": 3599, "access_token": token},
+    )
+    rsps.get(USER_URL, json={"id": "4c1a", "mail": SENDER})
+    channel = make_channel(context)
+
+    assert channel.check() == (
+        f"token ok (its permissions could not be read); sender {SENDER} found"
+    )
 
 
 def test_check_passes_on_rbac_for_applications_without_demanding_tenant_wide_mail_send(

@@ -7,7 +7,6 @@ shaped like those in Microsoft's documentation, and the tests assert both on wha
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,7 +19,7 @@ import pytest
 import responses
 from responses import matchers
 
-from tests.graph_server import FakeGraph
+from tests.graph_server import FakeGraph, unsigned_token
 from tests.graph_server import graph_event as fake_event
 from visitwatch.connectors import graph_client
 from visitwatch.connectors.graph import WRITE_BACK_CATEGORIES, GraphCalendarSource
@@ -45,15 +44,9 @@ SUMMER_WINDOW = TimeWindow.around(SUMMER, timedelta(days=1), timedelta(days=14))
 GOID = "040000008200E00074C5B7101A82E008"  # Outlook's GlobalObjectId class id
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
 def jwt(roles: list[str]) -> str:
     """An access token shaped like Entra's (unsigned: only the payload is read)."""
-    header = b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode())
-    payload = b64url(json.dumps({"aud": "https://graph.microsoft.com", "roles": roles}).encode())
-    return f"{header}.{payload}.c2lnbmF0dXJl"
+    return unsigned_token({"aud": "https://graph.microsoft.com", "roles": roles})
 
 
 TOKEN = jwt(["Calendars.ReadWrite", "Mail.Send"])
