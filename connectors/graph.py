@@ -112,7 +112,7 @@ class GraphCalendarSource(GraphConnector, CalendarSource):
         super().__init__(name, settings, context)
         self._people: GraphDirectory | None = None
         self.mailboxes: list[str] = unique_mailboxes(self.settings["mailboxes"])
-        self.client: GraphClient = self.shared_client()
+        self.client: GraphClient = self.app_client()
         self.reading = Reading(
             source=name,
             zone=context.timezone,

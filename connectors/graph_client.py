@@ -294,7 +294,7 @@ class GraphConnector(Connector):
     def credential_expiry(cls, settings: Mapping[str, Any]) -> date | None:
         return settings.get("secret_expires")
 
-    def shared_client(self) -> GraphClient:
+    def app_client(self) -> GraphClient:
         """The client of this app registration, shared with the other connectors using it.
 
         Building it does no network I/O (msal is created on first use), so an unreachable

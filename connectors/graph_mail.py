@@ -79,7 +79,7 @@ class GraphMailChannel(GraphConnector, Channel):
         self.html: bool = self.settings["html"]
         # Shared with the calendar source when both use one app registration: one token
         # cache, one connection pool.
-        self.client: GraphClient = self.shared_client()
+        self.client: GraphClient = self.app_client()
 
     @property
     def where(self) -> str:
