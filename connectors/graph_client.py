@@ -219,7 +219,7 @@ class GraphClient:
         return graph_error(response.status_code, body, mailbox)
 
     def get(self, path: str, **kwargs: Any) -> dict[str, Any]:
-        return self.request("GET", path, **kwargs).json()
+        return _json_object(self.request("GET", path, **kwargs))
 
     def pages(
         self,
@@ -251,7 +251,7 @@ class GraphClient:
             pauses: list[float] = []
             for start in range(0, len(pending), BATCH_LIMIT):
                 chunk = pending[start : start + BATCH_LIMIT]
-                answer = self.request("POST", "$batch", json={"requests": chunk}).json()
+                answer = _json_object(self.request("POST", "$batch", json={"requests": chunk}))
                 by_id = {r["id"]: r for r in chunk}
                 for inner in answer.get("responses", []):
                     # Kept as the answer even when retried: a retry that is given up on
@@ -326,3 +326,21 @@ def shared_client(settings: Mapping[str, Any], user_agent: str) -> GraphClient:
 
 def mailbox_path(mailbox: str) -> str:
     return f"/users/{quote(mailbox, safe='@')}"
+
+
+def _json_object(response: requests.Response) -> dict[str, Any]:
+    """A successful answer's JSON object. A body that is not one (an HTML page from a proxy
+    or a captive portal, a truncated answer) is a temporary GraphError, never a decoding
+    error escaping the connector."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        kind = response.headers.get("Content-Type", "no content type").split(";")[0]
+        raise GraphError(
+            f"Graph answered HTTP {response.status_code} with a body that is not a JSON "
+            f"object ({kind}); a proxy in front of Graph may be answering instead",
+            status=response.status_code,
+        )
+    return body

@@ -177,14 +177,7 @@ class TestGraphSourceContract(CalendarSourceContract):
             "timeout",
             "mailbox-unknown",
             "access-denied",
-            pytest.param(
-                "not-json",
-                marks=pytest.mark.xfail(
-                    strict=True,
-                    reason="GraphClient.get lets requests' JSONDecodeError out of fetch when "
-                    "Graph (or a proxy in front of it) answers 200 with a body that is not JSON",
-                ),
-            ),
+            "not-json",
         ]
     )
     def broken_source(
