@@ -144,9 +144,6 @@ class Dispatcher:
         """True when no lane has anything queued or in a send."""
         return self.lanes.idle()
 
-    def lanes_stalled(self) -> list[str]:
-        return self.outages.stalled()
-
     def close(self, timeout: float = 2.0) -> bool:
         """Stop the lanes; True when every one finished (a hung send is left behind)."""
         return self.lanes.close(timeout)
@@ -383,6 +380,8 @@ def to_message(row: dict[str, Any]) -> Message:
         raise ValueError("the row has no creation time")
     return Message(
         id=row["id"],
+        # The stored text, not NotificationKind(...): a kind this version does not know
+        # (written by a newer one before a downgrade) is still delivered, never failed.
         kind=row["kind"],
         visit_id=row["visit_id"],
         recipient=Recipient(

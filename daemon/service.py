@@ -7,7 +7,7 @@ never delay the sweep that raises alerts:
 - the **sweep** loop wakes at the next visit deadline (or when a write makes one due
   sooner), and at least every ``sweep_interval``;
 - the **dispatch** loop hands due notifications to the channels' lanes (one thread per
-  channel, see ``dispatch.py``) whenever the sweep wrote some, a lane finished, or a
+  channel, see ``lanes.py``) whenever the sweep wrote some, a lane finished, or a
   retry falls due;
 - the **write-back** loop mirrors states onto calendar entries (best effort);
 - calendar **polls** run every ``poll_interval`` under APScheduler, each on a daemon

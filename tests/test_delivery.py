@@ -15,25 +15,33 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import T0, World, home_visit, tick
+from tests.daemon_process import OUTBOX_CHANNEL, channel_block
 from tests.scripted import HANG, OK, PERMANENT, TEMPORARY, Script
+from visitwatch.core.notification import NotificationKind
 from visitwatch.daemon.config import load_config
 from visitwatch.daemon.dispatch import MAX_RETRY, retry_delay
 from visitwatch.daemon.service import Service
 from visitwatch.daemon.store import ts
 
 DEADLINE = T0 + timedelta(hours=2)
+FAST = 'sweep_interval = "1s"\n'
 
-SLOW_AND_OUTBOX = """
-[[channels]]
-name = "slow"
-type = "scripted"
-fallback = "outbox"
+PAGER = channel_block("pager", "scripted")
+SLOW_AND_OUTBOX = channel_block("slow", "scripted", fallback="outbox") + OUTBOX_CHANNEL
 
-[[channels]]
-name = "outbox"
-type = "outbox"
-path = "outbox.jsonl"
-"""
+
+def _watching(
+    world: World, channels: str, *visits: str, daemon: str = "", real_clock: bool = False
+) -> Service:
+    """A service watching ``visits`` (by default one, due back at DEADLINE) over ``channels``.
+
+    ``real_clock`` for a daemon run in a thread: it sleeps for real, so the visit's times
+    must be real too.
+    """
+    world.channels = channels
+    world.daemon = daemon
+    world.write_calendar(*(visits or [home_visit()]))
+    return Service(load_config(world.write_config())) if real_clock else world.service()
 
 
 def test_backoff_is_capped_before_it_can_overflow():
@@ -46,9 +54,7 @@ def test_hours_of_failure_on_one_channel_never_stop_the_others(
     world: World, scripted_channels: dict[str, Script]
 ):
     """A row deep into its retries (attempt 44 overflowed before) neither crashes nor blocks."""
-    world.channels = SLOW_AND_OUTBOX
-    world.write_calendar(home_visit())
-    service = world.service()
+    service = _watching(world, SLOW_AND_OUTBOX)
     scripted_channels["slow"].set(TEMPORARY)
     world.at(DEADLINE + timedelta(minutes=16))
     tick(service)
@@ -69,8 +75,7 @@ def test_an_unreadable_row_is_failed_and_reported_and_never_blocks_the_queue(
     world: World, scripted_channels: dict[str, Script]
 ):
     """A poisoned notification row is taken out of the queue; the alert behind it goes out."""
-    world.write_calendar(home_visit())
-    service = world.service()
+    service = _watching(world, OUTBOX_CHANNEL)
     world.at(DEADLINE - timedelta(minutes=1))
     tick(service)
     with service.store.transaction() as conn:
@@ -94,9 +99,7 @@ def test_a_hung_channel_delays_no_other_and_its_alerts_reach_the_fallback(
     world: World, scripted_channels: dict[str, Script]
 ):
     """A server that never answers holds only its own lane; past the deadline, fallback + notice."""
-    world.channels = SLOW_AND_OUTBOX
-    world.write_calendar(home_visit())
-    service = world.service()
+    service = _watching(world, SLOW_AND_OUTBOX)
     scripted_channels["slow"].set(HANG)
     world.at(DEADLINE + timedelta(minutes=16))
     service.sync_all()
@@ -149,10 +152,8 @@ def test_stop_finishes_in_seconds_while_a_channel_hangs(
     world: World, scripted_channels: dict[str, Script]
 ):
     """SIGTERM's path (stop) returns promptly even with a send that never returns."""
-    world.channels = SLOW_AND_OUTBOX
-    world.daemon = 'sweep_interval = "1s"\n'
-    world.write_calendar(home_visit(start=T0, end=T0))  # due at once, on the real clock too
-    service = Service(load_config(world.write_config()))
+    due_at_once = home_visit(start=T0, end=T0)  # on the real clock too
+    service = _watching(world, SLOW_AND_OUTBOX, due_at_once, daemon=FAST, real_clock=True)
     scripted_channels["slow"].set(HANG)
     thread = _daemon_thread(service)
     deadline = time.monotonic() + 15
@@ -175,14 +176,7 @@ def test_watchdog_is_pinged_only_while_delivery_makes_progress(
     sock.bind(address)
     sock.settimeout(0.2)
     monkeypatch.setenv("NOTIFY_SOCKET", address)
-    world.channels = """
-[[channels]]
-name = "pager"
-type = "scripted"
-"""
-    world.daemon = 'sweep_interval = "1s"\n'
-    world.write_calendar(home_visit())
-    service = Service(load_config(world.write_config()))
+    service = _watching(world, PAGER, daemon=FAST, real_clock=True)
     service.stall_limit = 1.0
     stuck, release = threading.Event(), threading.Event()
     real_dispatch = service.dispatcher.dispatch
@@ -242,18 +236,7 @@ def test_a_full_disk_still_sends_due_alerts_from_memory_and_the_record_catches_u
     world: World, scripted_channels: dict[str, Script], monkeypatch
 ):
     """With the record unwritable, alerts go out once from memory; nothing twice afterwards."""
-    world.channels = """
-[[channels]]
-name = "pager"
-type = "scripted"
-
-[[channels]]
-name = "outbox"
-type = "outbox"
-path = "outbox.jsonl"
-"""
-    world.write_calendar(home_visit())
-    service = world.service()
+    service = _watching(world, PAGER + OUTBOX_CHANNEL)
     world.at(DEADLINE - timedelta(minutes=1))
     tick(service)
     pager = scripted_channels["pager"]
@@ -290,14 +273,7 @@ def test_a_clock_stepped_back_an_hour_delays_the_sweep_by_one_interval_at_most(
     world: World, scripted_channels: dict[str, Script]
 ):
     """Loops wait on the monotonic clock: after a step back and forth, the reminder is on time."""
-    world.channels = """
-[[channels]]
-name = "pager"
-type = "scripted"
-"""
-    world.daemon = 'sweep_interval = "1s"\n'
-    world.write_calendar(home_visit())
-    service = world.service()
+    service = _watching(world, PAGER, daemon=FAST)
     world.at(DEADLINE - timedelta(seconds=30))
     thread = _daemon_thread(service)
     try:
@@ -351,19 +327,10 @@ def test_a_really_full_disk_sends_from_memory_and_leaves_no_transaction_open(
     from visitwatch.daemon.clock import FrozenClock
 
     world = World(small_disk, FrozenClock(T0))
-    world.channels = """
-[[channels]]
-name = "pager"
-type = "scripted"
-
-[[channels]]
-name = "outbox"
-type = "outbox"
-path = "outbox.jsonl"
-"""
-    world.write_calendar(*(home_visit(f"visit-{i}") for i in range(20)))
     try:
-        service = world.service()
+        service = _watching(
+            world, PAGER + OUTBOX_CHANNEL, *(home_visit(f"visit-{i}") for i in range(20))
+        )
         world.at(DEADLINE - timedelta(minutes=1))
         tick(service)
         filler = _fill(small_disk)
@@ -392,11 +359,8 @@ def test_during_an_announced_outage_a_help_request_goes_to_the_fallback_at_once(
     world: World, scripted_channels: dict[str, Script]
 ):
     """Once a channel is known to be out, new alerts do not wait out the deadline again."""
-    world.channels = SLOW_AND_OUTBOX.replace(
-        'path = "outbox.jsonl"', 'path = "outbox.jsonl"\nkinds = ["admin"]'
-    )
-    world.write_calendar(home_visit())
-    service = world.service()
+    admin_outbox = channel_block("outbox", "outbox", path="outbox.jsonl", kinds=["admin"])
+    service = _watching(world, channel_block("slow", "scripted", fallback="outbox") + admin_outbox)
     scripted_channels["slow"].set(TEMPORARY)
     world.at(DEADLINE + timedelta(minutes=1))
     tick(service)
@@ -404,37 +368,21 @@ def test_during_an_announced_outage_a_help_request_goes_to_the_fallback_at_once(
     tick(service)  # the reminder waited past the deadline: outage announced
     assert any("'slow' is not delivering" in m["subject"] for m in world.messages("admin"))
     visit = service.store.one("SELECT id FROM visits")
-    service.watcher.request_help(visit["id"])
+    service.watcher.actions.request_help(visit["id"])
     service.dispatch(wait=1.0)  # no time passes
     helps = [m for m in world.messages() if m["kind"] == "help"]
     assert helps and all(m["channel"] == "outbox" for m in helps)
 
 
-CHAIN = """
-[[channels]]
-name = "mail"
-type = "scripted"
-fallback = "sms"
-
-[[channels]]
-name = "sms"
-type = "scripted"
-kinds = ["admin"]
-fallback = "{last}"
-
-[[channels]]
-name = "outbox"
-type = "outbox"
-path = "outbox.jsonl"
-kinds = ["admin"]
-"""
-
-
 def _both_channels_refuse(world: World, scripts: dict[str, Script], last: str) -> Service:
-    """CHAIN with sms falling back to ``last``; mail and sms refuse for good; one tick past due."""
-    world.channels = CHAIN.format(last=last)
-    world.write_calendar(home_visit())
-    service = world.service()
+    """mail -> sms -> ``last``, with an admin-only outbox; mail and sms refuse for good; one
+    tick past due."""
+    chain = (
+        channel_block("mail", "scripted", fallback="sms")
+        + channel_block("sms", "scripted", kinds=["admin"], fallback=last)
+        + channel_block("outbox", "outbox", path="outbox.jsonl", kinds=["admin"])
+    )
+    service = _watching(world, chain)
     for name in ("mail", "sms"):
         scripts.setdefault(name, Script()).set(PERMANENT)
     world.at(DEADLINE + timedelta(seconds=5))
@@ -475,13 +423,7 @@ def test_after_the_clock_was_an_hour_fast_repeats_resume_at_once_not_an_hour_lat
     world: World, scripted_channels: dict[str, Script]
 ):
     """A clock fast by an hour then corrected must not silence the repeating escalation."""
-    world.channels = """
-[[channels]]
-name = "pager"
-type = "scripted"
-"""
-    world.write_calendar(home_visit())
-    service = world.service()
+    service = _watching(world, PAGER)
     pager = scripted_channels["pager"]
     world.at(DEADLINE + timedelta(minutes=50))
     tick(service)  # reminder, overrun, escalation
@@ -499,19 +441,12 @@ def test_an_outage_notice_takes_another_channel_even_one_not_meant_for_admin_not
     world: World, scripted_channels: dict[str, Script]
 ):
     """When only the broken channel carries admin notices, the notice goes on another anyway."""
-    world.channels = """
-[[channels]]
-name = "mail"
-type = "scripted"
-
-[[channels]]
-name = "outbox"
-type = "outbox"
-path = "outbox.jsonl"
-kinds = ["reminder", "overrun", "escalation", "help"]
-"""
-    world.write_calendar(home_visit())
-    service = world.service()
+    alerts_only = [k for k in NotificationKind if k.is_alert]  # no admin notices
+    service = _watching(
+        world,
+        channel_block("mail", "scripted")
+        + channel_block("outbox", "outbox", path="outbox.jsonl", kinds=alerts_only),
+    )
     scripted_channels["mail"].set(HANG)
     world.at(DEADLINE + timedelta(seconds=5))
     tick_quickly = lambda: (service.sync_all(), service.sweep(), service.dispatch(wait=0.5))  # noqa: E731
