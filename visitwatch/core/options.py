@@ -288,13 +288,13 @@ def did_you_mean(word: str, known: Iterable[str], *, listing: bool = True) -> st
 
 def _constraint(value: Any, option: Option, key: str) -> ConfigProblem | None:
     """``positive``, ``maximum`` and ``nonempty``, checked on the converted value."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
+    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
     if option.positive:
         if isinstance(value, timedelta) and value <= timedelta(0):
             return ConfigProblem(key, "must be longer than zero")
-        if number and value < 1:
+        if number is not None and number < 1:
             return ConfigProblem(key, "must be 1 or more")
-    if option.maximum is not None and number and value > option.maximum:
+    if option.maximum is not None and number is not None and number > option.maximum:
         return ConfigProblem(key, f"must be at most {option.maximum:g}", option.help)
     if option.nonempty:
         blank = (isinstance(value, str) and not value.strip()) or (
