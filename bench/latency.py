@@ -47,6 +47,7 @@ from visitwatch.daemon.config import load_config
 from visitwatch.daemon.dispatch import to_message
 from visitwatch.daemon.service import Service
 from visitwatch.daemon.store import Store, from_ts, ts
+from visitwatch.daemon.visits import Visit
 
 VISITS = 10_000
 WINDOW = 60.0  # seconds over which the deadlines fall (the issue: 180)
@@ -196,7 +197,7 @@ def old_sweep(service: Service, now: datetime) -> None:
     )
     for row in rows:
         try:
-            watcher._advance(row, now)  # today's per-visit step: its own transaction
+            watcher._advance(Visit.from_row(row), now)  # today's step: its own transaction
         except Exception:
             with store.transaction() as conn:
                 conn.execute(

@@ -20,6 +20,7 @@ from visitwatch.daemon.clock import FrozenClock
 from visitwatch.daemon.config import parse_config
 from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.store import Store
+from visitwatch.daemon.visits import Visit
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 ACTIVE = 20
@@ -58,10 +59,11 @@ def full_scan(store: Store, watcher: Watcher, now: datetime) -> int:
     """The obvious alternative: read every visit and ask the lifecycle what is due."""
     due = 0
     for row in store.query("SELECT * FROM visits"):
-        if row["state"] in lifecycle.TERMINAL:
+        visit = Visit.from_row(row)
+        if visit.state in lifecycle.TERMINAL:
             continue
-        plan = lifecycle.plan(watcher.clock_of(row), watcher.ladder, now)
-        due += plan.differs_from(watcher.clock_of(row))
+        clock = watcher.clock_of(visit)
+        due += lifecycle.plan(clock, watcher.ladder, now).differs_from(clock)
     return due
 
 
