@@ -1,21 +1,34 @@
-"""Shared fixtures: a small organisation, calendars written as real ICS, a movable clock."""
+"""Shared fixtures: a small organisation, calendars written as real ICS, a movable clock.
+
+The ``world`` reads its calendar through an .ics file unless a test module asks for more:
+``pytestmark = pytest.mark.sources(*SOURCE_KINDS)`` runs each of its tests once per kind
+of source (``tests/calendar_feeds.py``), and a test marked ``sources("ics-file")`` only
+against the file.
+"""
 
 from __future__ import annotations
 
 import os
 import textwrap
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import certifi
 import pytest
+import responses
 import structlog
 from aiosmtpd.controller import Controller
 
+from tests.calendar_feeds import SOURCE_KINDS, CalendarFeed, calendar_feed
+from tests.graph_server import FakeGraph
+from tests.ics_feed import Server, serving
 from tests.mailserver import Recorder, free_port
 from tests.scripted import scripted_channels  # noqa: F401  (a fixture for every test)
+from visitwatch.connectors import graph_client
 from visitwatch.connectors.outbox import read_outbox
 from visitwatch.daemon.clock import FrozenClock
 from visitwatch.daemon.config import load_config
@@ -116,10 +129,15 @@ def home_visit(
 
 @dataclass
 class World:
-    """One organisation on disk: config, calendar file, database, outbox."""
+    """One organisation on disk: config, calendar file, database, outbox.
+
+    The calendar is always written as an .ics file; ``feed`` serves it to the source.
+    """
 
     folder: Path
     clock: FrozenClock
+    feed: CalendarFeed
+    shared: bool = False  # a shared calendar: the worker is found among the attendees
     policy: str = ""
     channels: str = ""
     sources: str = ""
@@ -142,13 +160,7 @@ class World:
         self.calendar.write_text(ics_calendar(*events), encoding="utf-8")
 
     def write_config(self) -> Path:
-        sources = self.sources or textwrap.dedent("""
-            [[sources]]
-            name = "team"
-            type = "ics"
-            path = "calendar.ics"
-            owner = "asha.khan@example.org"
-        """)
+        sources = self.sources or self.feed.source_table("team", shared=self.shared)
         channels = self.channels or textwrap.dedent("""
             [[channels]]
             name = "outbox"
@@ -190,10 +202,32 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path, FrozenClock(T0))
-    yield w
-    w.close()
+def world(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[World]:
+    """The organisation, its calendar read by the source kind the test is run for."""
+    kind = getattr(request, "param", "ics-file")
+    with ExitStack() as stack:
+        feed = stack.enter_context(calendar_feed(kind, tmp_path / "calendar.ics", monkeypatch))
+        w = World(tmp_path, FrozenClock(T0), feed)
+        stack.callback(w.close)
+        yield w
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sources(*kinds): run the test's world once per kind of calendar source"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``@pytest.mark.sources(...)``: the ``world`` fixture once per named source kind."""
+    marker = metafunc.definition.get_closest_marker("sources")
+    if marker is None or "world" not in metafunc.fixturenames:
+        return
+    unknown = set(marker.args) - set(SOURCE_KINDS)
+    assert not unknown, f"unknown source kinds {unknown}; known: {SOURCE_KINDS}"
+    metafunc.parametrize("world", marker.args, indirect=True)
 
 
 def tick(service: Service) -> None:
@@ -209,6 +243,53 @@ def _fresh_structlog() -> Iterator[None]:
     structlog.configure(cache_logger_on_first_use=False)
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_graph_clients() -> Iterator[None]:
+    """shared_client keeps one Graph client per app in a module dict: each test gets its own."""
+    graph_client._clients.clear()
+    yield
+    for client in graph_client._clients.values():
+        client.close()
+    graph_client._clients.clear()
+
+
+@pytest.fixture
+def mock() -> Iterator[responses.RequestsMock]:
+    """Microsoft Entra and Graph answered by ``responses``; see ``tests/graph_mock.py``."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+FAKE_GRAPH_SECRET_ENV = "VW_FAKE_GRAPH_SECRET"
+
+
+@pytest.fixture
+def start_fake_graph(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., FakeGraph]]:
+    """Start FakeGraph (Entra and Graph over TLS on loopback), stopped after the test.
+
+    Its client secret is in ``$VW_FAKE_GRAPH_SECRET``. requests lets REQUESTS_CA_BUNDLE /
+    CURL_CA_BUNDLE override a session's own ``verify`` (psf/requests#3829); the client pins
+    its ca_file, and pointing them elsewhere proves it.
+    """
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
+    monkeypatch.setenv("CURL_CA_BUNDLE", certifi.where())
+    with ExitStack() as stack:
+
+        def start(**kwargs: Any) -> FakeGraph:
+            graph = stack.enter_context(FakeGraph(**kwargs))
+            monkeypatch.setenv(FAKE_GRAPH_SECRET_ENV, graph.client_secret)
+            return graph
+
+        yield start
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    """A loopback HTTP server serving an .ics feed (``tests/ics_feed.py``)."""
+    with serving() as running:
+        yield running
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ the far side; the contract's tests do the rest.
 
 from __future__ import annotations
 
-import base64
 import email
 import email.policy
 import io
@@ -26,6 +25,8 @@ from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from tests.channel_contract import ChannelContract, Delivered, build_channel
+from tests.graph_mock import add_token
+from tests.graph_server import unsigned_token
 from tests.mailserver import Recorder
 from visitwatch.connectors.base import Channel
 from visitwatch.connectors.console import ConsoleChannel
@@ -189,21 +190,10 @@ class TestSmtpContract(ChannelContract):
 TENANT = "00000000-0000-0000-0000-0000000000cc"
 GRAPH_SECRET = "contract-graph-client-secret-7788"
 SENDER = "visitwatch@contoso.org"
-LOGIN = f"https://login.microsoftonline.com/{TENANT}"
-TOKEN_URL = f"{LOGIN}/oauth2/v2.0/token"
 SEND_URL = f"https://graph.microsoft.com/v1.0/users/{SENDER}/sendMail"
 
 
-def _jwt(claims: dict[str, Any]) -> str:
-    """An access token shaped like Entra's (a JWT); Graph mail only passes it on."""
-
-    def part(data: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-    return ".".join([part({"typ": "JWT", "alg": "RS256"}), part(claims), "sig"])
-
-
-ACCESS_TOKEN = _jwt({"roles": ["Mail.Send"], "tid": TENANT})
+ACCESS_TOKEN = unsigned_token({"roles": ["Mail.Send"], "tid": TENANT})
 
 
 class TestGraphMailContract(ChannelContract):
@@ -213,18 +203,7 @@ class TestGraphMailContract(ChannelContract):
     def graph(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[responses.RequestsMock]:
         monkeypatch.setenv("VW_CONTRACT_GRAPH_SECRET", GRAPH_SECRET)
         with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-            mock.get(
-                f"{LOGIN}/v2.0/.well-known/openid-configuration",
-                json={
-                    "token_endpoint": TOKEN_URL,
-                    "authorization_endpoint": f"{LOGIN}/oauth2/v2.0/authorize",
-                    "issuer": f"{LOGIN}/v2.0",
-                },
-            )
-            mock.post(
-                TOKEN_URL,
-                json={"token_type": "Bearer", "expires_in": 3599, "access_token": ACCESS_TOKEN},
-            )
+            add_token(mock, ACCESS_TOKEN, tenant=TENANT)
             mock.post(SEND_URL, status=202)
             yield mock
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
-import certifi
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,11 +29,8 @@ from visitwatch.core.options import validate_options
 
 
 @pytest.fixture
-def graph(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGraph]:
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
-    graph_client._clients.clear()
-    with FakeGraph() as fake:
-        yield fake
+def graph(start_fake_graph: Callable[..., FakeGraph]) -> FakeGraph:
+    return start_fake_graph()
 
 
 def make_certificate() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:

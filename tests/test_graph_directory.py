@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import certifi
 import pytest
 from structlog.testing import capture_logs
 
 from tests.graph_server import FakeGraph
-from visitwatch.connectors import graph_client
 from visitwatch.connectors.graph_client import GRAPH_OPTIONS, GraphClient
 from visitwatch.connectors.graph_directory import CACHE_FILE, GraphDirectory, Person
 from visitwatch.core.options import validate_options
@@ -34,33 +32,20 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(autouse=True)
-def _no_shared_clients() -> Iterator[None]:
-    """No Graph client survives from another test (shared_client keeps them in a dict)."""
-    graph_client._clients.clear()
-    yield
-    graph_client._clients.clear()
-
-
 @pytest.fixture
-def fake_graph(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGraph]:
+def fake_graph(start_fake_graph: Callable[..., FakeGraph]) -> FakeGraph:
     """FakeGraph holding Asha and Ben, managed by Maria, who has no manager."""
-    # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's own `verify`
-    # (psf/requests#3829); the client pins its ca_file. Point them elsewhere to prove it.
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
-    monkeypatch.setenv("CURL_CA_BUNDLE", certifi.where())
-    with FakeGraph(roles=["User.Read.All"], enforce_roles=True) as graph:
-        monkeypatch.setenv("VW_FAKE_GRAPH_SECRET", graph.client_secret)
-        graph.add_person(
-            ASHA,
-            "Asha Khan",
-            mobile="+44 7700 900123",
-            manager=MARIA,
-            business_phones=["+44 1772 000001"],
-        )
-        graph.add_person(BEN, "Ben Okafor", manager=MARIA)
-        graph.add_person(MARIA, "Maria Jones", mobile="+44 7700 900321")
-        yield graph
+    graph = start_fake_graph(roles=["User.Read.All"], enforce_roles=True)
+    graph.add_person(
+        ASHA,
+        "Asha Khan",
+        mobile="+44 7700 900123",
+        manager=MARIA,
+        business_phones=["+44 1772 000001"],
+    )
+    graph.add_person(BEN, "Ben Okafor", manager=MARIA)
+    graph.add_person(MARIA, "Maria Jones", mobile="+44 7700 900321")
+    return graph
 
 
 @pytest.fixture

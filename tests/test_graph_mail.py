@@ -7,18 +7,18 @@ Graph's failures is classed; the FakeGraph tests run msal, requests and TLS for 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import certifi
 import pytest
 import requests
 import responses
 from structlog.testing import capture_logs
 
+from tests.graph_mock import add_token
 from tests.graph_server import (
     FakeGraph,
     graph_user,
@@ -26,7 +26,6 @@ from tests.graph_server import (
     jwt_claims,
     unsigned_token,
 )
-from visitwatch.connectors import graph_client
 from visitwatch.connectors.graph_mail import GraphMailChannel, render_html
 from visitwatch.core.errors import ConnectorError
 from visitwatch.core.notification import Message, Recipient
@@ -72,14 +71,6 @@ def make_message(
     )
 
 
-@pytest.fixture(autouse=True)
-def _no_shared_clients() -> Iterator[None]:
-    """Each test builds its own Graph client: shared_client keeps them in a module dict."""
-    graph_client._clients.clear()
-    yield
-    graph_client._clients.clear()
-
-
 @pytest.fixture
 def context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ConnectorContext:
     monkeypatch.setenv("VW_TEST_GRAPH_SECRET", SECRET)
@@ -113,17 +104,7 @@ def make_channel(context: ConnectorContext, **extra: Any) -> GraphMailChannel:
 def rsps() -> Iterator[responses.RequestsMock]:
     """Entra's discovery document and token endpoint; tests add the Graph answers."""
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.get(
-            f"{LOGIN}/v2.0/.well-known/openid-configuration",
-            json={
-                "token_endpoint": TOKEN_URL,
-                "authorization_endpoint": f"{LOGIN}/oauth2/v2.0/authorize",
-                "issuer": f"{LOGIN}/v2.0",
-            },
-        )
-        mock.post(
-            TOKEN_URL, json={"token_type": "Bearer", "expires_in": 3599, "access_token": TOKEN}
-        )
+        add_token(mock, TOKEN, tenant=TENANT)
         yield mock
 
 
@@ -532,15 +513,10 @@ def test_check_fails_for_a_sender_that_does_not_exist(
 
 
 @pytest.fixture
-def fake_graph(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGraph]:
-    # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's own `verify`
-    # (psf/requests#3829); the client pins its ca_file. Point them elsewhere to prove it.
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
-    monkeypatch.setenv("CURL_CA_BUNDLE", certifi.where())
-    with FakeGraph() as graph:
-        monkeypatch.setenv("VW_FAKE_GRAPH_SECRET", graph.client_secret)
-        graph.mailboxes.add(SENDER)
-        yield graph
+def fake_graph(start_fake_graph: Callable[..., FakeGraph]) -> FakeGraph:
+    graph = start_fake_graph()
+    graph.mailboxes.add(SENDER)
+    return graph
 
 
 def fake_channel(graph: FakeGraph, context: ConnectorContext, **extra: Any) -> GraphMailChannel:

@@ -8,7 +8,7 @@ shaped like those in Microsoft's documentation, and the tests assert both on wha
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,20 @@ import pytest
 import responses
 from responses import matchers
 
-from tests.graph_server import FakeGraph, unsigned_token
+from tests.graph_mock import (
+    ASHA,
+    CLIENT,
+    GOID,
+    GRAPH,
+    LOGIN,
+    TENANT,
+    TOKEN,
+    add_discovery,
+    add_token,
+    jwt,
+    view_url,
+)
+from tests.graph_server import FakeGraph
 from tests.graph_server import graph_event as fake_event
 from visitwatch.connectors import graph_client
 from visitwatch.connectors.graph import WRITE_BACK_CATEGORIES, GraphCalendarSource
@@ -29,11 +42,6 @@ from visitwatch.core.options import ConnectorContext, validate_options
 from visitwatch.policies.extraction import category_key
 from visitwatch.policies.model import PolicySettings
 
-TENANT = "7f3c1a2e-0000-4000-8000-000000000001"
-CLIENT = "11111111-1111-1111-1111-111111111111"
-LOGIN = f"https://login.microsoftonline.com/{TENANT}"
-GRAPH = "https://graph.microsoft.com/v1.0"
-ASHA = "asha.khan@contoso.org"
 BEN = "ben.okafor@contoso.org"
 VISITS = "home-visits@contoso.org"
 
@@ -41,15 +49,6 @@ T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)  # Europe/London on GMT
 WINDOW = TimeWindow.around(T0, timedelta(days=1), timedelta(days=14))
 SUMMER = datetime(2026, 7, 14, 12, 0, tzinfo=UTC)  # Europe/London on BST
 SUMMER_WINDOW = TimeWindow.around(SUMMER, timedelta(days=1), timedelta(days=14))
-GOID = "040000008200E00074C5B7101A82E008"  # Outlook's GlobalObjectId class id
-
-
-def jwt(roles: list[str]) -> str:
-    """An access token shaped like Entra's (unsigned: only the payload is read)."""
-    return unsigned_token({"aud": "https://graph.microsoft.com", "roles": roles})
-
-
-TOKEN = jwt(["Calendars.ReadWrite", "Mail.Send"])
 
 
 def gtime(text: str, zone: str = "UTC") -> dict[str, str]:
@@ -119,10 +118,6 @@ def graph_error(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-def view_url(mailbox: str = ASHA, delta: bool = False) -> str:
-    return f"{GRAPH}/users/{mailbox}/calendarView" + ("/delta" if delta else "")
-
-
 def query(url: str) -> dict[str, list[str]]:
     return parse_qs(urlsplit(url).query)
 
@@ -138,37 +133,6 @@ def graph_calls(mock: responses.RequestsMock) -> list[Any]:
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(autouse=True)
-def _fresh_clients() -> Iterator[None]:
-    """shared_client caches clients per app: each test gets its own."""
-    graph_client._clients.clear()
-    yield
-    for client in graph_client._clients.values():
-        client.close()
-    graph_client._clients.clear()
-
-
-def add_token(mock: responses.RequestsMock, token: str = TOKEN) -> None:
-    mock.get(
-        f"{LOGIN}/v2.0/.well-known/openid-configuration",
-        json={
-            "token_endpoint": f"{LOGIN}/oauth2/v2.0/token",
-            "authorization_endpoint": f"{LOGIN}/oauth2/v2.0/authorize",
-            "issuer": f"https://login.microsoftonline.com/{TENANT}/v2.0",
-        },
-    )
-    mock.post(
-        f"{LOGIN}/oauth2/v2.0/token",
-        json={"access_token": token, "expires_in": 3600, "token_type": "Bearer"},
-    )
-
-
-@pytest.fixture
-def mock() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 @pytest.fixture
@@ -714,14 +678,7 @@ def test_wrong_client_secret_raises_with_the_fix(
     mock: responses.RequestsMock, make_source: Callable[..., GraphCalendarSource]
 ) -> None:
     """Entra's AADSTS7000215 becomes a ConnectorError saying the secret is wrong."""
-    mock.get(
-        f"{LOGIN}/v2.0/.well-known/openid-configuration",
-        json={
-            "token_endpoint": f"{LOGIN}/oauth2/v2.0/token",
-            "authorization_endpoint": f"{LOGIN}/oauth2/v2.0/authorize",
-            "issuer": f"https://login.microsoftonline.com/{TENANT}/v2.0",
-        },
-    )
+    add_discovery(mock)
     mock.post(
         f"{LOGIN}/oauth2/v2.0/token",
         status=400,
@@ -987,10 +944,8 @@ def test_write_back_patches_our_category_only(
 
 
 @pytest.fixture
-def fake_graph(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGraph]:
-    with FakeGraph(roles=("Calendars.ReadWrite",), enforce_roles=True) as graph:
-        monkeypatch.setenv("VW_FAKE_GRAPH_SECRET", graph.client_secret)
-        yield graph
+def fake_graph(start_fake_graph: Callable[..., FakeGraph]) -> FakeGraph:
+    return start_fake_graph(roles=("Calendars.ReadWrite",), enforce_roles=True)
 
 
 def fake_source(graph: FakeGraph, tmp_path: Path, **extra: Any) -> GraphCalendarSource:

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import certifi
 import pytest
 
 from tests.graph_server import FakeGraph, SilentServer
-from visitwatch.connectors import graph_client
 from visitwatch.connectors.graph_client import GRAPH_OPTIONS, GraphClient
 from visitwatch.connectors.graph_directory import GraphDirectory
 from visitwatch.core.errors import ConnectorError
@@ -74,21 +72,12 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)
 
 
-@pytest.fixture(autouse=True)
-def _no_shared_clients() -> Iterator[None]:
-    graph_client._clients.clear()
-    yield
-    graph_client._clients.clear()
-
-
 @pytest.fixture
-def graph(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGraph]:
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
-    with FakeGraph() as fake:
-        monkeypatch.setenv("VW_FAKE_GRAPH_SECRET", fake.client_secret)
-        fake.add_person(ASHA, "Asha Khan")
-        fake.add_person(BEN, "Ben Okafor")
-        yield fake
+def graph(start_fake_graph: Callable[..., FakeGraph]) -> FakeGraph:
+    fake = start_fake_graph()
+    fake.add_person(ASHA, "Asha Khan")
+    fake.add_person(BEN, "Ben Okafor")
+    return fake
 
 
 def make_client(graph: FakeGraph, tmp_path: Path, timeout: str, **extra: Any) -> GraphClient:

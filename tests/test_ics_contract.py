@@ -1,6 +1,6 @@
 """IcsSource keeps the calendar source contract: entries served as an .ics feed.
 
-The feed is served by the loopback HTTP server of ``tests/test_ics.py`` at a secret
+The feed is served by the loopback HTTP server of ``tests/ics_feed.py`` at a secret
 address (a token in the path and the query, as Google and Outlook publish them) given to
 the source as ``{ env = ... }``.
 """
@@ -15,12 +15,10 @@ from typing import Any
 
 import pytest
 
+from tests.ics_feed import Feed, Server, calendar, serving
+from tests.ics_feed import make_source as build_source
 from tests.source_contract import WINDOW, CalendarSourceContract, Entry, MakeSource
-from tests.test_ics import Feed, Server, calendar, server, serving
-from tests.test_ics import make_source as build_source
 from visitwatch.connectors.base import CalendarSource
-
-__all__ = ["server"]  # the loopback server fixture, used here
 
 TOKEN = "private-5f1c2a9e7b3d4c6a8e0f"
 
