@@ -151,7 +151,10 @@ def graph_entry(vevent: icalendar.Event, mailbox: str) -> tuple[Entry, dict[str,
 
 def _moment(prop: Any) -> datetime | None:
     """A date-time property as aware UTC; None when absent or unreadable."""
-    value = getattr(prop, "dt", None)
+    try:
+        value = getattr(prop, "dt", None)
+    except ValueError:  # icalendar keeps an unreadable value as vBroken, which has no dt
+        return None
     if isinstance(value, datetime) and value.tzinfo is not None:
         return value.astimezone(UTC)
     if isinstance(value, date | datetime):

@@ -1,6 +1,8 @@
 """From a calendar entry to reminders, manager alerts, escalation and the all clear.
 
-Real ICS files, a real SQLite database and the real outbox channel; only time is moved.
+Each test runs once per kind of calendar source, from the same entries: an .ics file, an
+.ics feed over loopback HTTP, and Microsoft Graph (``tests/calendar_feeds.py``). A real
+SQLite database and the real outbox channel; only time is moved.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from datetime import timedelta
 
 import pytest
 
+from tests.calendar_feeds import SOURCE_KINDS
 from tests.conftest import T0, World, home_visit, ics_event, tick
 from visitwatch.daemon.entries import visit_id
 from visitwatch.daemon.visits import ActionError
@@ -19,6 +22,8 @@ START = T0 + timedelta(hours=1)  # 13:00
 DEADLINE = T0 + timedelta(hours=2)  # 14:00, the entry's end
 MIN = timedelta(minutes=1)
 VISIT = visit_id("team", "visit-1", "")
+
+pytestmark = pytest.mark.sources(*SOURCE_KINDS)
 
 
 def recipients(world: World, kind: str) -> list[str]:
@@ -293,12 +298,12 @@ def test_an_unreadable_calendar_keeps_its_visits_watched(world: World):
     service = world.service()
     world.at(START)
     tick(service)
-    world.calendar.unlink()
+    world.calendar.unlink()  # over HTTP a 404; in Graph a mailbox that no longer exists
     world.at(DEADLINE + timedelta(minutes=16))
     tick(service)
     assert recipients(world, "overrun") == ["maria.jones@example.org"]
     source = service.store.one("SELECT last_error, failures FROM sources WHERE name = 'team'")
-    assert source["failures"] == 1 and "calendar.ics" in source["last_error"]
+    assert source["failures"] == 1 and world.feed.named_in_errors in source["last_error"]
 
 
 def test_visit_long_over_at_first_sight_is_recorded_but_not_escalated(world: World):
@@ -313,12 +318,7 @@ def test_visit_long_over_at_first_sight_is_recorded_but_not_escalated(world: Wor
 
 def test_worker_found_from_attendee_on_a_shared_calendar(world: World):
     """On a shared calendar the invited worker gets the reminder and their manager the alert."""
-    world.sources = """
-[[sources]]
-name = "team"
-type = "ics"
-path = "calendar.ics"
-"""
+    world.shared = True
     world.write_calendar(home_visit(attendees=("ben.okafor@example.org",)))
     service = world.service()
     world.at(DEADLINE + timedelta(minutes=16))
@@ -398,6 +398,7 @@ def test_findings_are_stored_with_their_policy_clause(world: World):
     assert all(f["clause"] for f in findings if f["rule"] in rules)
 
 
+@pytest.mark.sources("ics-file")  # about two sources of different kinds side by side
 def test_unreachable_microsoft_365_does_not_stop_other_calendars(
     world: World, monkeypatch: pytest.MonkeyPatch
 ):
