@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.calendar_feeds import CalendarFeed
 from tests.conftest import T0, World, home_visit, tick
 from tests.daemon_process import OUTBOX_CHANNEL, channel_block
 from tests.scripted import HANG, OK, PERMANENT, TEMPORARY, Script
@@ -326,7 +327,9 @@ def test_a_really_full_disk_sends_from_memory_and_leaves_no_transaction_open(
     """On a full tmpfs the sweep fails at write or commit; alerts still go, then the record heals."""
     from visitwatch.daemon.clock import FrozenClock
 
-    world = World(small_disk, FrozenClock(T0))
+    world = World(
+        small_disk, FrozenClock(T0), CalendarFeed("ics-file", small_disk / "calendar.ics")
+    )
     try:
         service = _watching(
             world, PAGER + OUTBOX_CHANNEL, *(home_visit(f"visit-{i}") for i in range(20))
