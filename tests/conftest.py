@@ -37,7 +37,8 @@ from visitwatch.daemon.service import Service
 # Monday 23 November 2026: Europe/London is on GMT, so local time equals UTC.
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
-STAFF = """
+# Two workers, their manager Maria and the director Sam; test_properties.py adds a team.
+STAFF_WORKERS = """
 [[staff]]
 id = "asha.khan@example.org"
 name = "Asha Khan"
@@ -48,7 +49,8 @@ manager = "maria.jones@example.org"
 id = "ben.okafor@example.org"
 name = "Ben Okafor"
 manager = "maria.jones@example.org"
-
+"""
+STAFF_MANAGERS = """
 [[staff]]
 id = "maria.jones@example.org"
 name = "Maria Jones"
@@ -61,6 +63,8 @@ id = "sam.webster@example.org"
 name = "Sam Webster"
 role = "director"
 """
+STAFF = STAFF_WORKERS + STAFF_MANAGERS
+MANAGER_AND_DIRECTOR = ["maria.jones@example.org", "sam.webster@example.org"]
 
 
 def ics_event(
@@ -125,6 +129,11 @@ def home_visit(
     return ics_event(
         uid, "Home visit - Carter family", start, end, description=description, **kwargs
     )
+
+
+def many_visits(count: int) -> tuple[str, ...]:
+    """``count`` compliant visits at the same time: visit-0, visit-1 ..."""
+    return tuple(home_visit(f"visit-{n}") for n in range(count))
 
 
 @dataclass
@@ -195,6 +204,10 @@ class World:
     def messages(self, kind: str | None = None) -> list[dict[str, Any]]:
         records = read_outbox(self.outbox)
         return [r for r in records if kind is None or r["kind"] == kind]
+
+    def recipients(self, kind: str) -> list[str]:
+        """Who got a ``kind`` message through the outbox, in the order they were sent."""
+        return [m["recipient"]["id"] for m in self.messages(kind)]
 
     def close(self) -> None:
         for service in self.services:

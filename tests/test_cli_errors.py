@@ -12,11 +12,13 @@ import pytest
 import structlog.testing
 
 from tests.conftest import STAFF, World, home_visit
+from tests.daemon_process import OUTBOX_CHANNEL, smtp_channel
 from tests.mailserver import Recorder
 from visitwatch.daemon import cli
 from visitwatch.daemon.config import load_config
 
 Run = Callable[..., tuple[int, str, str]]
+POLICY = '\n[policy]\npreset = "pan-lancashire"\n'
 
 
 @pytest.fixture
@@ -37,8 +39,7 @@ def run(capsys: pytest.CaptureFixture[str]) -> Run:
 
 def config_file(tmp_path: Path, body: str) -> Path:
     path = tmp_path / "visitwatch.toml"
-    outbox = '\n[[channels]]\nname = "outbox"\ntype = "outbox"\npath = "outbox.jsonl"\n'
-    path.write_text(textwrap.dedent(body) + STAFF + outbox, encoding="utf-8")
+    path.write_text(textwrap.dedent(body) + STAFF + OUTBOX_CHANNEL, encoding="utf-8")
     return path
 
 
@@ -153,16 +154,7 @@ def test_sync_fails_when_a_notification_failed_for_good(
     """`sync` exits 1 and says so when the mail server rejected an alert for good."""
     recorder, port = smtp_server()
     recorder.rcpt_reply = "550 5.1.1 no such mailbox"
-    world.channels = f"""
-[[channels]]
-name = "email"
-type = "smtp"
-host = "127.0.0.1"
-port = {port}
-security = "none"
-sender = "visitwatch@example.org"
-timeout = "5s"
-"""
+    world.channels = smtp_channel(port)
     now = datetime.now(UTC)  # the CLI runs on the real clock
     world.write_calendar(home_visit(start=now - timedelta(hours=1), end=now - timedelta(minutes=1)))
     status, out, _ = run("--config", str(world.write_config()), "sync")
@@ -176,16 +168,7 @@ def test_sync_succeeds_when_everything_was_delivered(
 ):
     """The same run against a server that accepts the alert exits 0."""
     recorder, port = smtp_server()
-    world.channels = f"""
-[[channels]]
-name = "email"
-type = "smtp"
-host = "127.0.0.1"
-port = {port}
-security = "none"
-sender = "visitwatch@example.org"
-timeout = "5s"
-"""
+    world.channels = smtp_channel(port)
     now = datetime.now(UTC)
     world.write_calendar(home_visit(start=now - timedelta(hours=1), end=now - timedelta(minutes=1)))
     status, out, _ = run("--config", str(world.write_config()), "sync")
@@ -222,18 +205,6 @@ name = "team"
 type = "ics"
 path = "calendar.ics"
 owner = "asha.khan@example.org"
-
-[[channels]]
-name = "email"
-type = "smtp"
-host = "127.0.0.1"
-port = {port}
-security = "none"
-sender = "visitwatch@example.org"
-timeout = "5s"
-
-[policy]
-preset = "pan-lancashire"
 """
 
 
@@ -242,7 +213,8 @@ def smtp_only(tmp_path: Path, port: int, maria_email: str) -> Path:
         "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\nEND:VCALENDAR\r\n"
     )
     path = tmp_path / "visitwatch.toml"
-    path.write_text(SMTP_ONLY.format(port=port, maria_email=maria_email), encoding="utf-8")
+    text = SMTP_ONLY.format(maria_email=maria_email) + smtp_channel(port) + POLICY
+    path.write_text(text, encoding="utf-8")
     return path
 
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import T0, World, home_visit, tick
+from tests.conftest import MANAGER_AND_DIRECTOR, T0, World, home_visit, many_visits, tick
 from tests.scripted import ScriptedChannel
 from visitwatch.connectors import registry
 from visitwatch.daemon.config import Directory, StaffMember
@@ -30,10 +30,6 @@ DEADLINE = T0 + timedelta(hours=2)  # 14:00
 MIN = timedelta(minutes=1)
 VISIT = visit_id("team", "visit-1", "")
 NAMES = ("Asha", "Maria", "Sam", "Ben", "Brook Street")
-
-
-def recipients(world: World, kind: str) -> list[str]:
-    return [m["recipient"]["id"] for m in world.messages(kind)]
 
 
 def visit(world: World, service: object, column: str) -> object:
@@ -55,24 +51,18 @@ def test_ack_before_any_alert_lets_every_later_rung_go_out_also_to_the_acknowled
     service.watcher.actions.acknowledge(VISIT, by="Sam Webster")
     world.at(DEADLINE)
     tick(service)
-    assert sorted(recipients(world, "reminder")) == [
+    assert sorted(world.recipients("reminder")) == [
         "asha.khan@example.org",
         "sam.webster@example.org",
     ]
     world.at(DEADLINE + timedelta(minutes=15))
     tick(service)
-    assert sorted(recipients(world, "overrun")) == [
-        "maria.jones@example.org",
-        "sam.webster@example.org",
-    ]
+    assert sorted(world.recipients("overrun")) == MANAGER_AND_DIRECTOR
     [to_maria] = [m for m in world.messages("overrun") if m["recipient"]["name"] == "Maria Jones"]
     assert "Sam Webster acknowledged" in to_maria["text"]
     service.watcher.actions.check_in(VISIT, by="Asha Khan")
     service.dispatch()
-    assert sorted(recipients(world, "all_clear")) == [
-        "maria.jones@example.org",
-        "sam.webster@example.org",
-    ]
+    assert sorted(world.recipients("all_clear")) == MANAGER_AND_DIRECTOR
 
 
 def test_ack_times_out_re_alerting_acknowledger_and_next_rung_and_repeats(world: World):
@@ -85,10 +75,7 @@ def test_ack_times_out_re_alerting_acknowledger_and_next_rung_and_repeats(world:
     world.at(DEADLINE + timedelta(minutes=45))
     tick(service)
     # The directors' rung was not yet raised when Maria acknowledged: it still goes.
-    assert sorted(recipients(world, "escalation")) == [
-        "maria.jones@example.org",
-        "sam.webster@example.org",
-    ]
+    assert sorted(world.recipients("escalation")) == MANAGER_AND_DIRECTOR
     world.at(DEADLINE + timedelta(minutes=16 + 30) - MIN)
     tick(service)
     assert len(world.messages("escalation")) == 2
@@ -123,10 +110,7 @@ def test_ack_timeout_is_a_policy_setting(world: World):
     assert world.messages("escalation") == []
     world.at(DEADLINE + timedelta(minutes=26))
     tick(service)
-    assert sorted(recipients(world, "escalation")) == [
-        "maria.jones@example.org",
-        "sam.webster@example.org",
-    ]
+    assert sorted(world.recipients("escalation")) == MANAGER_AND_DIRECTOR
 
 
 def test_a_moved_deadline_clears_an_earlier_ack(world: World):
@@ -173,7 +157,7 @@ def test_check_in_and_ack_before_the_start_are_refused_saying_when_it_starts(wor
     assert service.store.query("SELECT * FROM checkins") == []
     world.at(DEADLINE)
     tick(service)
-    assert recipients(world, "reminder") == ["asha.khan@example.org"]
+    assert world.recipients("reminder") == ["asha.khan@example.org"]
 
 
 def test_extension_before_the_start_is_allowed_and_keeps_watching(world: World):
@@ -186,7 +170,7 @@ def test_extension_before_the_start_is_allowed_and_keeps_watching(world: World):
     assert from_ts(visit(world, service, "deadline")) == DEADLINE + timedelta(minutes=30)  # type: ignore[arg-type]
     world.at(DEADLINE + timedelta(minutes=30))
     tick(service)
-    assert recipients(world, "reminder") == ["asha.khan@example.org"]
+    assert world.recipients("reminder") == ["asha.khan@example.org"]
 
 
 def test_help_before_the_start_is_taken(world: World):
@@ -197,10 +181,7 @@ def test_help_before_the_start_is_taken(world: World):
     tick(service)
     service.watcher.actions.request_help(VISIT, by="Asha Khan")
     service.dispatch()
-    assert sorted(recipients(world, "help")) == [
-        "maria.jones@example.org",
-        "sam.webster@example.org",
-    ]
+    assert sorted(world.recipients("help")) == MANAGER_AND_DIRECTOR
 
 
 def test_safe_category_set_before_the_start_does_not_check_in(world: World):
@@ -213,7 +194,7 @@ def test_safe_category_set_before_the_start_does_not_check_in(world: World):
         world.at(moment)
         tick(service)
     assert visit(world, service, "state") == "overdue"
-    assert recipients(world, "overrun") == ["maria.jones@example.org"]
+    assert world.recipients("overrun") == ["maria.jones@example.org"]
 
 
 def test_resolved_visit_moved_to_tomorrow_is_watched_again(world: World):
@@ -241,7 +222,7 @@ def test_resolved_visit_moved_to_tomorrow_is_watched_again(world: World):
     }
     world.at(DEADLINE + day + timedelta(minutes=15))
     tick(service)
-    assert recipients(world, "overrun") == ["maria.jones@example.org"]
+    assert world.recipients("overrun") == ["maria.jones@example.org"]
 
 
 # --------------------------------------------------------------------------- defect 8
@@ -330,13 +311,13 @@ def test_grace_sets_when_the_manager_is_alerted(world: World):
     assert world.messages("overrun") == []
     world.at(DEADLINE + 5 * MIN)
     tick(service)
-    assert recipients(world, "overrun") == ["maria.jones@example.org"]
+    assert world.recipients("overrun") == ["maria.jones@example.org"]
     world.at(DEADLINE + 34 * MIN)
     tick(service)
     assert world.messages("escalation") == []
     world.at(DEADLINE + 35 * MIN)
     tick(service)
-    assert recipients(world, "escalation") == ["sam.webster@example.org"]
+    assert world.recipients("escalation") == ["sam.webster@example.org"]
 
 
 # --------------------------------------------------------------------------- defect 10: races
@@ -372,7 +353,7 @@ def test_check_in_racing_the_sweep_succeeds(world: World, monkeypatch: pytest.Mo
     assert bumps == [VISIT]
     assert visit(world, service, "state") == "resolved"
     service.dispatch()
-    assert recipients(world, "all_clear") == ["maria.jones@example.org"]
+    assert world.recipients("all_clear") == ["maria.jones@example.org"]
 
 
 @pytest.mark.parametrize("action", ["ack", "help", "extend"])
@@ -473,13 +454,9 @@ def test_a_feed_whose_processing_failed_is_read_again_next_poll(
 # --------------------------------------------------------------------------- defect 11: sweep
 
 
-def _many_visits(world: World, count: int) -> None:
-    world.write_calendar(*(home_visit(f"visit-{n}") for n in range(count)))
-
-
 def test_one_sweep_raises_every_due_alert_however_many(world: World):
     """600 visits reaching their deadline together: one sweep reminds all 600 (no 500 cap)."""
-    _many_visits(world, 600)
+    world.write_calendar(*many_visits(600))
     service = world.service()
     world.at(START)
     tick(service)
@@ -491,7 +468,7 @@ def test_one_sweep_raises_every_due_alert_however_many(world: World):
 
 def test_sweep_batches_isolate_one_bad_visit_and_log_it_once(world: World):
     """A visit that raises rolls back alone, is retried a minute later, and is logged once."""
-    _many_visits(world, 7)
+    world.write_calendar(*many_visits(7))
     service = world.service()
     world.at(START)
     tick(service)

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 
 from tests.conftest import T0, World, home_visit, tick
+from tests.daemon_process import OUTBOX_CHANNEL, channel_block, smtp_channel
 from tests.mailserver import Recorder
 
 DEADLINE = T0 + timedelta(hours=2)
@@ -49,22 +50,10 @@ def test_undeliverable_alert_is_reported_on_another_channel(
     """A manager alert the mail server refuses for good is reported to an admin via the outbox."""
     recorder, port = smtp_server()
     recorder.data_reply = "550 5.1.1 mailbox unavailable"
-    world.channels = f"""
-[[channels]]
-name = "email"
-type = "smtp"
-host = "127.0.0.1"
-port = {port}
-security = "none"
-sender = "visitwatch@example.org"
-kinds = ["reminder", "overrun", "escalation", "all_clear"]
-
-[[channels]]
-name = "outbox"
-type = "outbox"
-path = "outbox.jsonl"
-kinds = ["admin"]
-"""
+    alerts = ["reminder", "overrun", "escalation", "all_clear"]
+    world.channels = smtp_channel(port, kinds=alerts) + channel_block(
+        "outbox", "outbox", path="outbox.jsonl", kinds=["admin"]
+    )
     world.write_calendar(home_visit())
     service = world.service()
     world.at(DEADLINE + timedelta(minutes=16))
@@ -84,12 +73,9 @@ def test_graph_credential_expiry_is_announced_at_30_14_and_7_days(
     """secret_expires warns admins at 30, 14 and 7 days, once each, then daily once expired."""
     monkeypatch.setenv("GRAPH_SECRET", "s")
     expires = (T0 + timedelta(days=40)).date()
-    world.channels = f"""
-[[channels]]
-name = "outbox"
-type = "outbox"
-path = "outbox.jsonl"
-
+    world.channels = (
+        OUTBOX_CHANNEL
+        + f"""
 [[channels]]
 name = "outlook"
 type = "graph_mail"
@@ -100,6 +86,7 @@ sender = "visitwatch@example.org"
 secret_expires = "{expires}"
 kinds = ["overrun"]
 """
+    )
     world.write_calendar()
     service = world.service()
     seen = []

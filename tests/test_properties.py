@@ -74,7 +74,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests.conftest import ics_calendar, ics_event
+from tests.conftest import STAFF_MANAGERS, STAFF_WORKERS, ics_calendar, ics_event
 from tests.scripted import HANG, MODES, OK, PERMANENT, ScriptedChannel
 from visitwatch.connectors import registry
 from visitwatch.connectors.outbox import read_outbox
@@ -96,18 +96,10 @@ MAX_ENTRIES = 4
 
 # Workers, their line managers, and what the directory knows about them. Dev Patel and his
 # manager have no e-mail address, so an e-mail-only ladder cannot reach them.
-STAFF = """
-[[staff]]
-id = "asha.khan@example.org"
-name = "Asha Khan"
-mobile = "07700 900123"
-manager = "maria.jones@example.org"
-
-[[staff]]
-id = "ben.okafor@example.org"
-name = "Ben Okafor"
-manager = "maria.jones@example.org"
-
+# The shared staff (conftest.py) with Dev Patel's team between the workers and managers.
+STAFF = (
+    STAFF_WORKERS
+    + """
 [[staff]]
 id = "dev.patel"
 name = "Dev Patel"
@@ -119,19 +111,9 @@ id = "lee.ward"
 name = "Lee Ward"
 role = "manager"
 manager = "sam.webster@example.org"
-
-[[staff]]
-id = "maria.jones@example.org"
-name = "Maria Jones"
-mobile = "07700 900321"
-role = "manager"
-manager = "sam.webster@example.org"
-
-[[staff]]
-id = "sam.webster@example.org"
-name = "Sam Webster"
-role = "director"
 """
+    + STAFF_MANAGERS
+)
 WORKERS = {"": "asha.khan@example.org", "Ben Okafor": "ben.okafor@example.org",
            "Dev Patel": "dev.patel"}  # fmt: skip
 MANAGER_OF = {

@@ -14,7 +14,7 @@ from datetime import timedelta
 import pytest
 
 from tests.calendar_feeds import SOURCE_KINDS
-from tests.conftest import T0, World, home_visit, ics_event, tick
+from tests.conftest import MANAGER_AND_DIRECTOR, T0, World, home_visit, ics_event, tick
 from visitwatch.daemon.entries import visit_id
 from visitwatch.daemon.visits import ActionError
 
@@ -24,10 +24,6 @@ MIN = timedelta(minutes=1)
 VISIT = visit_id("team", "visit-1", "")
 
 pytestmark = pytest.mark.sources(*SOURCE_KINDS)
-
-
-def recipients(world: World, kind: str) -> list[str]:
-    return [m["recipient"]["id"] for m in world.messages(kind)]
 
 
 def test_overrun_reminds_worker_then_alerts_manager_then_escalates(world: World):
@@ -41,21 +37,21 @@ def test_overrun_reminds_worker_then_alerts_manager_then_escalates(world: World)
 
     world.at(DEADLINE)
     tick(service)
-    assert recipients(world, "reminder") == ["asha.khan@example.org"]
+    assert world.recipients("reminder") == ["asha.khan@example.org"]
 
     world.at(DEADLINE + timedelta(minutes=14))
     tick(service)
     assert world.messages("overrun") == []
     world.at(DEADLINE + timedelta(minutes=15))
     tick(service)
-    assert recipients(world, "overrun") == ["maria.jones@example.org"]
+    assert world.recipients("overrun") == ["maria.jones@example.org"]
 
     world.at(DEADLINE + timedelta(minutes=45))
     tick(service)
-    assert recipients(world, "escalation") == ["sam.webster@example.org"]
+    assert world.recipients("escalation") == ["sam.webster@example.org"]
     world.at(DEADLINE + timedelta(minutes=60))
     tick(service)
-    assert recipients(world, "escalation") == ["sam.webster@example.org"] * 2
+    assert world.recipients("escalation") == ["sam.webster@example.org"] * 2
     state = service.store.one("SELECT state FROM visits WHERE id = ?", (VISIT,))["state"]
     assert state == "escalated"
 
@@ -108,10 +104,7 @@ def test_check_in_after_the_alert_sends_the_all_clear_to_everyone_alerted(world:
     tick(service)
     service.watcher.actions.check_in(VISIT[:6], by="Asha Khan")  # a unique prefix is enough
     service.dispatch()
-    assert sorted(recipients(world, "all_clear")) == [
-        "maria.jones@example.org",
-        "sam.webster@example.org",
-    ]
+    assert sorted(world.recipients("all_clear")) == MANAGER_AND_DIRECTOR
     world.at(DEADLINE + timedelta(hours=3))
     tick(service)
     assert len(world.messages("escalation")) == 1  # no repeats after the check-in
@@ -133,7 +126,7 @@ def test_extension_moves_the_deadline_and_restarts_the_ladder(world: World):
     assert len(world.messages("reminder")) == 2
     world.at(DEADLINE + timedelta(minutes=50))
     tick(service)
-    assert recipients(world, "overrun") == ["maria.jones@example.org"]
+    assert world.recipients("overrun") == ["maria.jones@example.org"]
 
 
 def test_acknowledgement_stops_repeats_and_records_who(world: World):
@@ -153,13 +146,10 @@ def test_acknowledgement_stops_repeats_and_records_who(world: World):
     # safety.py covers the timeout in detail).
     world.at(DEADLINE + timedelta(minutes=76))
     tick(service)
-    assert sorted(recipients(world, "escalation")[1:]) == [
-        "maria.jones@example.org",
-        "sam.webster@example.org",
-    ]
+    assert sorted(world.recipients("escalation")[1:]) == MANAGER_AND_DIRECTOR
     service.watcher.actions.acknowledge(VISIT, by="Maria Jones", safe=True)
     service.dispatch()
-    assert "sam.webster@example.org" in recipients(world, "all_clear")
+    assert "sam.webster@example.org" in world.recipients("all_clear")
 
 
 def test_help_request_alerts_the_whole_ladder_at_once(world: World):
@@ -170,10 +160,7 @@ def test_help_request_alerts_the_whole_ladder_at_once(world: World):
     tick(service)
     service.watcher.actions.request_help(VISIT, by="Asha Khan")
     service.dispatch()
-    assert sorted(recipients(world, "help")) == [
-        "maria.jones@example.org",
-        "sam.webster@example.org",
-    ]
+    assert sorted(world.recipients("help")) == MANAGER_AND_DIRECTOR
 
 
 def test_calendar_edit_that_moves_the_return_time_moves_the_deadline(world: World):
@@ -189,7 +176,7 @@ def test_calendar_edit_that_moves_the_return_time_moves_the_deadline(world: Worl
     assert world.messages("overrun") == []
     world.at(DEADLINE + timedelta(minutes=75))
     tick(service)
-    assert recipients(world, "overrun") == ["maria.jones@example.org"]
+    assert world.recipients("overrun") == ["maria.jones@example.org"]
 
 
 def test_cancelled_entries_stop_monitoring_and_tell_those_alerted(world: World):
@@ -230,7 +217,7 @@ def test_removed_booked_entry_stops_monitoring_but_an_overdue_one_is_still_watch
     assert states["visit-1"] == "overdue" and states["visit-2"] == "cancelled"
     world.at(DEADLINE + timedelta(minutes=46))
     tick(service)
-    assert recipients(world, "escalation") == ["sam.webster@example.org"]
+    assert world.recipients("escalation") == ["sam.webster@example.org"]
 
 
 def test_safe_category_set_in_outlook_checks_the_worker_in(world: World):
@@ -248,7 +235,7 @@ def test_safe_category_set_in_outlook_checks_the_worker_in(world: World):
     tick(service)
     row = service.store.one("SELECT state, checked_in_at FROM visits WHERE id = ?", (VISIT,))
     assert row["state"] == "resolved"
-    assert recipients(world, "all_clear") == ["maria.jones@example.org"]
+    assert world.recipients("all_clear") == ["maria.jones@example.org"]
 
 
 def test_missing_risk_assessment_is_told_when_first_seen_and_again_before_start(world: World):
@@ -263,7 +250,7 @@ def test_missing_risk_assessment_is_told_when_first_seen_and_again_before_start(
     service = world.service()
     tick(service)
     first = world.messages("compliance")
-    assert sorted(m["recipient"]["id"] for m in first) == [
+    assert sorted(world.recipients("compliance")) == [
         "asha.khan@example.org",
         "maria.jones@example.org",
     ]
@@ -287,7 +274,7 @@ def test_a_broken_entry_is_recorded_and_every_other_visit_is_still_watched(world
     service = world.service()
     world.at(DEADLINE + timedelta(minutes=16))
     tick(service)
-    assert recipients(world, "overrun") == ["maria.jones@example.org"]
+    assert world.recipients("overrun") == ["maria.jones@example.org"]
     problems = service.store.query("SELECT source, uid FROM problems")
     assert problems == [{"source": "team", "uid": "broken-1"}]
 
@@ -301,7 +288,7 @@ def test_an_unreadable_calendar_keeps_its_visits_watched(world: World):
     world.calendar.unlink()  # over HTTP a 404; in Graph a mailbox that no longer exists
     world.at(DEADLINE + timedelta(minutes=16))
     tick(service)
-    assert recipients(world, "overrun") == ["maria.jones@example.org"]
+    assert world.recipients("overrun") == ["maria.jones@example.org"]
     source = service.store.one("SELECT last_error, failures FROM sources WHERE name = 'team'")
     assert source["failures"] == 1 and world.feed.named_in_errors in source["last_error"]
 
@@ -323,7 +310,7 @@ def test_worker_found_from_attendee_on_a_shared_calendar(world: World):
     service = world.service()
     world.at(DEADLINE + timedelta(minutes=16))
     tick(service)
-    assert recipients(world, "reminder") == ["ben.okafor@example.org"]
+    assert world.recipients("reminder") == ["ben.okafor@example.org"]
     assert "Ben Okafor" in world.messages("overrun")[0]["text"]
 
 
@@ -384,7 +371,7 @@ def test_a_failed_multi_table_write_leaves_nothing_behind(world: World):
     del service.watcher.router.notify
     world.at(DEADLINE + timedelta(minutes=17))
     tick(service)
-    assert recipients(world, "overrun") == ["maria.jones@example.org"]
+    assert world.recipients("overrun") == ["maria.jones@example.org"]
 
 
 def test_findings_are_stored_with_their_policy_clause(world: World):
@@ -429,7 +416,7 @@ timeout = "2s"
     service = world.service()
     world.at(DEADLINE + timedelta(minutes=16))
     tick(service)
-    assert recipients(world, "overrun") == ["maria.jones@example.org"]
+    assert world.recipients("overrun") == ["maria.jones@example.org"]
     outlook = service.store.one("SELECT last_error FROM sources WHERE name = 'outlook'")
     assert "cannot reach Entra" in outlook["last_error"]
     assert "not-a-real-secret" not in outlook["last_error"]
