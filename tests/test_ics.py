@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from tests.bounded import run_bounded
 from tests.ics_feed import Server, calendar, make_source
 from visitwatch.connectors.ics import IcsSource
 from visitwatch.core.calendar import Attendee, FetchResult, TimeWindow
@@ -903,25 +904,6 @@ def read_file_source(
 
 def reasons(result: FetchResult) -> dict[str, str]:
     return {p.uid: p.reason for p in result.problems}
-
-
-def run_bounded(seconds: float, action: Any) -> Any:
-    """Run ``action`` in a thread; fail (instead of hanging the suite) if it runs on."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = action()
-        except BaseException as err:  # handed to the test below
-            outcome["error"] = err
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    assert not worker.is_alive(), f"still running after {seconds}s"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def test_interval_zero_is_a_problem_for_that_entry_only(tmp_path: Path) -> None:

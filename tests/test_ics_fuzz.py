@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -25,6 +23,7 @@ import recurring_ical_events
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.bounded import run_bounded
 from visitwatch.connectors.ics import IcsSource
 from visitwatch.core.calendar import FetchResult, TimeWindow
 from visitwatch.core.options import ConnectorContext, validate_options
@@ -269,25 +268,7 @@ def read(tmp_path: Path, body: bytes) -> FetchResult:
     assert not problems
     context = ConnectorContext(ZoneInfo(ZONE), state_dir=tmp_path, config_dir=tmp_path)
     source = IcsSource("fuzz", options, context)
-    return bounded(lambda: source.fetch(WINDOW))
-
-
-def bounded(action: Callable[[], Any]) -> Any:
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = action()
-        except BaseException as err:  # handed to the test below
-            outcome["error"] = err
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(HANG_LIMIT)
-    assert not worker.is_alive(), f"fetch still running after {HANG_LIMIT}s"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    return run_bounded(HANG_LIMIT, lambda: source.fetch(WINDOW))
 
 
 def times_of(result: FetchResult, uids: set[str]) -> Times:
