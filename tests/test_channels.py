@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from structlog.testing import capture_logs
 
+from tests.connector_settings import config_problems
 from tests.mailserver import Recorder, free_port
 from visitwatch.connectors.base import Channel
 from visitwatch.connectors.console import ConsoleChannel
@@ -665,13 +666,8 @@ def test_smtp_options_validated(context: ConnectorContext) -> None:
 
 
 def smtp_problems(table: dict[str, Any], context: ConnectorContext) -> dict[str, str]:
-    """What the config loader finds wrong with an SMTP table: each option, then across them."""
-    settings, problems = validate_options(
-        table, SmtpChannel.options, "channels[0]", context.config_dir
-    )
-    if not problems:
-        problems = SmtpChannel.settings_problems(settings)
-    return {p.key: p.message for p in problems}
+    """What the config loader finds wrong with an SMTP table, by key."""
+    return {p.key: p.message for p in config_problems(SmtpChannel, table, context.config_dir)}
 
 
 @pytest.mark.parametrize(

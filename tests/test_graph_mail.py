@@ -18,6 +18,7 @@ import requests
 import responses
 from structlog.testing import capture_logs
 
+from tests.connector_settings import config_problems
 from tests.graph_mock import add_token
 from tests.graph_server import (
     FakeGraph,
@@ -360,18 +361,13 @@ def test_sender_that_is_not_an_address_alone_is_a_config_problem(
     context: ConnectorContext, sender: str, words: str
 ) -> None:
     """A sender written as "Name <address>" (or no address) fails the config check, not an alert."""
-    settings, problems = validate_options(
-        {
-            "tenant_id": TENANT,
-            "client_id": CLIENT_ID,
-            "client_secret": {"env": "VW_TEST_GRAPH_SECRET"},
-            "sender": sender,
-        },
-        GraphMailChannel.options,
-        "channels[0]",
-        context.config_dir,
-    )
-    problems += GraphMailChannel.settings_problems(settings) if not problems else []
+    table = {
+        "tenant_id": TENANT,
+        "client_id": CLIENT_ID,
+        "client_secret": {"env": "VW_TEST_GRAPH_SECRET"},
+        "sender": sender,
+    }
+    problems = config_problems(GraphMailChannel, table, context.config_dir)
     assert len(problems) == 1
     assert problems[0].key.endswith("sender") and words in str(problems[0])
 

@@ -19,6 +19,7 @@ import pytest
 import responses
 from responses import matchers
 
+from tests.connector_settings import config_problems
 from tests.graph_mock import (
     ASHA,
     CLIENT,
@@ -200,10 +201,7 @@ def test_settings_graph_cannot_honour_are_config_problems(
         "mailboxes": [ASHA],
         **extra,
     }
-    settings, problems = validate_options(
-        table, GraphCalendarSource.options, "sources[0]", tmp_path
-    )
-    problems += GraphCalendarSource.settings_problems(settings) if not problems else []
+    problems = config_problems(GraphCalendarSource, table, tmp_path, "sources[0]")
     assert len(problems) == 1, problems
     assert problems[0].key.endswith(key) and words in str(problems[0])
 

@@ -16,11 +16,11 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tests.bounded import run_bounded
+from tests.connector_settings import config_problems
 from tests.ics_feed import Server, calendar, make_source
 from visitwatch.connectors.ics import IcsSource
 from visitwatch.core.calendar import Attendee, FetchResult, TimeWindow
 from visitwatch.core.errors import ConnectorError
-from visitwatch.core.options import validate_options
 
 # --------------------------------------------------------------------------- helpers
 
@@ -860,8 +860,7 @@ def test_bad_configuration_is_a_config_problem(
 ) -> None:
     """Both/neither of url and path, or a non-http URL, is a problem on the url key,
     found once at config time, and the address itself is never repeated back."""
-    settings, problems = validate_options(table, IcsSource.options, "sources[0]", tmp_path)
-    problems += IcsSource.settings_problems(settings) if not problems else []
+    problems = config_problems(IcsSource, table, tmp_path, "sources[0]")
     assert [p.message for p in problems] == [expected]
     assert problems[0].key.endswith("url")
     assert "secret-token" not in str(problems[0])

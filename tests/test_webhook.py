@@ -28,11 +28,12 @@ import pytest
 from standardwebhooks import Webhook
 
 from tests.channel_contract import ChannelContract, Delivered, build_channel, contract_message
+from tests.connector_settings import config_problems
 from tests.mailserver import free_port
 from visitwatch.connectors.registry import channel_class
 from visitwatch.connectors.webhook import WebhookChannel
 from visitwatch.core.errors import ConnectorError
-from visitwatch.core.options import ConnectorContext, validate_options
+from visitwatch.core.options import ConnectorContext
 
 KEY = os.urandom(32)
 SECRET = "whsec_" + base64.b64encode(KEY).decode()
@@ -202,11 +203,7 @@ def test_extra_headers_are_sent(receiver: Receiver, context: ConnectorContext) -
 
 
 def problems(table: dict[str, Any], context: ConnectorContext) -> dict[str, str]:
-    settings, found = validate_options(
-        table, WebhookChannel.options, "channels[0]", context.config_dir
-    )
-    if not found:
-        found = WebhookChannel.settings_problems(settings)
+    found = config_problems(WebhookChannel, table, context.config_dir)
     return {p.key: p.message for p in found}
 
 
