@@ -133,6 +133,14 @@ def graph_calls(mock: responses.RequestsMock) -> list[Any]:
     return [c for c in mock.calls if c.request.url.startswith(GRAPH)]
 
 
+def first_delta_round(mock: responses.RequestsMock, *events: dict[str, Any]) -> str:
+    """A token, and a first delta round holding ``events``; returns the round's deltaLink."""
+    add_token(mock)
+    link = f"{view_url(delta=True)}?$deltatoken=round2"
+    mock.get(view_url(delta=True), json=page(*events, delta_link=link), match=[fresh_range])
+    return link
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -369,13 +377,7 @@ def test_changed_removal_of_an_unreadable_event_keeps_the_visit(
 ) -> None:
     """A removal not marked "deleted" (OData's "changed", which Graph does not document for
     events) never ends a visit unless Graph says the event is gone (404)."""
-    add_token(mock)
-    link = f"{view_url(delta=True)}?$deltatoken=round2"
-    mock.get(
-        view_url(delta=True),
-        json=page(gevent("AAMk1"), gevent("AAMk2", subject="Gone"), delta_link=link),
-        match=[fresh_range],
-    )
+    link = first_delta_round(mock, gevent("AAMk1"), gevent("AAMk2", subject="Gone"))
     mock.get(
         link,
         json=page(
@@ -404,13 +406,7 @@ def test_delta_state_survives_a_restart(
     mock: responses.RequestsMock, make_source: Callable[..., GraphCalendarSource]
 ) -> None:
     """The deltaLink and events are kept in state_dir: a new instance continues the round."""
-    add_token(mock)
-    link = f"{view_url(delta=True)}?$deltatoken=round2"
-    mock.get(
-        view_url(delta=True),
-        json=page(gevent("AAMk1"), delta_link=link),
-        match=[fresh_range],
-    )
+    link = first_delta_round(mock, gevent("AAMk1"))
     mock.get(link, json=page(delta_link=link))
     make_source().fetch(WINDOW)
     graph_client._clients.clear()
@@ -425,13 +421,7 @@ def test_window_moving_to_a_new_day_starts_a_new_delta_round(
     mock: responses.RequestsMock, make_source: Callable[..., GraphCalendarSource]
 ) -> None:
     """A delta round is bound to its date range: the next day asks for a fresh range."""
-    add_token(mock)
-    link = f"{view_url(delta=True)}?$deltatoken=round2"
-    mock.get(
-        view_url(delta=True),
-        json=page(gevent("AAMk1"), delta_link=link),
-        match=[fresh_range],
-    )
+    first_delta_round(mock, gevent("AAMk1"))
     source = make_source()
     source.fetch(WINDOW)
     tomorrow = TimeWindow(WINDOW.start + timedelta(days=1), WINDOW.end + timedelta(days=1))
