@@ -115,7 +115,7 @@ class GraphCalendar:
         return mailbox.answer(request)
 
 
-def graph_entry(vevent: icalendar.Event, mailbox: str) -> tuple[Entry, dict[str, Any]]:
+def graph_entry(vevent: icalendar.Component, mailbox: str) -> tuple[Entry, dict[str, Any]]:
     """A VEVENT as Outlook keeps it, and the Graph fields an :class:`Entry` does not hold."""
     uid = str(vevent.get("UID"))
     start = _moment(vevent.get("DTSTART"))
