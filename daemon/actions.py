@@ -126,12 +126,12 @@ class Actions:
         if not self.store.db.conn.in_transaction:
             self.wake()
 
-    def _require_started(self, visit: Visit, now: datetime, doing: str) -> None:
+    def _require_started(self, visit: Visit, now: datetime, doing: str, noun: str) -> None:
         """A check-in or acknowledgement only ever applies to a visit that has begun (I5)."""
         if now < visit.start:
             raise ActionError(
                 f"cannot {doing} visit {visit.id} yet: it starts at "
-                f"{messages.fmt_local(visit.start, self.tz)}, and a {doing.split()[0]} only "
+                f"{messages.fmt_local(visit.start, self.tz)}, and {noun} only "
                 "counts once the visit has started. To say it will run longer, use "
                 f"`visitwatch checkin {visit.id} --extend 30m`, or edit the calendar entry."
             )
@@ -156,7 +156,7 @@ class Actions:
             if visit.state.terminal:
                 raise ActionError(f"visit {visit.id} is already {visit.state}; nothing to check in")
             if extend is None:
-                self._require_started(visit, now, "check in")
+                self._require_started(visit, now, "check in", "a check-in")
                 self._resolve(
                     visit, now, actor, via, "checkin", "checked in",
                     f"checked in by {actor} via {via}",
@@ -236,7 +236,7 @@ class Actions:
         def act(visit: Visit) -> None:
             if visit.state.terminal:
                 raise ActionError(f"visit {visit.id} is already {visit.state}")
-            self._require_started(visit, now, "acknowledge")
+            self._require_started(visit, now, "acknowledge", "an acknowledgement")
             if safe:
                 self._resolve(
                     visit, now, by, via, "confirmed_safe", "acknowledged and confirmed safe",

@@ -28,7 +28,7 @@ from visitwatch.daemon.lifecycle import VisitClock
 from visitwatch.daemon.recipients import Addressee, Recipients, StaffDirectory
 from visitwatch.daemon.routing import Router
 from visitwatch.daemon.store import Store, record_unwritable, ts
-from visitwatch.daemon.visits import VersionConflict, Visit, Visits
+from visitwatch.daemon.visits import UnreadableVisit, VersionConflict, Visit, Visits
 from visitwatch.policies.model import EscalationStep
 
 log = structlog.get_logger(__name__)
@@ -82,13 +82,19 @@ class Watcher:
                 # Read inside the write transaction: nothing can change these visits under us.
                 due = self.visits.due(now, after, batch)
                 for visit in due:
-                    changed += self.advance_safely(visit, now)
+                    if isinstance(visit, UnreadableVisit):
+                        changed += self._advance_failed(visit, now, visit.error)
+                    else:
+                        changed += self.advance_safely(visit, now)
                 if len(due) < batch:
                     # In the last batch's transaction: one commit (one fsync) per sweep.
                     self.store.set_meta("last_sweep_at", ts(now) or "")
                     break
             last = due[-1]
-            after = (ts(last.next_action_at) or "", last.id)
+            if isinstance(last, UnreadableVisit):
+                after = (last.next_action_at or "", last.id)
+            else:
+                after = (ts(last.next_action_at) or "", last.id)
         return changed
 
     def reconsider_all(self) -> int:
@@ -122,7 +128,7 @@ class Watcher:
             log.info("sweep_recovered", visit_id=visit.id)
         return changed
 
-    def _advance_failed(self, visit: Visit, now: datetime, err: Exception) -> int:
+    def _advance_failed(self, visit: Visit | UnreadableVisit, now: datetime, err: Exception) -> int:
         # One bad visit must not stall every other one: look again in a minute.
         self.store.db.conn.execute(
             "UPDATE visits SET next_action_at = ? WHERE id = ?",
@@ -223,6 +229,8 @@ class Watcher:
         """
         found = []
         for visit in self.visits.due(now):
+            if isinstance(visit, UnreadableVisit):
+                continue  # its admin notice went out when the sweep first failed on it
             try:
                 plan = lifecycle.plan(self.clock_of(visit), self.ladder, now, self.ack_timeout)
                 fresh = visit.replace(state=plan.state, step=plan.step, repeats=plan.repeats)
@@ -242,7 +250,9 @@ class Watcher:
 
     # ------------------------------------------------------------------ notices
 
-    def _sweep_failure_notice(self, visit: Visit, now: datetime, err: Exception) -> None:
+    def _sweep_failure_notice(
+        self, visit: Visit | UnreadableVisit, now: datetime, err: Exception
+    ) -> None:
         """A visit the sweep cannot process is a visit nobody is watching: an admin must know."""
         text = (
             f"The sweep could not process visit {visit.id} ({type(err).__name__}: {err}). "
@@ -250,7 +260,8 @@ class Watcher:
             "reminders and alerts may not go out. Check on the worker another way, and see "
             "the daemon's log (event sweep_failed)."
         )
-        key = f"admin|sweep_failed|{visit.id}|{ts(visit.deadline)}"
+        deadline = visit.deadline if isinstance(visit, UnreadableVisit) else ts(visit.deadline)
+        key = f"admin|sweep_failed|{visit.id}|{deadline}"
         self.router.to_admins(
             self.store.db.conn, visit.id, "visitwatch: a visit cannot be watched", text, now, key
         )

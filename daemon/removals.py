@@ -72,7 +72,7 @@ class Removals:
 
         Returns (visits ended, removals held).
         """
-        current = {v.id: v for v in self.visits.of_source(source.name)}
+        current = {v.id: v for v in self.visits.of_source(source.name) if isinstance(v, Visit)}
         live: list[tuple[Key, Visit]] = []
         for key, old in existing.items():
             visit = current.get(old.id)

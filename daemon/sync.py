@@ -49,6 +49,7 @@ from visitwatch.daemon.store import Store, from_ts, ts
 from visitwatch.daemon.visits import (
     CONFLICT_RETRIES,
     LADDER_RESET,
+    UnreadableVisit,
     VersionConflict,
     Visit,
     to_column,
@@ -120,7 +121,15 @@ class Syncer:
                 self.learn(source, unknown)
         report = SyncReport(source.name, ok=True, events=len(result.events))
         report.problems = list(result.problems)
-        existing = {(v.uid, v.recurrence_id): v for v in self.visits.of_source(source.name)}
+        existing: dict[tuple[str, str], Visit] = {}
+        # Rows the record cannot read: their entries are left alone (the sweep reports them
+        # to an admin and keeps trying), never taken for new visits.
+        unreadable: set[tuple[str, str]] = set()
+        for stored in self.visits.of_source(source.name):
+            if isinstance(stored, UnreadableVisit):
+                unreadable.add(stored.key)
+            else:
+                existing[(stored.uid, stored.recurrence_id)] = stored
         seen: set[tuple[str, str]] = set()
         for chunk_start in range(0, len(result.events), BATCH):
             # One commit per batch (a commit is an fsync), one savepoint per entry: a broken
@@ -133,7 +142,8 @@ class Syncer:
                         report.problems.append(duplicate(event))
                         continue
                     seen.add(key)
-                    self._process_safely(event, existing, now, report)
+                    if key not in unreadable:
+                        self._process_safely(event, existing, now, report)
             if (report.new, report.changed, report.ended) != before:
                 self.watcher.wake()  # committed: something may be due sooner than planned
         report.complete = result.complete

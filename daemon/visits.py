@@ -21,10 +21,14 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
+import structlog
+
 from visitwatch.core.errors import VisitwatchError
 from visitwatch.daemon.lifecycle import VisitState
 from visitwatch.daemon.store import Store, from_ts, ts
 from visitwatch.policies.model import Finding
+
+log = structlog.get_logger(__name__)
 
 # A claim lost to a concurrent writer is retried this many times before the user hears of it.
 CONFLICT_RETRIES = 5
@@ -106,7 +110,7 @@ class Visit:
             elif kind == "bool":
                 values[name] = bool(raw)
             elif kind == "findings":
-                values[name] = tuple(Finding(**f) for f in json.loads(raw or "[]"))
+                values[name] = tuple(_finding(f) for f in json.loads(raw or "[]"))
             elif kind == "categories":
                 values[name] = None if raw is None else tuple(json.loads(raw))
             elif kind == "state":
@@ -115,6 +119,18 @@ class Visit:
                 values[name] = raw if raw is not None or kind == "optional" else _EMPTY[kind]
         return cls(**values)
 
+    @classmethod
+    def read(cls, row: Mapping[str, Any]) -> Visit | UnreadableVisit:
+        """:meth:`from_row`, or what is known of a row that cannot be read (a damaged time,
+        an unknown state): one such row must never stop the others being watched."""
+        try:
+            return cls.from_row(row)
+        except (ValueError, TypeError, KeyError) as err:
+            key = (str(row.get("uid")), str(row.get("recurrence_id") or ""))
+            return UnreadableVisit(
+                str(row.get("id")), row.get("next_action_at"), row.get("deadline"), err, key
+            )
+
     def replace(self, **changes: Any) -> Visit:
         return dataclasses.replace(self, **changes)
 
@@ -122,6 +138,25 @@ class Visit:
     def has_errors(self) -> bool:
         """Whether the policy found something the visit must not go ahead without."""
         return any(f.severity == "error" for f in self.findings)
+
+
+@dataclass(frozen=True)
+class UnreadableVisit:
+    """A visits row :meth:`Visit.from_row` could not read, with what is known of it."""
+
+    id: str
+    next_action_at: str | None
+    deadline: str | None  # as stored
+    error: Exception
+    key: tuple[str, str] = ("", "")  # (uid, recurrence_id)
+
+
+def _finding(stored: Any) -> Finding:
+    """A stored finding; keys another version added are ignored, missing ones are blank."""
+    if not isinstance(stored, Mapping):
+        raise ValueError(f"a finding is stored as {type(stored).__name__}, not a table")
+    names = [f.name for f in fields(Finding)]
+    return Finding(**{name: str(stored.get(name) or "") for name in names})
 
 
 def _kind_of(annotation: str) -> str:
@@ -173,7 +208,7 @@ class Visits:
 
     def get(self, visit_id: str) -> Visit | None:
         row = self.store.one("SELECT * FROM visits WHERE id = ?", (visit_id,))
-        return Visit.from_row(row) if row else None
+        return _readable(row) if row else None
 
     def current(self, visit_id: str) -> Visit:
         """The visit as stored now; an :class:`ActionError` when there is none."""
@@ -203,19 +238,23 @@ class Visits:
             raise ActionError(f"no visit {ref!r}; `visitwatch status` lists them")
         if len(rows) > 1:
             raise ActionError(f"{ref!r} matches more than one visit; give more of the id")
-        return Visit.from_row(rows[0])
+        return _readable(rows[0])
 
-    def of_source(self, source: str) -> list[Visit]:
+    def of_source(self, source: str) -> list[Visit | UnreadableVisit]:
+        """The source's visits. A row that cannot be read comes as an
+        :class:`UnreadableVisit`: the sync leaves its entry alone, and the sweep reports it
+        to an admin and keeps trying."""
         return [
-            Visit.from_row(r)
-            for r in self.store.query("SELECT * FROM visits WHERE source = ?", (source,))
+            Visit.read(row)
+            for row in self.store.query("SELECT * FROM visits WHERE source = ?", (source,))
         ]
 
     def due(
         self, now: datetime, after: tuple[str, str] = ("", ""), limit: int | None = None
-    ) -> list[Visit]:
+    ) -> list[Visit | UnreadableVisit]:
         """Visits whose next action is due by ``now``, in (next_action_at, id) order after
-        ``after``, through the visits_next_action index."""
+        ``after``, through the visits_next_action index. A row that cannot be read comes as
+        an :class:`UnreadableVisit`, for the sweep to report and retry."""
         rows = self.store.query(
             "SELECT * FROM visits WHERE next_action_at IS NOT NULL"
             " AND next_action_at <= ? AND (next_action_at > ?"
@@ -223,7 +262,7 @@ class Visits:
             " ORDER BY next_action_at, id LIMIT ?",
             (ts(now), after[0], after[0], after[1], -1 if limit is None else limit),
         )
-        return [Visit.from_row(r) for r in rows]
+        return [Visit.read(r) for r in rows]
 
     def next_due(self) -> datetime | None:
         row = self.store.one(
@@ -266,3 +305,13 @@ class Visits:
         if audit:
             self.store.audit(conn, visit.id, now, cause, actor, visit.state, after.state)
         return after
+
+
+def _readable(row: Mapping[str, Any]) -> Visit:
+    visit = Visit.read(row)
+    if isinstance(visit, UnreadableVisit):
+        raise ActionError(
+            f"visit {visit.id} cannot be read from the record ({visit.error}); nothing was "
+            "changed. See `visitwatch status` and the daemon's log (event sweep_failed)."
+        )
+    return visit

@@ -236,8 +236,12 @@ def _convert(
             if problem:
                 return None, problem
             text = converted.reveal()
-        parts = urlsplit(text.strip())
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(text.strip())
+            host = parts.hostname
+        except ValueError:  # e.g. "https://[broken": never quote it, it may hold a secret
+            return None, ConfigProblem(key, "must be an http:// or https:// address (not one)")
+        if parts.scheme.lower() not in ("http", "https") or not host:
             # Only the scheme is shown: the rest of a calendar URL is often its secret.
             shown = f"a {parts.scheme}:// address" if parts.scheme else "not an address"
             return None, ConfigProblem(key, f"must be an http:// or https:// address ({shown})")
@@ -247,7 +251,8 @@ def _convert(
             return wrong("an e-mail address")
         _name, address = parseaddr(value)
         local, at, domain = address.rpartition("@")
-        if not (at and local and "." in domain) or any(c.isspace() for c in address):
+        # A single-label domain ("alerts@mailhub") is a real address on an internal relay.
+        if not (at and local and domain) or any(c.isspace() for c in address):
             return None, ConfigProblem(
                 key, f"{value!r} is not an e-mail address", 'write e.g. "visitwatch@example.org"'
             )
@@ -262,6 +267,8 @@ def _convert(
         if isinstance(value, date) and not isinstance(value, datetime):
             return value, None
         if isinstance(value, str):
+            if not value.strip():
+                return None, None  # blank: not recorded, as before the date kind
             try:
                 return date.fromisoformat(value.strip()), None
             except ValueError:
