@@ -99,7 +99,7 @@ class DaemonSettings:
     public_base_url: str
     log_level: str
     # An alert not delivered within this long goes to its channel's fallback, and an admin
-    # is told (dispatch.py).
+    # is told (outages.py).
     delivery_deadline: timedelta = timedelta(minutes=2)
     # The longest one delivery attempt may take before it counts as failed.
     send_timeout: timedelta = timedelta(seconds=30)
