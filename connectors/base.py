@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime
 from typing import Any, ClassVar, Protocol
 
+import structlog
+
 from visitwatch.core.calendar import FetchResult, TimeWindow
 from visitwatch.core.errors import ConnectorError
 from visitwatch.core.notification import Message
@@ -128,6 +130,13 @@ class Channel(Connector):
     writes_locally: ClassVar[bool] = False
     # True when send_many() is cheaper than one send() per message (one write, one fsync).
     sends_batches: ClassVar[bool] = False
+
+    def delivery_log(self, message: Message, **context: Any) -> Any:
+        """A logger bound with what every line about one delivery names: the channel, the
+        message and its visit, never the recipient (addresses go at debug level only)."""
+        return structlog.get_logger(type(self).__module__).bind(
+            channel=self.name, message_id=message.id, visit_id=message.visit_id, **context
+        )
 
     def address_of(self, message: Message) -> str:
         """The recipient's address for this channel; a permanent error when there is none."""

@@ -91,7 +91,7 @@ class GraphMailChannel(GraphConnector, Channel):
         recipient = message.recipient
         address = self.address_of(message)
         payload = self.payload(message)
-        told = log.bind(channel=self.name, message_id=message.id, visit_id=message.visit_id)
+        told = self.delivery_log(message)
         told.debug("graph_mail.sending", to=address, subject=message.subject)
         try:
             response = self.client.request(

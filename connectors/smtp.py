@@ -140,14 +140,8 @@ class SmtpChannel(Channel):
         recipient = message.recipient
         address = self.address_of(message)
         mail = self._build(message)
-        log.debug(
-            "smtp.sending",
-            channel=self.name,
-            message_id=message.id,
-            visit_id=message.visit_id,
-            to=address,
-            subject=message.subject,
-        )
+        told = self.delivery_log(message, server=self.where)
+        told.debug("smtp.sending", to=address, subject=message.subject)
         smtp: smtplib.SMTP | None = None
         try:
             smtp = self._connect()
@@ -156,12 +150,8 @@ class SmtpChannel(Channel):
             problem = self._translate(err, hide=(recipient.email, recipient.id, recipient.name))
             if problem is None:
                 raise
-            log.warning(
+            told.warning(
                 "smtp.send_failed",
-                channel=self.name,
-                server=self.where,
-                message_id=message.id,
-                visit_id=message.visit_id,
                 permanent=problem.permanent,
                 error=type(err).__name__,
                 code=getattr(err, "smtp_code", None),
@@ -170,14 +160,7 @@ class SmtpChannel(Channel):
         finally:
             if smtp is not None:
                 _quit_quietly(smtp)
-        log.info(
-            "smtp.sent",
-            channel=self.name,
-            server=self.where,
-            message_id=message.id,
-            visit_id=message.visit_id,
-            mail_id=mail["Message-ID"],
-        )
+        told.info("smtp.sent", mail_id=mail["Message-ID"])
 
     def check(self) -> str:
         smtp: smtplib.SMTP | None = None

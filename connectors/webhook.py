@@ -140,7 +140,8 @@ class WebhookChannel(Channel):
             "webhook-timestamp": str(int(now.timestamp())),
             "webhook-signature": self.signer.sign(webhook_id, now, body),
         }
-        log.debug("webhook.sending", channel=self.name, message_id=message.id, body=body)
+        told = self.delivery_log(message, server=self.where)
+        told.debug("webhook.sending", body=body)
         try:
             response = requests.post(
                 self.url,
@@ -151,20 +152,13 @@ class WebhookChannel(Channel):
                 allow_redirects=False,
             )
         except requests.RequestException as err:
-            self._failed(message, ConnectorError(self._unreached(err), permanent=False), err)
+            _failed(told, ConnectorError(self._unreached(err), permanent=False), err)
         status = response.status_code
         if 200 <= status < 300:
-            log.info(
-                "webhook.sent",
-                channel=self.name,
-                server=self.where,
-                message_id=message.id,
-                visit_id=message.visit_id,
-                status=status,
-            )
+            told.info("webhook.sent", status=status)
             return
-        log.debug("webhook.refused", channel=self.name, status=status, answer=response.text[:500])
-        self._failed(message, _refusal(self.where, status), None)
+        told.debug("webhook.refused", status=status, answer=response.text[:500])
+        _failed(told, _refusal(self.where, status), None)
 
     def check(self) -> str:
         """Connect only: a test POST would reach the receiver as a real notification."""
@@ -182,20 +176,6 @@ class WebhookChannel(Channel):
         if isinstance(err, requests.exceptions.SSLError):
             return f"webhook {self.where}: TLS failed; set ca_file to the CA that signed it"
         return f"cannot reach webhook {self.where} ({type(err).__name__})"
-
-    def _failed(
-        self, message: Message, error: ConnectorError, cause: BaseException | None
-    ) -> NoReturn:
-        log.warning(
-            "webhook.send_failed",
-            channel=self.name,
-            server=self.where,
-            message_id=message.id,
-            visit_id=message.visit_id,
-            permanent=error.permanent,
-            error=str(error),
-        )
-        raise error from cause
 
 
 def _refusal(where: str, status: int) -> ConnectorError:
@@ -225,3 +205,8 @@ def _signing_key(secret: Secret) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return b""
+
+
+def _failed(told: Any, error: ConnectorError, cause: BaseException | None) -> NoReturn:
+    told.warning("webhook.send_failed", permanent=error.permanent, error=str(error))
+    raise error from cause
