@@ -14,6 +14,7 @@ import structlog
 from visitwatch.connectors.graph_client import GraphClient, mailbox_path
 from visitwatch.connectors.graph_errors import GraphError
 from visitwatch.core.errors import ConnectorError
+from visitwatch.core.visit_state import VisitState
 
 log = structlog.get_logger(__name__)
 
@@ -22,9 +23,9 @@ log = structlog.get_logger(__name__)
 # so that only they are ever removed: a category without the prefix is a person's.
 LABEL_PREFIX = "visitwatch: "
 WRITE_BACK_CATEGORIES: dict[str, str] = {
-    "resolved": "visitwatch: safe",
-    "overdue": "visitwatch: overdue",
-    "escalated": "visitwatch: escalated",
+    VisitState.RESOLVED: "visitwatch: safe",
+    VisitState.OVERDUE: "visitwatch: overdue",
+    VisitState.ESCALATED: "visitwatch: escalated",
 }
 
 

@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 import structlog
 
 from visitwatch.core.notification import NotificationKind
+from visitwatch.core.visit_state import VisitState
 from visitwatch.daemon import messages
 from visitwatch.daemon.clock import Clock
-from visitwatch.daemon.lifecycle import VisitState
 from visitwatch.daemon.recipients import alerted
 from visitwatch.daemon.routing import Router
 from visitwatch.daemon.store import Store, from_ts, ts

@@ -12,8 +12,8 @@ from datetime import datetime
 from typing import Any
 
 from visitwatch.core.calendar import CalendarEvent, EventProblem
+from visitwatch.core.visit_state import VisitState
 from visitwatch.daemon.config import Directory
-from visitwatch.daemon.lifecycle import VisitState
 from visitwatch.daemon.store import from_ts, ts
 from visitwatch.daemon.visits import LADDER_RESET
 from visitwatch.policies.model import Finding, PolicySettings, VisitDetails

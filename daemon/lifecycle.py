@@ -25,38 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 
 from visitwatch.core.notification import NotificationKind
+from visitwatch.core.visit_state import TERMINAL_STATES, VisitState
 from visitwatch.policies.model import EscalationStep
-
-
-class VisitState(StrEnum):
-    """Where a visit is in its life. Every list of states in the code derives from this."""
-
-    BOOKED = "booked"  # not started yet
-    IN_PROGRESS = "in_progress"  # started, before its deadline
-    DUE = "due"  # the deadline passed: the worker was reminded
-    OVERDUE = "overdue"  # the manager was alerted
-    ESCALATED = "escalated"  # further up the ladder, or help was asked for
-    ACKNOWLEDGED = "acknowledged"  # someone is handling it; it is not over
-    RESOLVED = "resolved"  # the worker is safe
-    CANCELLED = "cancelled"  # cancelled or removed before it started
-    EXPIRED = "expired"  # first seen long after its deadline: recorded, never escalated
-
-    @property
-    def terminal(self) -> bool:
-        """Nothing more will happen to the visit (until a calendar edit re-opens it)."""
-        return self in _TERMINAL
-
-    @property
-    def under_way(self) -> bool:
-        """Started and not over: a worker may be out there now."""
-        return not self.terminal and self is not VisitState.BOOKED
-
-
-_TERMINAL = frozenset({VisitState.RESOLVED, VisitState.CANCELLED, VisitState.EXPIRED})
-
 
 # Short names, as the rest of the lifecycle reads best with them.
 BOOKED = VisitState.BOOKED
@@ -69,7 +41,7 @@ RESOLVED = VisitState.RESOLVED
 CANCELLED = VisitState.CANCELLED
 EXPIRED = VisitState.EXPIRED
 
-TERMINAL = _TERMINAL
+TERMINAL = TERMINAL_STATES
 
 _STATE_AFTER_KIND = {
     NotificationKind.REMINDER: DUE,

@@ -20,9 +20,9 @@ import structlog
 from visitwatch.connectors.base import CalendarSource
 from visitwatch.core.calendar import TimeWindow
 from visitwatch.core.notification import NotificationKind
+from visitwatch.core.visit_state import VisitState
 from visitwatch.daemon.actions import Actions
 from visitwatch.daemon.config import Config
-from visitwatch.daemon.lifecycle import VisitState
 from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.recipients import Addressee, Recipients, alerted
 from visitwatch.daemon.routing import Router, enqueue

@@ -31,6 +31,7 @@ import structlog
 from visitwatch.connectors.base import CalendarSource
 from visitwatch.core.calendar import CalendarEvent, EventProblem, TimeWindow
 from visitwatch.core.errors import ConnectorError
+from visitwatch.core.visit_state import VisitState
 from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import Config
 from visitwatch.daemon.entries import (
@@ -41,7 +42,6 @@ from visitwatch.daemon.entries import (
     watched_afresh,
 )
 from visitwatch.daemon.escalation import Watcher
-from visitwatch.daemon.lifecycle import VisitState
 from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.removals import Removals
 from visitwatch.daemon.source_state import INCOMPLETE_READ, SourceLedger, SyncReport

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from visitwatch.core.errors import VisitwatchError
-from visitwatch.daemon.lifecycle import VisitState
+from visitwatch.core.visit_state import VisitState
 from visitwatch.daemon.store import Store, from_ts, ts
 from visitwatch.policies.model import Finding
 
