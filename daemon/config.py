@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,14 @@ from visitwatch.daemon.config_sections import (
     parse_connectors,
     parse_daemon,
     parse_staff,
+    parse_web,
 )
 from visitwatch.daemon.config_types import (
     ConnectorConfig,
     DaemonSettings,
     Directory,
     StaffMember,
+    WebSettings,
 )
 from visitwatch.policies import parse_policy
 from visitwatch.policies.model import PolicySettings
@@ -58,7 +60,7 @@ __all__ = [
 
 EXAMPLE = "examples/visitwatch.toml"
 CONFIG_ENV = "VISITWATCH_CONFIG"
-SECTIONS = ("daemon", "staff", "sources", "channels", "policy")
+SECTIONS = ("daemon", "staff", "sources", "channels", "policy", "web")
 
 
 class ConfigError(VisitwatchError):
@@ -80,6 +82,7 @@ class Config:
     sources: tuple[ConnectorConfig, ...]
     channels: tuple[ConnectorConfig, ...]
     policy: PolicySettings
+    web: WebSettings = field(default_factory=WebSettings)
 
 
 def config_path(explicit: str | None) -> Path:
@@ -125,14 +128,23 @@ def parse_config(raw: Mapping[str, Any], config_dir: Path, path: Path | None = N
     channels = parse_connectors(
         _array(raw, "channels", problems), "channels", CHANNELS, channel_class, config_dir, problems
     )
+    web = parse_web(_table(raw, "web", problems), config_dir, problems)
     policy, policy_problems = parse_policy(_table(raw, "policy", problems))
     problems += policy_problems
 
+    if web.enabled and daemon is not None and not daemon.public_base_url:
+        problems.append(
+            ConfigProblem(
+                "daemon.public_base_url",
+                "is required when [web] is enabled: messages carry links to it",
+                'e.g. public_base_url = "https://visitwatch.example.org"',
+            )
+        )
     _cross_check(directory, sources, channels, policy, problems)
     if problems:
         raise ConfigError(path, problems)
     assert daemon is not None
-    return Config(path, daemon, directory, tuple(sources), tuple(channels), policy)
+    return Config(path, daemon, directory, tuple(sources), tuple(channels), policy, web)
 
 
 def _table(raw: Mapping[str, Any], key: str, problems: list[ConfigProblem]) -> Mapping[str, Any]:

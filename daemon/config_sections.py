@@ -15,7 +15,13 @@ from visitwatch.connectors.base import Channel, Connector
 from visitwatch.connectors.registry import UnknownConnectorType
 from visitwatch.core.notification import NotificationKind
 from visitwatch.core.options import ConfigProblem, Option, did_you_mean, validate_options
-from visitwatch.daemon.config_types import ConnectorConfig, DaemonSettings, Directory, StaffMember
+from visitwatch.daemon.config_types import (
+    ConnectorConfig,
+    DaemonSettings,
+    Directory,
+    StaffMember,
+    WebSettings,
+)
 
 DAEMON_OPTIONS: dict[str, Option] = {
     "database": Option("path", default="visitwatch.db", help="SQLite file; relative to this file"),
@@ -66,9 +72,74 @@ DAEMON_OPTIONS: dict[str, Option] = {
         help="a held read is applied once it has repeated this long (or an admin confirms "
         "it with `visitwatch sources confirm NAME`)",
     ),
-    "public_base_url": Option("str", default="", help="where staff reach check-in links"),
+    "public_base_url": Option(
+        "url",
+        default="",
+        help="where staff reach check-in links, e.g. https://visitwatch.example.org",
+    ),
     "log_level": Option("str", default="info", choices=("debug", "info", "warning", "error")),
 }
+
+WEB_OPTIONS: dict[str, Option] = {
+    "enabled": Option("bool", default=False, help="serve the check-in pages and the board"),
+    "listen": Option("str", default="127.0.0.1", help="address to listen on (loopback: behind a proxy)"),
+    "port": Option("int", default=8470, positive=True, maximum=65535),
+    "link_ttl": Option(
+        "duration", default="24h", positive=True,
+        help="how long a check-in or acknowledge link works after the visit's deadline",
+    ),
+    "session_ttl": Option("duration", default="8h", positive=True, help="how long a board sign-in lasts"),
+    "signing_key": Option(
+        "secret", help="key for links and sessions; absent: generated once in state_dir (0600)"
+    ),
+    "board_roles": Option(
+        "list", default=["manager", "director", "admin"], nonempty=True,
+        help="staff roles that may sign in to the board",
+    ),
+    "sign_in": Option(
+        "list", default=["email"], nonempty=True,
+        help='"email" (a one-time link by e-mail) and/or "microsoft365" (Entra sign-in)',
+    ),
+    "entra_tenant_id": Option("str", default="", help="for microsoft365 sign-in"),
+    "entra_client_id": Option("str", default="", help="for microsoft365 sign-in"),
+    "entra_client_secret": Option("secret", help="for microsoft365 sign-in"),
+    "entra_authority_host": Option("url", default="https://login.microsoftonline.com"),
+    "max_body": Option("int", default=16_384, positive=True, help="largest request body, bytes"),
+    "rate_limit": Option("int", default=120, positive=True, help="requests per minute per client"),
+    "threads": Option("int", default=8, positive=True, maximum=64),
+}  # fmt: skip
+
+SIGN_IN_METHODS = ("email", "microsoft365")
+
+
+def parse_web(
+    table: Mapping[str, Any], config_dir: Path, problems: list[ConfigProblem]
+) -> WebSettings:
+    settings, found = validate_options(table, WEB_OPTIONS, "web", config_dir)
+    for method in settings.get("sign_in") or ():
+        if method not in SIGN_IN_METHODS:
+            found.append(
+                ConfigProblem(
+                    "web.sign_in",
+                    f"unknown method {method!r}",
+                    did_you_mean(method, SIGN_IN_METHODS),
+                )
+            )
+    if "microsoft365" in (settings.get("sign_in") or ()):
+        for key in ("entra_tenant_id", "entra_client_id"):
+            if not str(settings.get(key) or "").strip():
+                found.append(ConfigProblem(f"web.{key}", "is required for microsoft365 sign-in"))
+        if settings.get("entra_client_secret") is None:
+            found.append(
+                ConfigProblem("web.entra_client_secret", "is required for microsoft365 sign-in")
+            )
+    problems += found
+    if found:
+        return WebSettings()
+    settings["board_roles"] = tuple(settings["board_roles"])
+    settings["sign_in"] = tuple(settings["sign_in"])
+    return WebSettings(**settings)
+
 
 STAFF_OPTIONS: dict[str, Option] = {
     "id": Option("str", required=True, help="usually the e-mail address"),

@@ -11,6 +11,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from visitwatch.connectors.base import CalendarSource, Connector
+from visitwatch.core.options import Secret
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,33 @@ class ConnectorConfig:
     def credential_expiry(self) -> date | None:
         """When the connector's credential stops working, if its settings say."""
         return self.cls.credential_expiry(self.settings)
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The [web] section: the pages staff reach from their messages, and the board."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1"
+    port: int = 8470
+    # How long a check-in or acknowledge link works after the visit's deadline.
+    link_ttl: timedelta = timedelta(hours=24)
+    # How long a board sign-in lasts.
+    session_ttl: timedelta = timedelta(hours=8)
+    # The key links and sessions are signed with; None: generated once in the state dir.
+    signing_key: Secret | None = None
+    # Who may sign in to the board (staff roles).
+    board_roles: tuple[str, ...] = ("manager", "director", "admin")
+    # Board sign-in: "microsoft365" (Entra OpenID Connect) and/or "email" (one-time link).
+    sign_in: tuple[str, ...] = ("email",)
+    entra_tenant_id: str = ""
+    entra_client_id: str = ""
+    entra_client_secret: Secret | None = None
+    entra_authority_host: str = "https://login.microsoftonline.com"
+    # Bounds: a request body larger than this is refused; requests per minute per client.
+    max_body: int = 16_384
+    rate_limit: int = 120
+    threads: int = 8
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from visitwatch.daemon.recipients import Addressee, Recipients, StaffDirectory
 from visitwatch.daemon.routing import Router
 from visitwatch.daemon.store import Store, record_unwritable, ts
 from visitwatch.daemon.visits import UnreadableVisit, VersionConflict, Visit, Visits
+from visitwatch.daemon.web.links import Links
 from visitwatch.policies.model import EscalationStep
 
 log = structlog.get_logger(__name__)
@@ -48,6 +49,7 @@ class Watcher:
         clock: Clock,
         wake: Callable[[], None] | None = None,
         staff: StaffDirectory | None = None,
+        links: Links | None = None,
     ) -> None:
         self.store = store
         self.config = config
@@ -55,7 +57,7 @@ class Watcher:
         self.staff = staff or StaffDirectory(config.directory)
         self.visits = Visits(store)
         self.recipients = Recipients(self.staff)
-        self.router = Router(config, self.recipients)
+        self.router = Router(config, self.recipients, links)
         self.ladder: tuple[EscalationStep, ...] = (
             config.policy.escalation or lifecycle.default_ladder(config.policy.grace)
         )
@@ -234,10 +236,10 @@ class Watcher:
             try:
                 plan = lifecycle.plan(self.clock_of(visit), self.ladder, now, self.ack_timeout)
                 fresh = visit.replace(state=plan.state, step=plan.step, repeats=plan.repeats)
-                view = self.router.view(fresh)
                 for alert, token, addressees in self._alert_targets(visit, fresh, plan):
                     kind = NotificationKind(alert.kind)
                     for addressee in addressees:
+                        view = self.router.view(fresh, addressee, kind)
                         subject, text = messages.alert(view, kind, now, addressee.relation)
                         key = f"{visit.id}|{kind}|{token}|{addressee.recipient.id}"
                         message = Message(

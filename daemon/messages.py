@@ -24,6 +24,7 @@ class VisitView:
     worker_mobile: str
     tz: ZoneInfo
     policy: PolicySettings
+    link: str = ""  # this recipient's signed page (check-in or acknowledge), "" without [web]
 
     @property
     def id(self) -> str:
@@ -96,7 +97,9 @@ def _policy_lines(view: VisitView, kind: str) -> list[str]:
 
 
 def _how_to_ack(view: VisitView, notification_hint: str) -> list[str]:
+    tap = ["", f"Open to acknowledge or confirm safe: {view.link}"] if view.link else []
     return [
+        *tap,
         "",
         "To acknowledge (stops the repeats, records that you are handling it):",
         f'  visitwatch ack {view.id} --by "Your Name"',
@@ -115,6 +118,7 @@ def alert(view: VisitView, kind: str, now: datetime, relation: str) -> tuple[str
         body = [
             f'Your {view.label} "{view.subject}" was expected to end at {view.local(view.visit.deadline)}.',
             "If you are safe, check in now:",
+            *([f"  {view.link}", "or:"] if view.link else []),
             f"  visitwatch checkin {view.id}",
             f"Need longer? visitwatch checkin {view.id} --extend 30m",
             f"Need help? visitwatch help {view.id}",
@@ -163,6 +167,11 @@ def compliance(
     body += [
         "",
         "Edit the calendar entry; visitwatch reads it again at the next sync.",
+        *(
+            [f"Your visit's page (check in, extend, ask for help): {view.link}"]
+            if view.link
+            else []
+        ),
         f"Visit id: {view.id}",
     ]
     return subject, "\n".join(body)

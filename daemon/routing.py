@@ -22,6 +22,7 @@ from visitwatch.daemon.config import Config, ConnectorConfig
 from visitwatch.daemon.recipients import Addressee, Recipients, admin_addressees
 from visitwatch.daemon.store import ts
 from visitwatch.daemon.visits import Visit
+from visitwatch.daemon.web.links import Links
 
 log = structlog.get_logger(__name__)
 
@@ -77,14 +78,39 @@ def reaches(channel: ConnectorConfig, recipient: Recipient) -> bool:
 class Router:
     """Chooses channels for each person and writes the notification rows."""
 
-    def __init__(self, config: Config, recipients: Recipients) -> None:
+    def __init__(self, config: Config, recipients: Recipients, links: Links | None = None) -> None:
         self.config = config
         self.recipients = recipients
         self.tz = config.daemon.timezone
+        # Signed pages for each recipient; None when [web] is off (messages then name the
+        # CLI commands only).
+        self.links = links
 
-    def view(self, visit: Visit) -> messages.VisitView:
+    def view(
+        self, visit: Visit, addressee: Addressee | None = None, kind: str = ""
+    ) -> messages.VisitView:
         worker = self.recipients.worker(visit)
-        return messages.VisitView(visit, worker.name, worker.mobile, self.tz, self.config.policy)
+        link = self.link_for(visit, addressee, kind) if addressee else ""
+        return messages.VisitView(
+            visit, worker.name, worker.mobile, self.tz, self.config.policy, link
+        )
+
+    def link_for(self, visit: Visit, addressee: Addressee, kind: str) -> str:
+        """The worker's check-in page, or an alerted person's acknowledge page."""
+        if self.links is None or visit.deadline is None:
+            return ""
+        person = addressee.recipient.id
+        if addressee.relation == "worker":
+            if kind in (
+                NotificationKind.REMINDER,
+                NotificationKind.COMPLIANCE,
+                NotificationKind.REMOVED,
+            ):
+                return self.links.checkin(visit.id, person, visit.deadline)
+            return ""
+        if NotificationKind(kind).is_alert or kind == NotificationKind.REMOVED:
+            return self.links.ack(visit.id, person, visit.deadline)
+        return ""
 
     def channels_for(
         self, kind: str, recipient: Recipient, *, any_kind: bool = False
@@ -127,7 +153,6 @@ class Router:
         An alert to someone no channel can reach becomes an admin notice naming them (once per
         visit, rung and person; ``rung`` defaults to ``token``).
         """
-        view = self.view(visit)
         written = 0
         for addressee in addressees:
             channels = self.channels_for(kind, addressee.recipient)
@@ -135,6 +160,7 @@ class Router:
                 if kind.is_alert:
                     self._unreachable(conn, visit, kind, addressee, now, rung or token)
                 continue
+            view = self.view(visit, addressee, kind)
             relation = addressee.relation
             if kind.is_alert:
                 subject, text = messages.alert(view, kind, now, relation)

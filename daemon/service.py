@@ -47,6 +47,7 @@ from visitwatch.daemon.polls import Polls, polls_in_flight
 from visitwatch.daemon.store import DaemonLock, Store, record_unwritable
 from visitwatch.daemon.sync import Syncer, SyncReport
 from visitwatch.daemon.watchdog import DeliveryWatchdog, sd_notify
+from visitwatch.daemon.web.links import Links, Signer, load_keys
 from visitwatch.daemon.write_back import write_back_pass
 from visitwatch.policies import Policy
 
@@ -94,7 +95,13 @@ class Service:
                 text = str(err) if isinstance(err, VisitwatchError) else repr(err)
                 self.source_errors[source_config.name] = text
                 log.error("source_unusable", source=source_config.name, error=text)
-        self.watcher = Watcher(self.store, config, self.clock)
+        # Signed check-in and acknowledge links, when the pages are served ([web]).
+        self.signer: Signer | None = None
+        links = None
+        if config.web.enabled:
+            self.signer = Signer(load_keys(config.web.signing_key, config.daemon.state_dir))
+            links = Links(self.signer, config.daemon.public_base_url, config.web.link_ttl)
+        self.watcher = Watcher(self.store, config, self.clock, links=links)
         self.syncer = Syncer(self.store, config, self.policy, self.watcher, self.clock)
         self.health = HealthMonitor(self.store, config, self.watcher, self.clock)
         self.health.source_errors = self.source_errors  # sources that could not be built
