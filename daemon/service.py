@@ -11,7 +11,11 @@ never delay the sweep that raises alerts:
   retry falls due;
 - the **write-back** loop mirrors states onto calendar entries (best effort);
 - calendar **polls** run every ``poll_interval`` under APScheduler, each on a daemon
-  thread of its own.
+  thread of its own;
+- the **pages** (``[web]``), when enabled, are served by waitress on threads of its own
+  (``web/server.py``), started after the loops and stopped first; they share only the
+  database with the loops, so no client can stall an alert. The loops' pulse (last passes,
+  sweep and sync durations) is kept in ``self.activity`` for ``/healthz`` and ``/metrics``.
 
 Every wait is measured on the monotonic clock and every deadline compared on the wall
 clock when the loop wakes, so a wall-clock step (NTP after a VM resume) delays nothing by
@@ -28,7 +32,7 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -44,12 +48,16 @@ from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.health import HealthMonitor
 from visitwatch.daemon.loops import SWEEP_GAP, ClockSteps, Loop, seconds_until
 from visitwatch.daemon.polls import Polls, polls_in_flight
-from visitwatch.daemon.store import DaemonLock, Store, record_unwritable
+from visitwatch.daemon.store import DaemonLock, Store, record_unwritable, ts
 from visitwatch.daemon.sync import Syncer, SyncReport
 from visitwatch.daemon.watchdog import DeliveryWatchdog, sd_notify
+from visitwatch.daemon.web.context import Activity, WebContext
 from visitwatch.daemon.web.links import Links, Signer, load_keys
 from visitwatch.daemon.write_back import write_back_pass
 from visitwatch.policies import Policy
+
+if TYPE_CHECKING:  # the web server (flask, waitress) is imported only when [web] is on
+    from visitwatch.daemon.web.server import PagesKeeper
 
 log = structlog.get_logger(__name__)
 
@@ -128,6 +136,9 @@ class Service:
         self._record_down = Episode(log, "record_unwritable", "record_writable_again")
         # Delivery counts as stuck (no watchdog ping, an admin notice) after this long.
         self.stall_limit = 2 * config.daemon.sweep_interval.total_seconds() + 30
+        # What /healthz and /metrics know beyond the record (web/context.py).
+        self.activity = Activity()
+        self._pages: PagesKeeper | None = None
 
     # ------------------------------------------------------------------ people
 
@@ -168,7 +179,10 @@ class Service:
     # ------------------------------------------------------------------ one pass
 
     def sync(self, name: str) -> SyncReport:
-        return self.syncer.sync(self.sources[name])
+        started = time.monotonic()
+        report = self.syncer.sync(self.sources[name])
+        self.activity.synced(name, time.monotonic() - started, report.ok)
+        return report
 
     def sync_all(self) -> list[SyncReport]:
         reports = [self.sync(name) for name in self.sources]
@@ -179,13 +193,16 @@ class Service:
 
     def sweep(self) -> int:
         """Advance what is due and check health; how many visits changed or notices were written."""
+        started = time.monotonic()
         try:
             changed = self.watcher.sweep()
         except sqlite3.Error as err:
             if not record_unwritable(err):
                 raise
             self._sweep_from_memory(err)
+            self._swept(started)
             return 0
+        self._swept(started)
         self._record_down.end()
         try:
             notices = self.health.check()
@@ -193,6 +210,10 @@ class Service:
             log.exception("health_check_failed")
             notices = 0
         return changed + notices
+
+    def _swept(self, started: float) -> None:
+        self.activity.sweeps.observe(time.monotonic() - started)
+        self.activity.last_sweep = self.clock.now()
 
     def _sweep_from_memory(self, err: sqlite3.Error) -> None:
         """The record cannot be written (a full disk): alerts still go out, from memory.
@@ -299,9 +320,39 @@ class Service:
         }
         self.watcher.wake = self._loops["sweep"].wake
         self.dispatcher.on_progress = self._loops["dispatch"].wake
+        self.activity.started = self.clock.now()
         for loop in self._loops.values():
             loop.start()
         self._polls = Polls(self.sync, self.sources, self.config.daemon.poll_interval)
+        if self.config.web.enabled:
+            self._start_pages()
+
+    def _start_pages(self) -> None:
+        """Serve the pages; a busy address is told to the admins, never a reason to stop."""
+        from visitwatch.daemon.web.server import PagesKeeper, WebServer
+
+        self._pages = PagesKeeper(WebServer(self.web_context()), self._admin_notice)
+        self._pages.start()
+
+    def web_context(self) -> WebContext:
+        """What the pages share with the loops (``[web]`` must be enabled)."""
+        assert self.signer is not None, "[web] is not enabled"
+        return WebContext(
+            self.config, self.store, self.watcher, self.clock, self.signer, wake=self.wake,
+            extras={"activity": self.activity, "source_errors": self.source_errors},
+        )  # fmt: skip
+
+    def _admin_notice(self, key: str, subject: str, text: str) -> None:
+        """Tell the admins now (from memory when the record cannot be written)."""
+        try:
+            with self.store.transaction() as conn:
+                self.health.notify(
+                    conn, f"{key}:{ts(self.clock.now())}", subject, text, self.clock.now()
+                )
+        except sqlite3.Error:
+            self._tell_admins_from_memory(subject, text)
+            return
+        self.wake()
 
     def stop_loops(self, timeout: float = 5.0) -> bool:
         """Stop everything within ``timeout`` seconds; True when no work was left running.
@@ -310,13 +361,18 @@ class Service:
         only after its channel accepted it, so an interrupted send is sent again on start.
         """
         self._stop.set()
+        deadline = time.monotonic() + timeout
+        pages_stopped = True
+        if self._pages is not None:
+            # First: no page acts on the record while the loops wind down.
+            pages_stopped = self._pages.stop(min(3.0, timeout / 2))
+            self._pages = None
         for loop in self._loops.values():
             loop.wake()
         if self._polls is not None:
             self._polls.shutdown()
             self._polls = None
-        deadline = time.monotonic() + timeout
-        finished = all(
+        finished = pages_stopped and all(
             loop.join(max(0.0, deadline - time.monotonic())) for loop in self._loops.values()
         )
         # A lane inside a send that never returns is left behind; its row is still pending
@@ -341,6 +397,7 @@ class Service:
     def _dispatch_step(self) -> float | None:
         started = self.clock.now()
         self.dispatcher.dispatch(wait=0)
+        self.activity.last_dispatch = self.clock.now()
         return seconds_until(self.dispatcher.next_due(after=started), self.clock.now())
 
     def _write_back_step(self) -> float | None:
