@@ -25,10 +25,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import structlog
-from flask import Flask, current_app, request
+from flask import Flask, current_app, render_template, request
 from waitress import wasyncore
 from waitress.server import BaseWSGIServer, create_server
-from werkzeug.exceptions import TooManyRequests
 
 from visitwatch.core.errors import VisitwatchError
 from visitwatch.daemon.web.app import create_app
@@ -92,15 +91,19 @@ def build_app(context: WebContext) -> Flask:
     return app
 
 
-def _rate_limited() -> None:
+def _rate_limited() -> tuple[str, int, dict[str, str]] | None:
     limiter: RateLimiter = current_app.extensions[LIMITER]
     wait = limiter.wait(request.remote_addr or "")
-    if wait:
-        raise TooManyRequests(
-            "Too many requests from this device in the last minute. Wait a moment and try "
-            "again. If a colleague may be in danger, phone them or their manager now.",
-            retry_after=math.ceil(wait),
-        )
+    if not wait:
+        return None
+    page = render_template(
+        "message.html",
+        title="Too many requests",
+        heading="Too many requests",
+        text="Too many requests from this device in the last minute. Wait a moment and try "
+        "again. If a colleague may be in danger, phone them or their manager now.",
+    )
+    return page, 429, {"Retry-After": str(math.ceil(wait))}
 
 
 def bind(listen: str, port: int) -> socket.socket:
