@@ -191,4 +191,19 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE visits ADD COLUMN categories TEXT;
         """,
     ),
+    (
+        "0006_web_used_nonces",
+        """
+        -- Board sign-in (daemon/web): the nonces of one-time sign-in links already used, and
+        -- of board sessions signed out, so neither works again. Rows past ``expires`` are
+        -- of no further use (the token itself has expired) and are deleted.
+        CREATE TABLE web_used_nonces (
+            nonce TEXT PRIMARY KEY,
+            purpose TEXT NOT NULL,
+            used_at TEXT NOT NULL,
+            expires TEXT NOT NULL
+        );
+        CREATE INDEX web_used_nonces_expires ON web_used_nonces (expires);
+        """,
+    ),
 ]

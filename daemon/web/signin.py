@@ -1,0 +1,229 @@
+"""Signing in to the board, and out again.
+
+Two ways in, as ``[web] sign_in`` allows: Microsoft 365 (:mod:`signin_microsoft`) and a
+one-time link sent by e-mail, for organisations without it. Either way only staff whose
+directory role is in ``board_roles`` get a session (:mod:`sessions`).
+
+The e-mail link:
+
+- The form always answers with the same page, whether or not the address belongs to
+  someone who may sign in, so it cannot be used to find out who works here.
+- The link goes out as a notification row (``routing.enqueue``, kind ``admin``: a message
+  about visitwatch itself, not about a visit), so the dispatcher delivers it with its
+  retries, fallbacks and failure reports like any other message; nothing here talks to a
+  mail server. It goes to the person's own e-mail channels when there are any, else to the
+  channels that carry admin notices (the outbox or console of a small set-up).
+- It is signed under :attr:`Purpose.SIGN_IN` with a random nonce and works for
+  :data:`LINK_TTL`, once: opening it shows a "Sign in" button (mail scanners that fetch
+  links must not use it up), and pressing it records the nonce as used.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from datetime import datetime, timedelta
+from urllib.parse import quote
+
+import structlog
+from flask import Blueprint, abort, current_app, redirect, render_template, request
+from werkzeug.wrappers import Response
+
+from visitwatch.core.notification import NotificationKind
+from visitwatch.daemon.config import StaffMember
+from visitwatch.daemon.messages import fmt_local
+from visitwatch.daemon.recipients import Addressee, recipient_of
+from visitwatch.daemon.routing import address_field, enqueue
+from visitwatch.daemon.web import sessions, signin_microsoft
+from visitwatch.daemon.web.app import context_of
+from visitwatch.daemon.web.context import WebContext
+from visitwatch.daemon.web.csrf import csrf_ok, csrf_token
+from visitwatch.daemon.web.links import LinkError, Purpose
+
+log = structlog.get_logger(__name__)
+
+blueprint = Blueprint("signin", __name__)
+blueprint.register_blueprint(signin_microsoft.blueprint)
+
+# How long an e-mailed sign-in link works.
+LINK_TTL = timedelta(minutes=15)
+# At most one link per person this often, however often the form is sent.
+RESEND_AFTER = timedelta(minutes=1)
+# The sign-in forms' CSRF binding: nobody is signed in yet, but another site still cannot
+# make a browser send the form.
+FORM_BINDING = "signin-form"
+
+
+def _context() -> WebContext:
+    return context_of(current_app)
+
+
+@blueprint.get("/signin")
+def form() -> str | Response:
+    context = _context()
+    if sessions.current(context, request) is not None:
+        return redirect("/board", 303)
+    return render_template(
+        "signin.html",
+        methods=context.config.web.sign_in,
+        csrf=csrf_token(context.signer, FORM_BINDING),
+    )
+
+
+@blueprint.post("/signin/email")
+def send_link() -> str:
+    context = _context()
+    if "email" not in context.config.web.sign_in:
+        abort(404)
+    if not csrf_ok(context.signer, FORM_BINDING, request.form.get("csrf")):
+        abort(400, "This form had expired. Go back, reload the page and try again.")
+    address = request.form.get("email", "").strip().lower()
+    member = staff_by_address(context, address)
+    if member is not None and sessions.may_open_board(context, member):
+        send_sign_in_link(context, member)
+    else:
+        # The same page either way; the log says only that nothing was sent.
+        log.info("sign_in_link_not_sent", reason="not a board user")
+    return render_template("signin_sent.html", minutes=int(LINK_TTL.total_seconds() // 60))
+
+
+def staff_by_address(context: WebContext, address: str) -> StaffMember | None:
+    """The staff member with this id or e-mail address (never a display name)."""
+    address = address.strip().lower()
+    if not address:
+        return None
+    directory = context.watcher.staff.current
+    found = directory.get(address)
+    if found is not None:
+        return found
+    return next((m for m in directory.members.values() if m.email.lower() == address), None)
+
+
+class _Resends:
+    """When each person was last sent a link (per app): a form sent again and again must
+    not fill their inbox. Not safety-critical, so memory is enough."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last: dict[str, datetime] = {}
+
+    def allow(self, person: str, now: datetime) -> bool:
+        with self.lock:
+            last = self.last.get(person)
+            if last is not None and now - last < RESEND_AFTER:
+                return False
+            self.last = {p: t for p, t in self.last.items() if now - t < RESEND_AFTER}
+            self.last[person] = now
+            return True
+
+
+def _resends() -> _Resends:
+    found = current_app.extensions.setdefault("visitwatch.signin_resends", _Resends())
+    assert isinstance(found, _Resends)
+    return found
+
+
+def send_sign_in_link(context: WebContext, member: StaffMember) -> None:
+    """Queue a one-time sign-in link to ``member`` and wake the delivery loop."""
+    now = context.clock.now()
+    if not _resends().allow(member.id, now):
+        log.info("sign_in_link_not_sent", reason="one was sent less than a minute ago")
+        return
+    nonce = secrets.token_urlsafe(16)
+    expires = now + LINK_TTL
+    token = context.signer.sign(Purpose.SIGN_IN, "", member.id, expires, extra=nonce)
+    base = context.config.daemon.public_base_url.rstrip("/")
+    link = f"{base}/signin/link/{quote(token)}"
+    tz = context.config.daemon.timezone
+    subject = "Your visitwatch board sign-in link"
+    text = "\n".join(
+        [
+            "Open this link to sign in to the visitwatch board:",
+            f"  {link}",
+            "",
+            f"It works once, until {fmt_local(expires, tz)}.",
+            "If you did not ask to sign in, ignore this message: the link is no use to "
+            "anyone without access to your mailbox.",
+        ]
+    )
+    addressee = Addressee(recipient_of(member), "sign-in")
+    router = context.watcher.router
+    kind = NotificationKind.ADMIN
+    # The person's own mailbox first; a set-up with no e-mail channel uses whatever
+    # carries admin notices (an outbox, the console).
+    carrying = router.channels_for(kind, addressee.recipient)
+    channels = (
+        [c for c in carrying if address_field(c) == "email"]
+        or [
+            c
+            for c in router.channels_for(kind, addressee.recipient, any_kind=True)
+            if address_field(c) == "email"
+        ]
+        or carrying
+    )
+    if not channels:
+        log.warning("sign_in_link_unreachable", reason="no channel reaches this person")
+        return
+    with context.store.transaction() as conn:
+        for channel in channels:
+            enqueue(
+                conn, None, kind, addressee, channel.name, subject, text, now, f"signin|{nonce}"
+            )
+    context.wake()
+    log.info("sign_in_link_queued", channels=len(channels))
+
+
+def _link_grant(context: WebContext, token: str) -> tuple[StaffMember, str, datetime]:
+    """The person a sign-in link is for, its nonce and expiry; a plain 4xx for anything
+    else (altered, expired, used, or for someone who may no longer sign in)."""
+    try:
+        grant = context.signer.read(Purpose.SIGN_IN, token, context.clock.now())
+    except LinkError as err:
+        abort(400, f"This sign-in link cannot be used: {err.reason}. Ask for a new one.")
+    if not grant.extra:
+        abort(400, "This sign-in link is not valid. Ask for a new one.")
+    if sessions.UsedNonces(context.store).used(grant.extra):
+        abort(410, "This sign-in link has already been used. Ask for a new one.")
+    member = context.watcher.staff.current.get(grant.person)
+    if member is None or not sessions.may_open_board(context, member):
+        abort(403, "This account may not open the board. Ask your visitwatch admin.")
+    return member, grant.extra, grant.expires
+
+
+@blueprint.get("/signin/link/<token>")
+def open_link(token: str) -> str:
+    context = _context()
+    member, _, _ = _link_grant(context, token)
+    return render_template(
+        "signin_link.html",
+        name=member.name,
+        token=token,
+        csrf=csrf_token(context.signer, f"signin-link:{token}"),
+    )
+
+
+@blueprint.post("/signin/link/<token>")
+def use_link(token: str) -> Response:
+    context = _context()
+    if not csrf_ok(context.signer, f"signin-link:{token}", request.form.get("csrf")):
+        abort(400, "This form had expired. Open the link from your e-mail again.")
+    member, nonce, expires = _link_grant(context, token)
+    if not sessions.UsedNonces(context.store).use(
+        Purpose.SIGN_IN, nonce, context.clock.now(), expires
+    ):
+        abort(410, "This sign-in link has already been used. Ask for a new one.")
+    log.info("signed_in", method="email")
+    return sessions.welcome(context, member)
+
+
+@blueprint.post("/signout")
+def sign_out() -> Response:
+    context = _context()
+    session = sessions.current(context, request)
+    if session is not None:
+        if not sessions.form_ok(context, session, request.form.get("csrf")):
+            abort(400, "This form had expired. Reload the board and sign out again.")
+        sessions.end(context, session)
+    response = redirect("/signin", 303)
+    sessions.forget(context, response)
+    return response
