@@ -182,6 +182,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     service = Service(config)
     failures = 0
     try:
+        lines, failures = status.pages_check(service)
+        print("\n".join(lines))
         for name, error in service.source_errors.items():
             print(f"FAIL source {name}: {error}")
             failures += 1

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from visitwatch.core.calendar import TimeWindow
 from visitwatch.daemon.config import Config
@@ -109,3 +111,72 @@ def cmd_status(args: argparse.Namespace, load: Callable[[argparse.Namespace], Co
             f" {n['attempts']} attempts, last error: {n['last_error']}"
         )
     return 0
+
+
+# ----------------------------------------------------------------------- check: the pages
+
+
+def pages_check(service: Service) -> tuple[list[str], int]:
+    """``visitwatch check``'s lines about the pages, and how many are failures.
+
+    Says where the pages are served and which address links carry, or that messages carry
+    no links while [web] is off. When no daemon runs, it tries the address (a busy port
+    would leave the pages down); when one runs, it asks its ``/healthz``.
+    """
+    config = service.config
+    web, base = config.web, config.daemon.public_base_url
+    if not web.enabled:
+        if base:
+            return [
+                "--   pages: off ([web] enabled = false): public_base_url is set, but messages "
+                "carry no links until [web] enabled = true"
+            ], 0
+        return [
+            "--   pages: off ([web] enabled = false): messages carry no check-in or "
+            "acknowledge links; staff check in with `visitwatch checkin` or the Outlook "
+            '"Safe" category. To turn them on set [web] enabled = true and [daemon] '
+            "public_base_url (README: Pages and links)"
+        ], 0
+    from visitwatch.daemon.web.server import PagesUnavailable, bind, is_loopback
+
+    where = f"[{web.listen}]:{web.port}" if ":" in web.listen else f"{web.listen}:{web.port}"
+    lines = [
+        f"ok   pages: served at http://{where}/ ; links in messages open {base}/v/... and /a/..."
+    ]
+    warnings = []
+    if not is_loopback(web.listen):
+        warnings.append(
+            f"WARN pages: listening on {web.listen} serves plain http beyond this machine; "
+            "listen on 127.0.0.1 behind a TLS proxy (README: Pages and links)"
+        )
+    if urlsplit(base).scheme != "https" and not is_loopback(urlsplit(base).hostname or ""):
+        warnings.append(
+            "WARN pages: public_base_url is not https: a link is a credential and would "
+            "travel unencrypted; put a TLS proxy in front (README: Pages and links)"
+        )
+    failures = 0
+    if service.lock.acquire():
+        service.lock.release()
+        try:
+            bind(web.listen, web.port).close()
+        except PagesUnavailable as err:
+            lines.append(f"FAIL pages: {err}")
+            failures += 1
+    else:
+        lines.append(_running_health(web.listen, web.port, service.lock.holder()))
+    return lines + warnings, failures
+
+
+def _running_health(listen: str, port: int, pid: str) -> str:
+    host = "127.0.0.1" if listen in ("0.0.0.0", "") else "::1" if listen == "::" else listen
+    connection = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        connection.request("GET", "/healthz")
+        answer = connection.getresponse()
+        body = json.loads(answer.read() or b"{}")
+    except (OSError, ValueError) as err:
+        return f"WARN pages: the running daemon (pid {pid}) does not answer /healthz: {err}"
+    finally:
+        connection.close()
+    reasons = "; ".join(body.get("reasons") or []) or "all fresh"
+    return f"ok   pages: the running daemon (pid {pid}) answers /healthz {answer.status}: {reasons}"

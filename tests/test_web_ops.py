@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 
+import pytest
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import T0, World, home_visit, tick
 from tests.web_world import enable_web
+from visitwatch.core.errors import VisitwatchError
+from visitwatch.daemon.cli import main
+from visitwatch.daemon.config import load_config
 from visitwatch.daemon.service import Service
 from visitwatch.daemon.web.app import create_app
 
@@ -126,3 +131,57 @@ def test_metrics_count_a_failed_calendar_read(world: World) -> None:
     text = _client(service).get("/metrics").get_data(as_text=True)
     assert 'visitwatch_source_failed_reads{source="team"} 1.0' in text
     assert 'visitwatch_source_consecutive_failures{source="team"} 1.0' in text
+
+
+def test_config_refuses_pages_without_a_public_base_url(world: World) -> None:
+    """[web] enabled without [daemon] public_base_url is a config error naming the key."""
+    world.write_calendar()
+    world.policy += "\n[web]\nenabled = true\n"
+    with pytest.raises(VisitwatchError, match=r"daemon\.public_base_url.*required"):
+        load_config(world.write_config())
+
+
+def test_check_says_where_the_pages_are_served(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`visitwatch check` prints the listen address and the links' base URL."""
+    world.write_calendar()
+    port = enable_web(world)
+    assert main(["--config", str(world.write_config()), "check"]) == 0
+    out = capsys.readouterr().out
+    assert f"ok   pages: served at http://127.0.0.1:{port}/" in out
+    assert f"links in messages open http://127.0.0.1:{port}/v/" in out
+
+
+def test_check_says_messages_carry_no_links_while_the_pages_are_off(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without [web], `check` says messages carry no links and how to turn them on."""
+    world.write_calendar()
+    assert main(["--config", str(world.write_config()), "check"]) == 0
+    out = capsys.readouterr().out
+    assert "pages: off" in out and "no check-in or acknowledge links" in out
+    assert "public_base_url" in out
+
+
+def test_check_fails_when_the_pages_port_is_taken(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no daemon running, a busy pages port is a FAIL line naming the address."""
+    world.write_calendar()
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        enable_web(world, port=port)
+        assert main(["--config", str(world.write_config()), "check"]) == 1
+    assert f"FAIL pages: cannot serve the pages on 127.0.0.1:{port}" in capsys.readouterr().out
+
+
+def test_check_warns_about_plain_http_links_beyond_this_machine(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A public_base_url that is plain http to another host is flagged: links are credentials."""
+    world.write_calendar()
+    world.daemon += 'public_base_url = "http://visitwatch.example.org"\n'
+    world.policy += "\n[web]\nenabled = true\n"
+    main(["--config", str(world.write_config()), "check"])
+    assert "WARN pages: public_base_url is not https" in capsys.readouterr().out

@@ -122,7 +122,7 @@ def bind(listen: str, port: int) -> socket.socket:
         raise PagesUnavailable(f"cannot serve the pages on {where}: {reason}; {hint}") from err
 
 
-def _loopback(address: str) -> bool:
+def is_loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
@@ -155,7 +155,7 @@ class WebServer:
         web = self.context.config.web
         sock = bind(web.listen, web.port)  # first: a clear error before any thread starts
         proxy = {}
-        if _loopback(web.listen):
+        if is_loopback(web.listen):
             # A reverse proxy on this machine: the client is who it says in X-Forwarded-For.
             proxy = {
                 "trusted_proxy": web.listen,
