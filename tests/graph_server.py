@@ -27,6 +27,9 @@ What it serves (``{tenant}`` must be :attr:`FakeGraph.tenant`; ``{m}`` is a mail
                                                             by id or UPN only
 ``GET  /v1.0/users?$filter=mail eq '...'``                  ``people`` by mail
 ``POST /v1.0/$batch``                                       inner requests go to the above
+``POST|GET /v1.0/subscriptions``, ``PATCH|DELETE .../{id}`` change notifications, with the
+                                                            validation handshake; see
+                                                            ``tests/graph_webhooks.py``
 ==========================================================  =================================
 
 Every ``/v1.0`` request needs ``Authorization: Bearer <a token this server issued>``; anything
@@ -569,6 +572,9 @@ class FakeGraph:
         context.load_cert_chain(self._tls.cert_file, self._tls.key_file)
         self._server = _Server(self, context)
         self._thread: threading.Thread | None = None
+        from tests.graph_webhooks import FakeSubscriptions
+
+        self.subscriptions = FakeSubscriptions(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -936,6 +942,14 @@ class FakeGraph:
                 return self._need(roles, "user.read") or self._user(segments[1], query)
             case "GET", ["users", "{m}", "manager"]:
                 return self._need(roles, "user.read") or self._manager(segments[1], query)
+            case "POST", ["subscriptions"]:
+                return self._need(roles, "calendar.read") or self.subscriptions.create(body)
+            case "GET", ["subscriptions"]:
+                return self.subscriptions.listing()
+            case "PATCH", ["subscriptions", subscription_id]:
+                return self.subscriptions.renew(subscription_id, body)
+            case "DELETE", ["subscriptions", subscription_id]:
+                return self.subscriptions.delete(subscription_id)
         return _graph_error(
             400, "BadRequest", f"FakeGraph does not implement {method} /{'/'.join(segments)}"
         )
