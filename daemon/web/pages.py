@@ -196,6 +196,12 @@ def _done(context: WebContext, token: str, visit: Visit, for_worker: bool) -> st
     )
 
 
+def _left_at(context: WebContext, visit: Visit) -> str:
+    """When a going-home worker said they left the visit; "" if they have not."""
+    left = departure(context.store, visit) if visit.going_home_after else None
+    return local(context, left) if left else ""
+
+
 # ------------------------------------------------------------------ the worker's page
 
 
@@ -212,7 +218,7 @@ def visit_page(token: str) -> str:
         deadline=local(context, visit.deadline),
         state=state_words(context, visit, now, for_worker=True),
         started=now >= visit.start,
-        left_at=local(context, departure(context.store, visit)) if visit.going_home_after else "",
+        left_at=_left_at(context, visit),
         extend_minutes=EXTEND_MINUTES,
         csrf=csrf_token(context.signer, token),
     )
@@ -257,7 +263,7 @@ def alert_page(token: str) -> str:
     context, grant, visit = _open(Purpose.ACK, token)
     now = context.clock.now()
     worker = context.watcher.recipients.worker(visit)
-    kind = alert_kind(visit)
+    kind = alert_kind(context, visit)
     late = int((now - visit.deadline).total_seconds() // 60) if now > visit.deadline else 0
     return render_template(
         "alert.html",
@@ -273,7 +279,7 @@ def alert_page(token: str) -> str:
         state=state_words(context, visit, now, for_worker=False),
         instruction=context.config.policy.instructions.get(str(kind), ""),
         help_at=local(context, visit.help_requested_at) if visit.help_requested_at else "",
-        left_at=local(context, departure(context.store, visit)) if visit.going_home_after else "",
+        left_at=_left_at(context, visit),
         acknowledged_at=local(context, visit.acknowledged_at),
         started=now >= visit.start,
         you=person_name(context, grant.person),

@@ -72,15 +72,20 @@ def tel_link(mobile: str) -> str:
     return f"tel:{digits}" if digits.strip("+") else ""
 
 
-def alert_kind(visit: Visit) -> NotificationKind:
-    """The alert a manager's link most likely came from, for the policy's instruction."""
+def alert_kind(context: WebContext, visit: Visit) -> NotificationKind:
+    """The alert a manager's link most likely came from, for the policy's instruction: help,
+    removal, else the last rung that fired (a worker's reminder reads as an overrun here)."""
     if visit.help_requested_at is not None:
         return NotificationKind.HELP
     if visit.removed_at is not None:
         return NotificationKind.REMOVED
-    if visit.state is VisitState.ESCALATED or visit.step >= 2:
-        return NotificationKind.ESCALATION
-    return NotificationKind.OVERRUN
+    ladder = context.watcher.ladder
+    fired = ladder[min(visit.step, len(ladder)) - 1].kind if visit.step and ladder else None
+    return (
+        NotificationKind.ESCALATION
+        if fired == NotificationKind.ESCALATION
+        else NotificationKind.OVERRUN
+    )
 
 
 def ended_words(context: WebContext, visit: Visit, already: bool = True) -> str:
@@ -128,8 +133,8 @@ def state_words(
             f"{clock_time(context, visit.acknowledged_at)}); nobody has confirmed the worker "
             "is safe yet."
         )
-    who = "the manager" if state is VisitState.OVERDUE else "the manager and director"
-    return f"Overdue by {late}: {who} have been alerted."
+    who = "the manager has" if state is VisitState.OVERDUE else "the manager and director have"
+    return f"Overdue by {late}: {who} been alerted."
 
 
 def told_since(store: Store, visit_id: str, since: datetime, kinds: tuple[str, ...]) -> list[Told]:
