@@ -3,11 +3,16 @@
 Everything is written to one folder (wiped each run): the config, the calendar, the SQLite
 record and the outbox. The calendar is made relative to now so that, within about a minute,
 the console shows a compliance notice, a worker's reminder and a manager's overrun alert.
+
+The pages are served on a free loopback port (``public_base_url`` points at it), so the
+messages carry working check-in and acknowledge links; the introduction prints the first
+two, for a new user to tap through in a browser.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -15,11 +20,17 @@ from pathlib import Path
 from icalendar import Calendar, Event
 
 from visitwatch.core.errors import VisitwatchError
+from visitwatch.daemon.config import load_config
 from visitwatch.daemon.entries import visit_id
+from visitwatch.daemon.web.links import Links, Signer, load_keys
 
 SOURCE = "demo-calendar"
 OVERRUN_UID = "overrun-visit@demo.visitwatch"
 SOON_UID = "unassessed-visit@demo.visitwatch"
+OVERRUN_WORKER = "asha.khan@demo.visitwatch"
+OVERRUN_MANAGER = "maria.jones@demo.visitwatch"
+OVERRUN_ENDED = timedelta(seconds=90)  # before the demo starts
+TEMPLATE_PORT = 8470  # demo.toml's placeholder port, replaced by a free one
 COMPLIANT_UID = "compliant-visit@demo.visitwatch"
 
 
@@ -56,11 +67,11 @@ def calendar(now: datetime) -> bytes:
         OVERRUN_UID,
         "Home visit - Carter family",
         now - timedelta(hours=1, minutes=15),
-        now - timedelta(seconds=90),
+        now - OVERRUN_ENDED,
         "Risk assessment: complete (RA-0113)\nWorker mobile: 07700 900123\n"
         "Purpose: review of child in need plan",
         "14 Brook Street, Preston PR1 3XX",
-        "asha.khan@demo.visitwatch",
+        OVERRUN_WORKER,
     )
     # Starts soon, and the worker has not completed a risk assessment.
     visit(
@@ -93,7 +104,13 @@ class DemoFolderInUse(VisitwatchError):
     pass
 
 
-def prepare(folder: Path, now: datetime | None = None) -> Path:
+def free_port() -> int:
+    """A loopback port nothing listens on now (the daemon binds it a moment later)."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        return int(sock.getsockname()[1])
+
+
+def prepare(folder: Path, now: datetime | None = None, port: int | None = None) -> Path:
     """Write config and calendar into ``folder`` (wiping an earlier demo); return the config.
 
     Only a folder an earlier demo created (it carries the marker file) is wiped; an empty
@@ -115,15 +132,32 @@ def prepare(folder: Path, now: datetime | None = None) -> Path:
     (folder / MARKER).write_text("made by `visitwatch demo`; wiped on its next run\n")
     (folder / "calendar.ics").write_bytes(calendar(now))
     template = resources.files("visitwatch.daemon").joinpath("demo.toml").read_text()
+    port = port or free_port()
+    template = template.replace(f"127.0.0.1:{TEMPLATE_PORT}", f"127.0.0.1:{port}")
+    template = template.replace(f"port = {TEMPLATE_PORT}", f"port = {port}")
     config_file = folder / "visitwatch.toml"
     config_file.write_text(template, encoding="utf-8")
     return config_file
+
+
+def first_links(config_file: Path, now: datetime | None = None) -> tuple[str, str]:
+    """Asha's check-in link and her manager's acknowledge link, as the messages carry them."""
+    config = load_config(config_file)
+    signer = Signer(load_keys(config.web.signing_key, config.daemon.state_dir))
+    links = Links(signer, config.daemon.public_base_url, config.web.link_ttl)
+    overrun = visit_id(SOURCE, OVERRUN_UID, "")
+    deadline = (now or datetime.now(UTC)) - OVERRUN_ENDED
+    return (
+        links.checkin(overrun, OVERRUN_WORKER, deadline),
+        links.ack(overrun, OVERRUN_MANAGER, deadline),
+    )
 
 
 def introduction(folder: Path, config_file: Path) -> str:
     overrun = visit_id(SOURCE, OVERRUN_UID, "")
     compliant = visit_id(SOURCE, COMPLIANT_UID, "")
     cfg = f"--config {config_file}"
+    checkin_link, ack_link = first_links(config_file)
     return f"""\
 visitwatch demo: state in {folder}
   - Asha Khan's home visit ended 90 seconds ago; she has not checked in.
@@ -131,6 +165,11 @@ visitwatch demo: state in {folder}
   - Chloe Davies' visit is compliant and ends in 45 seconds.
 Within about a minute you will see the compliance notice, the reminders and the manager's
 overrun alert below; they are also appended to {folder / "outbox.jsonl"}.
+
+The messages carry links to the pages this demo serves on this machine. Open them in a
+browser (a phone-sized window shows what staff see):
+  Asha's check-in page:          {checkin_link}
+  Maria's acknowledge page:      {ack_link}
 
 From another terminal (with the virtual environment's bin/ on PATH):
   visitwatch {cfg} status

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from tests.conftest import World, home_visit
 from tests.daemon_process import wait_for
 from tests.web_world import enable_web
+from visitwatch.connectors.outbox import read_outbox
+from visitwatch.daemon import demo
 from visitwatch.daemon.clock import SystemClock
 from visitwatch.daemon.config import load_config
 from visitwatch.daemon.service import Service
@@ -176,3 +181,29 @@ def test_stopping_the_daemon_stops_the_server(world: World) -> None:
     assert not runner.is_alive()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_the_demo_serves_working_links(tmp_path: Path) -> None:
+    """`visitwatch demo` serves its pages on loopback: the links it prints and the links in
+    its messages open."""
+    config_file = demo.prepare(tmp_path / "demo")
+    checkin, ack = demo.first_links(config_file)
+    service = Service(load_config(config_file))
+    runner = threading.Thread(target=service.run, kwargs={"install_signal_handlers": False})
+    runner.start()
+    try:
+        outbox = tmp_path / "demo" / "outbox.jsonl"
+        wait_for(lambda: outbox.exists() and read_outbox(outbox), 15, "the demo's first messages")
+        carried = [
+            link
+            for message in read_outbox(outbox)
+            for link in re.findall(r"http://127\.0\.0\.1:\d+/[va]/\S+", message["text"])
+        ]
+        assert carried, "the demo's messages carry links"
+        for link in [checkin, ack, *carried]:
+            url = urlsplit(link)
+            assert _get(url.port or 80, url.path).status == 200, link
+    finally:
+        service.stop()
+        runner.join(10)
+    service.close()
