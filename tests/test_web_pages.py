@@ -418,3 +418,26 @@ def test_a_token_for_one_visit_cannot_act_on_another(world: World) -> None:
     visits = ww.service.watcher.visits
     assert visits.current(ids[0]).state is VisitState.RESOLVED
     assert visits.current(ids[1]).state is VisitState.IN_PROGRESS
+
+
+def test_asking_for_help_twice_says_who_already_has_it(ww: WebWorld) -> None:
+    """A second tap on "I need help" names those already alerted, never "nobody"."""
+    at(ww, 30)
+    link = ww.link(Purpose.CHECKIN, ASHA)
+    ww.press(link, "help")
+    at(ww, 32)
+    again = text(ww.press(link, "help"))
+    assert "Already alerted for help (each person once): Maria Jones (manager)" in again
+    assert "could not reach anyone" not in again
+    assert [c["action"] for c in checkins(ww)] == ["help", "help"]
+
+
+def test_a_result_page_claims_only_what_the_record_shows(ww: WebWorld) -> None:
+    """A hand-made /done URL for a check-in that never happened shows nothing, changes nothing."""
+    at(ww, 30)
+    link = ww.link(Purpose.CHECKIN, ASHA)
+    for query in ("did=checkin&at=2026-11-23T13:00:00Z", "did=checkin", "did=nope&at=x"):
+        response = ww.client.get(f"{link}/done?{query}")
+        assert response.status_code == 404
+        assert "Checked in" not in response.text
+    assert visit(ww).state is VisitState.IN_PROGRESS

@@ -13,7 +13,7 @@ visit that is over shows how it ended and changes nothing, however often the lin
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import structlog
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
@@ -45,6 +45,16 @@ blueprint = Blueprint("pages", __name__)
 EXTEND_MINUTES = (15, 30, 60)
 WORKER_ACTIONS = ("checkin", "home", "left", "extend", "help")
 MANAGER_ACTIONS = ("ack", "safe")
+# The checkins row each button leaves.
+RECORDED_AS = {
+    "checkin": "checkin",
+    "home": "checkin",
+    "left": "left",
+    "extend": "extend",
+    "help": "help",
+    "ack": "ack",
+    "safe": "confirmed_safe",
+}
 WRONG_PAGE = {
     Purpose.CHECKIN: "This is a manager's alert link; it opens the alert page, not a visit's "
     "check-in page.",
@@ -178,13 +188,19 @@ def _done(context: WebContext, token: str, visit: Visit, for_worker: bool) -> st
     did = request.args.get("did", "")
     if did not in (WORKER_ACTIONS if for_worker else MANAGER_ACTIONS):
         raise Refusal(404, "Nothing to show", "Open the link from your message again.")
-    at: datetime | None = None
     try:
         at = from_ts(request.args.get("at"))
     except ValueError:
         at = None
+    # Only what the record shows was done: a result page typed by hand claims nothing.
+    done = at and context.store.one(
+        "SELECT 1 AS done FROM checkins WHERE visit_id = ? AND at >= ? AND action = ?",
+        (visit.id, ts(at), RECORDED_AS[did]),
+    )
+    if not at or not done:
+        raise Refusal(404, "Nothing to show", "Open the link from your message again.")
     now = context.clock.now()
-    result = outcome(context, visit, did, at or now)
+    result = outcome(context, visit, did, at)
     back = url_for("pages.visit_page" if for_worker else "pages.alert_page", token=token)
     return render_template(
         "done.html",

@@ -71,6 +71,12 @@ def outcome(context: WebContext, visit: Visit, did: str, at: datetime) -> Outcom
         )
     if did == "help":
         people = told(NotificationKind.HELP)
+        intro = "Being alerted now:"
+        if not people:
+            # Asked again: the help alerts already sent are not sent twice (one per rung
+            # and deadline); say who already has them rather than "nobody".
+            people = told_since(store, visit.id, visit.first_seen, (NotificationKind.HELP,))
+            intro = "Already alerted for help (each person once):"
         what = (
             f"Your request for help was sent at {when}, with the visit's address. If you are "
             "in immediate danger, call 999."
@@ -79,7 +85,7 @@ def outcome(context: WebContext, visit: Visit, did: str, at: datetime) -> Outcom
             "visitwatch could not reach anyone on the alert list. Phone your manager now, or "
             "999 if you are in danger. The admins have been told."
         )
-        return Outcome("Help is on its way", what, "Being alerted now:", people, nobody, good=False)
+        return Outcome("Help is on its way", what, intro, people, nobody, good=False)
     if did == "ack":
         minutes = int(context.config.policy.ack_timeout.total_seconds() // 60)
         what = (
