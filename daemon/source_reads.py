@@ -86,6 +86,7 @@ class SourceReads:
             for name in names:
                 if not self._stop.is_set() and self._claim(name):
                     # A thread per source: one slow calendar never delays another's read.
+                    # Named like a poll's, so a stop counts it among the polls in flight.
                     threading.Thread(
-                        target=self._run, args=(name,), name=f"read:{name}", daemon=True
+                        target=self._run, args=(name,), name=f"poll:{name}:notified", daemon=True
                     ).start()

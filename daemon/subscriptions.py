@@ -32,10 +32,11 @@ import structlog
 
 from visitwatch.connectors.change_feed import ChangeFeed, Endpoints, SubscriptionGone
 from visitwatch.daemon.clock import Clock
+from visitwatch.daemon.config import Config
 from visitwatch.daemon.loops import Loop
 from visitwatch.daemon.source_reads import SourceReads
 
-__all__ = ["SourceReads", "Subscriptions", "endpoints"]
+__all__ = ["SourceReads", "Subscriptions", "endpoints", "subscriptions_for"]
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +74,25 @@ class _Trouble:
     since: datetime | None = None
     last_error: str = ""
     told: bool = False
+
+
+def subscriptions_for(
+    config: Config,
+    feeds: Mapping[str, ChangeFeed],
+    clock: Clock,
+    request_sync: Callable[[str], object],
+    tell_admins: TellAdmins | None = None,
+) -> Subscriptions | None:
+    """The manager, when change notifications can work: ``[web]`` serves the endpoints,
+    ``public_base_url`` is HTTPS (Graph posts nowhere else) and a source has a change feed.
+    None otherwise: the polls alone read the calendars, as they always do."""
+    base_url = config.daemon.public_base_url
+    if not feeds or not config.web.enabled or not base_url:
+        return None
+    if not base_url.lower().startswith("https://"):
+        log.warning("subscriptions_need_https", sources=len(feeds))
+        return None
+    return Subscriptions(feeds, base_url, config.daemon.state_dir, clock, request_sync, tell_admins)
 
 
 def endpoints(public_base_url: str) -> Endpoints:

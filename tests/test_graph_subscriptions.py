@@ -14,7 +14,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,11 @@ from visitwatch.daemon.config import load_config
 from visitwatch.daemon.polls import Polls
 from visitwatch.daemon.service import Service
 from visitwatch.daemon.source_reads import SourceReads
-from visitwatch.daemon.subscriptions import FAILURES_BEFORE_NOTICE, Subscriptions
+from visitwatch.daemon.subscriptions import (
+    FAILURES_BEFORE_NOTICE,
+    Subscriptions,
+    subscriptions_for,
+)
 from visitwatch.daemon.web import graph_hooks
 from visitwatch.daemon.web.server import WebServer, build_app
 
@@ -410,3 +414,17 @@ def test_one_calendar_failing_still_subscribes_the_others(tmp_path: Path) -> Non
     assert feed.made == ["users/b/events"]
     assert manager.status()["s"]["failures"] == 1
     structlog.reset_defaults()
+
+
+def test_subscriptions_only_where_graph_can_post(daemon: Daemon) -> None:
+    """Change notifications are set up only with [web] on, an HTTPS public_base_url and a
+    source with a change feed; otherwise polling alone reads, as before."""
+    config = daemon.service.config
+    feeds = daemon.subscriptions.feeds
+    https = replace(config, daemon=replace(config.daemon, public_base_url="https://vw.example.org"))
+    web_off = replace(https, web=replace(https.web, enabled=False))
+    made = subscriptions_for(https, feeds, daemon.clock, print)
+    assert made is not None and made.endpoints.notify_url == "https://vw.example.org/graph/notify"
+    assert subscriptions_for(config, feeds, daemon.clock, print) is None  # plain http
+    assert subscriptions_for(web_off, feeds, daemon.clock, print) is None
+    assert subscriptions_for(https, {}, daemon.clock, print) is None
