@@ -206,16 +206,20 @@ def test_today_is_the_organisations_day(web: Web) -> None:
 
 
 def test_im_on_it_records_the_signed_in_person_via_web(web: Web) -> None:
-    """ "I'm on it" acknowledges as the signed-in manager, via the web, and the board then
-    shows her on it."""
+    """ "I'm on it" acknowledges as the signed-in manager, via the web; the director, also
+    alerted, is told she is handling it, and the board then shows her on it."""
     sign_in(web, MARIA)
-    status, page = act(web, "overdue", "ack")
+    status, page = act(web, "escalated", "ack")
     assert status == 200 and "Maria Jones is on it" in page
-    assert state_of(web, "overdue") is VisitState.ACKNOWLEDGED
-    assert checkins(web, "overdue") == [("ack", "Maria Jones", "web")]
+    assert "Told that you are handling it: Sam Webster" in page
+    assert state_of(web, "escalated") is VisitState.ACKNOWLEDGED
+    assert checkins(web, "escalated") == [("ack", "Maria Jones", "web")]
+    web.service.dispatch()
+    [notice] = [m for m in web.world.messages() if m["subject"].startswith("Being handled")]
+    assert notice["recipient"]["id"] == SAM and "Maria Jones" in notice["subject"]
     after = board(web)
-    assert f'data-visit="{visit_id(web, "overdue")}"' in sections(after)["acknowledged"]
-    assert "Maria Jones at 12:00" in row(after, visit_id(web, "overdue"))
+    assert f'data-visit="{visit_id(web, "escalated")}"' in sections(after)["acknowledged"]
+    assert "Maria Jones at 12:00" in row(after, visit_id(web, "escalated"))
 
 
 def test_confirmed_safe_resolves_and_tells_everyone_alerted(web: Web) -> None:

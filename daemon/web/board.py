@@ -28,6 +28,7 @@ from visitwatch.daemon.visits import ActionError, UnreadableVisit, Visit
 from visitwatch.daemon.web import sessions, signin
 from visitwatch.daemon.web.app import context_of
 from visitwatch.daemon.web.context import WebContext
+from visitwatch.daemon.web.pages_act import tell_others_of_ack
 
 log = structlog.get_logger(__name__)
 
@@ -205,8 +206,11 @@ def act() -> tuple[str, int] | Response:
         abort(404, "No such visit; nothing was changed.")
     by = session.person.name
     view = context.watcher.router.view(visit)
+    now = context.clock.now()
     try:
-        context.watcher.actions.acknowledge(visit.id, by=by, safe=action == "safe", via="web")
+        acted = context.watcher.actions.acknowledge(
+            visit.id, by=by, safe=action == "safe", via="web"
+        )
     except ActionError as err:
         return render_template("board_result.html", ok=False, heading="Nothing changed",
                                lines=[str(err)]), 409  # fmt: skip
@@ -223,9 +227,14 @@ def act() -> tuple[str, int] | Response:
         ]
     else:
         minutes = int(context.watcher.ack_timeout.total_seconds() // 60)
+        # As on the manager's page: everyone else alerted hears who has taken it on.
+        told = [str(t) for t in tell_others_of_ack(context, acted, session.person.id, by, now)]
         heading = f"You are handling {view.worker_name}'s visit"
         lines = [
             f"Recorded: {by} is on it. Repeats of the alerts sent so far stop.",
+            "Told that you are handling it: " + ", ".join(told)
+            if told
+            else "Nobody else had been alerted, so nobody else was told.",
             f"If {view.worker_name} is not confirmed safe within {minutes} minutes, you and "
             "the next people on the ladder are alerted again.",
             "When the worker is safe, press “Confirmed safe” on the board.",

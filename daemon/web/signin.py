@@ -66,6 +66,7 @@ def form() -> str | Response:
     return render_template(
         "signin.html",
         methods=context.config.web.sign_in,
+        roles=context.config.web.board_roles,
         csrf=csrf_token(context.signer, FORM_BINDING),
     )
 
