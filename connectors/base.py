@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Protocol
 
 import structlog
 
+from visitwatch.connectors.change_feed import ChangeFeed
 from visitwatch.core.calendar import FetchResult, TimeWindow
 from visitwatch.core.errors import ConnectorError
 from visitwatch.core.notification import Message
@@ -104,6 +105,11 @@ class CalendarSource(Connector):
     def write_back(self, uid: str, recurrence_id: str, state: str) -> None:
         """Show ``state`` on the calendar entry (best effort; a courtesy, never an alert)."""
         raise NotImplementedError(f"{type(self).__name__} cannot write to its calendar")
+
+    def change_feed(self) -> ChangeFeed | None:
+        """Change notifications for this source's calendars, when it can push them (the
+        daemon then reads it at once on a change); None: it is polled only."""
+        return None
 
     def people(self, clock: Callable[[], datetime]) -> PeopleDirectory | None:
         """A staff directory this source's tenant can answer, when the admin asked for it."""

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import structlog
 
 from visitwatch.connectors.base import CalendarSource
+from visitwatch.connectors.change_feed import ChangeFeed
 from visitwatch.connectors.graph_auth import token_roles
 from visitwatch.connectors.graph_client import GRAPH_OPTIONS, GraphClient, GraphConnector
 from visitwatch.connectors.graph_delta import DeltaStore, day_span
@@ -145,6 +146,11 @@ class GraphCalendarSource(GraphConnector, CalendarSource):
     @property
     def writes_back(self) -> bool:
         return bool(self.settings["write_back"])
+
+    def change_feed(self) -> ChangeFeed:
+        from visitwatch.connectors.graph_subscriptions import GraphChangeFeed
+
+        return GraphChangeFeed(self.name, self.client, self.mailboxes, self.targets)
 
     def people(self, clock: Callable[[], datetime]) -> GraphDirectory | None:
         if not self.settings["directory"]:

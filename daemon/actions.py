@@ -139,7 +139,12 @@ class Actions:
     # ------------------------------------------------------------------ the actions
 
     def check_in(
-        self, ref: str, by: str = "", via: str = "cli", extend: timedelta | None = None
+        self,
+        ref: str,
+        by: str = "",
+        via: str = "cli",
+        extend: timedelta | None = None,
+        action: str = "checkin",
     ) -> Visit:
         """Check in (or extend); ``by`` defaults to the visit's worker.
 
@@ -158,7 +163,8 @@ class Actions:
             if extend is None:
                 self._require_started(visit, now, "check in", "a check-in")
                 self._resolve(
-                    visit, now, actor, via, "checkin", "checked in",
+                    visit, now, actor, via, action,
+                    "safe at home" if action == "safe_home" else "checked in",
                     f"checked in by {actor} via {via}",
                     {"checked_in_at": now, "checked_in_by": actor},
                 )  # fmt: skip
@@ -190,6 +196,30 @@ class Actions:
         log.info("checked_in", visit_id=visit_id, via=via, extended=bool(extend))
         return self.visits.current(visit_id)
 
+    def note_departure(self, ref: str, by: str, via: str = "web") -> datetime:
+        """ "Visit finished, heading home": recorded, and the visit still watched.
+
+        For a visit with a journey home after it, the worker is not safe until they are
+        home: this records when they left (so anyone looking for them searches the route,
+        not the family's home) and changes nothing else; "Safe at home" resolves it.
+        """
+        visit_id = self.visits.find(ref).id
+        now = self.clock.now()
+
+        def act(visit: Visit) -> None:
+            if visit.state.terminal:
+                raise ActionError(f"visit {visit.id} is already {visit.state}")
+            self._require_started(visit, now, "leave", "leaving")
+            conn = self.store.db.conn
+            record_checkin(conn, visit.id, now, "left", by, via)
+            self.store.audit(
+                conn, visit.id, now, "left the visit, heading home", by, visit.state, visit.state
+            )
+
+        self.retrying(visit_id, act)
+        log.info("left_visit_recorded", visit_id=visit_id, via=via)
+        return now
+
     def _resolve(
         self,
         visit: Visit,
@@ -220,12 +250,16 @@ class Actions:
             conn, visit, NotificationKind.ALL_CLEAR, alerted(conn, visit.id), now, token, how
         )
 
-    def acknowledge(self, ref: str, by: str, safe: bool = False, via: str = "cli") -> Visit:
+    def acknowledge(
+        self, ref: str, by: str, safe: bool = False, via: str = "cli", person: str = ""
+    ) -> Visit:
         """Record who is handling an overdue visit (or, with ``safe``, that the worker is safe).
 
         An acknowledgement covers the alerts raised so far: later rungs still go out, to the
         acknowledger too, and after ``ack_timeout`` unresolved it re-alerts (lifecycle.plan).
-        Acknowledging again restarts that timeout.
+        Acknowledging again restarts that timeout. Everyone else alerted is told who has
+        taken it on (``person``: the acknowledger's staff id, when known, so they are not
+        told of their own acknowledgement).
         """
         by = by.strip()
         if not by:
@@ -247,7 +281,7 @@ class Actions:
                     },
                 )  # fmt: skip
                 return
-            self.change(
+            changed = self.change(
                 visit,
                 now,
                 "acknowledged",
@@ -260,7 +294,18 @@ class Actions:
                     "next_action_at": now,
                 },
             )
-            record_checkin(self.store.db.conn, visit.id, now, "ack", by, via)
+            conn = self.store.db.conn
+            record_checkin(conn, visit.id, now, "ack", by, via)
+            # The others alerted hear who owns it, so nobody phones a worker a manager is
+            # already with. The acknowledger is not told of their own acknowledgement.
+            others = [
+                a
+                for a in alerted(conn, visit.id)
+                if a.recipient.id != person and a.recipient.name != by
+            ]
+            self.router.notify(
+                conn, changed, NotificationKind.ACKNOWLEDGED, others, now, f"ack:{ts(now)}", by
+            )
 
         self.retrying(visit_id, act)
         self._wake()

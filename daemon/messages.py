@@ -188,6 +188,14 @@ def resolution(view: VisitView, kind: str, now: datetime, by: str) -> tuple[str,
             f"{view.worker_name} checked in and extended the {view.label}; "
             f"new expected return {view.local(view.visit.deadline)}."
         )
+    elif kind == NotificationKind.ACKNOWLEDGED:
+        subject = f"Being handled: {by} is dealing with the alert about {view.worker_name}"
+        first = (
+            f"{by} acknowledged the alert about {view.worker_name}'s {view.label} at "
+            f"{fmt_local(now, view.tz)} and is handling it. Nobody has confirmed the worker "
+            f"is safe yet; you will get the all clear when they are. To help or to hear "
+            f"more, contact {by}."
+        )
     else:
         subject = f"Monitoring ended: {view.worker_name}'s {view.label} was {by}"
         first = (

@@ -215,8 +215,12 @@ def test_im_on_it_records_the_signed_in_person_via_web(web: Web) -> None:
     assert state_of(web, "escalated") is VisitState.ACKNOWLEDGED
     assert checkins(web, "escalated") == [("ack", "Maria Jones", "web")]
     web.service.dispatch()
-    [notice] = [m for m in web.world.messages() if m["subject"].startswith("Being handled")]
-    assert notice["recipient"]["id"] == SAM and "Maria Jones" in notice["subject"]
+    [notice] = [
+        m
+        for m in web.world.messages()
+        if m["subject"].startswith("Being handled") and "Maria Jones" in m["subject"]
+    ]
+    assert notice["recipient"]["id"] == SAM and notice["visit_id"] == visit_id(web, "escalated")
     after = board(web)
     assert f'data-visit="{visit_id(web, "escalated")}"' in sections(after)["acknowledged"]
     assert "Maria Jones at 12:00" in row(after, visit_id(web, "escalated"))

@@ -198,7 +198,7 @@ def test_a_going_home_visit_ends_with_safe_at_home(world: World) -> None:
     result = text(ww.press(link, "home"))
     assert "Your safe arrival at home was recorded at 14:10" in result
     assert visit(ww).state is VisitState.RESOLVED
-    assert [c["action"] for c in checkins(ww)] == ["left", "checkin"]
+    assert [c["action"] for c in checkins(ww)] == ["left", "safe_home"]
     assert {c["via"] for c in checkins(ww)} == {"web"}
 
 

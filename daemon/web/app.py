@@ -28,9 +28,10 @@ def create_app(context: WebContext) -> Flask:
     )
     app.extensions[EXTENSION] = context
 
-    from visitwatch.daemon.web import board, ops, pages
+    from visitwatch.daemon.web import board, graph_hooks, ops, pages
 
     app.register_blueprint(pages.blueprint)
+    app.register_blueprint(graph_hooks.blueprint)
     app.register_blueprint(board.blueprint)
     app.register_blueprint(ops.blueprint)
 

@@ -21,6 +21,7 @@ import structlog
 from flask import Blueprint, abort, current_app, redirect, render_template, request
 from werkzeug.wrappers import Response
 
+from visitwatch.core.notification import NotificationKind
 from visitwatch.core.visit_state import VisitState
 from visitwatch.daemon.recipients import alerted
 from visitwatch.daemon.store import ts
@@ -28,7 +29,7 @@ from visitwatch.daemon.visits import ActionError, UnreadableVisit, Visit
 from visitwatch.daemon.web import sessions, signin
 from visitwatch.daemon.web.app import context_of
 from visitwatch.daemon.web.context import WebContext
-from visitwatch.daemon.web.pages_act import tell_others_of_ack
+from visitwatch.daemon.web.pages_view import told_since
 
 log = structlog.get_logger(__name__)
 
@@ -208,8 +209,8 @@ def act() -> tuple[str, int] | Response:
     view = context.watcher.router.view(visit)
     now = context.clock.now()
     try:
-        acted = context.watcher.actions.acknowledge(
-            visit.id, by=by, safe=action == "safe", via="web"
+        context.watcher.actions.acknowledge(
+            visit.id, by=by, safe=action == "safe", via="web", person=session.person.id
         )
     except ActionError as err:
         return render_template("board_result.html", ok=False, heading="Nothing changed",
@@ -228,7 +229,10 @@ def act() -> tuple[str, int] | Response:
     else:
         minutes = int(context.watcher.ack_timeout.total_seconds() // 60)
         # As on the manager's page: everyone else alerted hears who has taken it on.
-        told = [str(t) for t in tell_others_of_ack(context, acted, session.person.id, by, now)]
+        told = [
+            str(t)
+            for t in told_since(context.store, visit.id, now, (NotificationKind.ACKNOWLEDGED,))
+        ]
         heading = f"You are handling {view.worker_name}'s visit"
         lines = [
             f"Recorded: {by} is on it. Repeats of the alerts sent so far stop.",

@@ -46,9 +46,10 @@ class LinkError(VisitwatchError):
     """A token that is forged, altered, expired or for something else. ``reason`` is safe
     to show; the page never says more than that."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, expired: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.expired = expired
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class Signer:
         except (KeyError, TypeError, ValueError):
             raise LinkError("this link is not valid") from None
         if now >= grant.expires:
-            raise LinkError("this link has expired")
+            raise LinkError("this link has expired", expired=True)
         return grant
 
 

@@ -24,7 +24,6 @@ from visitwatch.daemon.visits import ActionError, Visit
 from visitwatch.daemon.web.context import WebContext
 from visitwatch.daemon.web.csrf import csrf_ok, csrf_token
 from visitwatch.daemon.web.links import Grant, LinkError, Purpose
-from visitwatch.daemon.web.pages_act import record_departure, tell_others_of_ack
 from visitwatch.daemon.web.pages_done import outcome
 from visitwatch.daemon.web.pages_view import (
     alert_kind,
@@ -48,7 +47,7 @@ MANAGER_ACTIONS = ("ack", "safe")
 # The checkins row each button leaves.
 RECORDED_AS = {
     "checkin": "checkin",
-    "home": "checkin",
+    "home": "safe_home",
     "left": "left",
     "extend": "extend",
     "help": "help",
@@ -100,7 +99,7 @@ def _open(purpose: Purpose, token: str) -> tuple[WebContext, Grant, Visit]:
     try:
         grant = context.signer.read(purpose, token, now)
     except LinkError as err:
-        if "expired" in err.reason:
+        if err.expired:
             raise Refusal(
                 410,
                 "This link has expired",
@@ -156,17 +155,18 @@ def _act(context: WebContext, token: str, page: str, action: str, grant: Grant) 
     now = context.clock.now()
     try:
         if action in ("checkin", "home"):
-            actions.check_in(grant.visit_id, by=name, via="web")
+            kind = "safe_home" if action == "home" else "checkin"
+            actions.check_in(grant.visit_id, by=name, via="web", action=kind)
         elif action == "extend":
             actions.check_in(grant.visit_id, by=name, via="web", extend=_extension())
         elif action == "left":
-            record_departure(context, grant.visit_id, name)
+            actions.note_departure(grant.visit_id, by=name, via="web")
         elif action == "help":
             actions.request_help(grant.visit_id, by=name, via="web")
         elif action in MANAGER_ACTIONS:
-            visit = actions.acknowledge(grant.visit_id, by=name, safe=action == "safe", via="web")
-            if action == "ack":
-                tell_others_of_ack(context, visit, grant.person, name, now)
+            actions.acknowledge(
+                grant.visit_id, by=name, safe=action == "safe", via="web", person=grant.person
+            )
     except ActionError as err:
         visit_now = context.watcher.visits.get(grant.visit_id)
         if visit_now is not None and visit_now.state.terminal:

@@ -12,7 +12,6 @@ from datetime import datetime
 from visitwatch.core.notification import NotificationKind
 from visitwatch.daemon.visits import Visit
 from visitwatch.daemon.web.context import WebContext
-from visitwatch.daemon.web.pages_act import ACK_NOTICE_KIND
 from visitwatch.daemon.web.pages_view import Told, clock_time, local, told_since
 
 
@@ -96,7 +95,7 @@ def outcome(context: WebContext, visit: Visit, did: str, at: datetime) -> Outcom
         )
         return Outcome(
             "You are handling this alert", what, "Told that you are on it:",
-            told(ACK_NOTICE_KIND), "Nobody else had been alerted, so nobody else was told.",
+            told(NotificationKind.ACKNOWLEDGED), "Nobody else had been alerted, so nobody else was told.",
         )  # fmt: skip
     what = f"You confirmed the worker safe at {when}. The visit is closed."
     return Outcome(

@@ -18,6 +18,7 @@ class NotificationKind(StrEnum):
     HELP = "help"  # the worker asked for help: every rung at once
     ALL_CLEAR = "all_clear"  # the worker is safe: to everyone alerted
     EXTENDED = "extended"  # the worker moved the deadline
+    ACKNOWLEDGED = "acknowledged"  # someone has taken the alert on: to the others alerted
     ENDED = "ended"  # the visit stopped being watched while alerts were out
     REMOVED = "removed"  # a visit under way vanished from the calendar: is the worker safe?
     ADMIN = "admin"  # about visitwatch itself: a failing source, an unreachable person
@@ -56,7 +57,12 @@ _STEPS = frozenset(
     {NotificationKind.REMINDER, NotificationKind.OVERRUN, NotificationKind.ESCALATION}
 )
 _WITHDRAWN_EXTRA = frozenset(
-    {NotificationKind.COMPLIANCE, NotificationKind.EXTENDED, NotificationKind.REMOVED}
+    {
+        NotificationKind.COMPLIANCE,
+        NotificationKind.EXTENDED,
+        NotificationKind.ACKNOWLEDGED,
+        NotificationKind.REMOVED,
+    }
 )
 
 
