@@ -220,14 +220,18 @@ def test_the_other_states_and_the_error_pages(page: Page, served: Serve, look: L
     visit is over, a forged link (403) and an expired one (410): each is a plain page that
     passes axe."""
     going_home = "Risk assessment: complete\nGoing home after: yes"
-    site = served(home_visit(), home_visit("visit-2", description=going_home))
-    site.at(DEADLINE)  # both reminded
+    soon = DEADLINE + timedelta(minutes=20)  # no risk assessment: a notice 30 min before
+    site = served(
+        home_visit(),
+        home_visit("visit-2", description=going_home),
+        home_visit("visit-3", start=soon, end=soon + timedelta(hours=1), description=""),
+    )
+    site.at(DEADLINE)  # visits 1 and 2 reminded; Asha told what visit 3 lacks
     asha, home = site.links_to(ASHA, "reminder")
-    site.world.at(START - timedelta(minutes=30))  # the page as it looked before the start
-    page.goto(asha)
+    later = site.links_to(ASHA, "compliance")[-1]  # when booked, and again as it nears
+    page.goto(later)
     assert "You can check in once the visit has started." in main_text(page)
     look(page, "worker-visit-before-start")
-    site.world.at(DEADLINE)
     page.goto(home)
     assert page.get_by_role("button", name="Safe at home").is_visible()
     look(page, "worker-visit-going-home")
