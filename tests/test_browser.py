@@ -208,6 +208,7 @@ def test_the_board_after_an_e_mailed_sign_in(page: Page, served: Serve, look: Lo
     "(meta-refresh, WCAG 2.2.1: the user cannot stop or extend it); remove this mark once "
     "the board refreshes in a way the reader controls",
 )
+@pytest.mark.parametrize("page", ["phone"], indirect=True)
 def test_the_board_passes_axe_without_waivers(page: Page, served: Serve, look: Look) -> None:
     """The board passes every axe rule, its timed refresh included."""
     site = served(home_visit())
