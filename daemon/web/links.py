@@ -1,9 +1,11 @@
 """Signed links: one tap from a message to the page that acts on it.
 
-A link carries only an opaque token, signed with itsdangerous under a purpose (the salt):
-a check-in link cannot acknowledge, and neither can open a board session. The token names
-one visit and one person, and when it stops working (``link_ttl`` after the visit's
-deadline). Nothing in it is secret, but nothing in it can be changed without the key.
+A link carries only an opaque token: Fernet (the ``cryptography`` library's authenticated
+encryption, which msal already brings) under a key derived for one purpose, so a check-in
+link cannot acknowledge and neither can open a board session. Inside, unreadable without
+the key, are one visit, one person and when the link stops working (``link_ttl`` after the
+visit's deadline): a URL seen in a proxy log or over a shoulder shows no name or address,
+and nothing in it can be changed without the key.
 
 The key is ``[web] signing_key`` when given (env/file/credential, like every secret), else
 a random key generated on first start in the state directory, owner-only (0600). Rotating
@@ -14,6 +16,8 @@ the old file is deleted, and every new link uses the new key.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import secrets
 from dataclasses import dataclass
@@ -23,7 +27,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from itsdangerous import BadData, URLSafeSerializer
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from visitwatch.core.errors import VisitwatchError
 from visitwatch.core.options import Secret
@@ -67,11 +73,13 @@ class Signer:
     def __init__(self, keys: list[str]) -> None:
         if not keys:
             raise ValueError("at least one signing key")
-        # itsdangerous verifies with every key and signs with the last (the newest).
+        # Every key opens a token; the last (the newest) makes them. itsdangerous (CSRF)
+        # takes the same order.
         self.keys = keys
-
-    def _serializer(self, purpose: Purpose) -> URLSafeSerializer:
-        return URLSafeSerializer(self.keys, salt=f"visitwatch-{purpose}")
+        self._fernets = {
+            purpose: MultiFernet([Fernet(_derive(key, purpose)) for key in reversed(keys)])
+            for purpose in Purpose
+        }
 
     def sign(
         self, purpose: Purpose, visit_id: str, person: str, expires: datetime, extra: str = ""
@@ -79,13 +87,15 @@ class Signer:
         payload: dict[str, Any] = {"v": visit_id, "p": person, "e": int(expires.timestamp())}
         if extra:
             payload["x"] = extra
-        return str(self._serializer(purpose).dumps(payload))
+        data = json.dumps(payload, separators=(",", ":")).encode()
+        return self._fernets[purpose].encrypt(data).decode().rstrip("=")
 
     def read(self, purpose: Purpose, token: str, now: datetime) -> Grant:
         """The grant in ``token``; a :class:`LinkError` for anything else."""
         try:
-            payload = self._serializer(purpose).loads(token)
-        except BadData:
+            padded = token.strip() + "=" * (-len(token.strip()) % 4)
+            payload = json.loads(self._fernets[purpose].decrypt(padded.encode()))
+        except (InvalidToken, ValueError, UnicodeError):
             raise LinkError("this link is not valid: it may be incomplete or altered") from None
         try:
             expires = datetime.fromtimestamp(int(payload["e"]), UTC)
@@ -97,6 +107,14 @@ class Signer:
         if now >= grant.expires:
             raise LinkError("this link has expired", expired=True)
         return grant
+
+
+def _derive(secret: str, purpose: Purpose) -> bytes:
+    """A Fernet key for one purpose from one configured secret (HKDF-SHA256)."""
+    raw = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=f"visitwatch-link-{purpose}".encode()
+    ).derive(secret.encode())
+    return base64.urlsafe_b64encode(raw)
 
 
 class Links:
