@@ -161,11 +161,6 @@ def sign_in(page: Page, site: Served, look: Look | None = None) -> None:
     assert page.url == f"{site.base}/board"
 
 
-# The board reloads itself with <meta http-equiv="refresh" content="30">: axe's
-# meta-refresh rule (WCAG 2.2.1, critical) fails it, see the strict xfail below.
-BOARD_KNOWN = ("meta-refresh",)
-
-
 def test_the_board_after_an_e_mailed_sign_in(page: Page, served: Serve, look: Look) -> None:
     """Maria signs in with the e-mailed link, finds Asha's visit under "Overdue", presses
     "I'm on it" and sees it under "Someone is on it"; when Asha checks in from her phone,
@@ -177,7 +172,7 @@ def test_the_board_after_an_e_mailed_sign_in(page: Page, served: Serve, look: Lo
     overdue = page.locator(f'#overdue li[data-visit="{site.visit_id()}"]')
     assert "Asha Khan" in overdue.inner_text() and "20 min overdue" in overdue.inner_text()
     assert page.locator(f'#booked li[data-visit="{site.visit_id("visit-2")}"]').count() == 1
-    look(page, "board", waive=BOARD_KNOWN)
+    look(page, "board")
     overdue.get_by_role("button", name="I'm on it").click()
     assert "Recorded: Maria Jones is on it." in main_text(page)
     look(page, "board-result")
@@ -194,7 +189,7 @@ def test_the_board_after_an_e_mailed_sign_in(page: Page, served: Serve, look: Lo
     page.reload()  # what the meta refresh does every 30 seconds
     done = page.locator(f'#done li[data-visit="{site.visit_id()}"]')
     assert "Ended resolved" in " ".join(done.inner_text().split())
-    look(page, "board-done", waive=BOARD_KNOWN)
+    look(page, "board-done")
     assert state_of(site) is VisitState.RESOLVED
     assert [(c["action"], c["actor"], c["via"]) for c in checkins(site)] == [
         ("ack", "Maria Jones", "web"),
@@ -202,12 +197,6 @@ def test_the_board_after_an_e_mailed_sign_in(page: Page, served: Serve, look: Lo
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="board.html reloads with a 30 s <meta http-equiv=refresh>, which axe fails "
-    "(meta-refresh, WCAG 2.2.1: the user cannot stop or extend it); remove this mark once "
-    "the board refreshes in a way the reader controls",
-)
 @pytest.mark.parametrize("page", ["phone"], indirect=True)
 def test_the_board_passes_axe_without_waivers(page: Page, served: Serve, look: Look) -> None:
     """The board passes every axe rule, its timed refresh included."""

@@ -6,7 +6,7 @@ carries a "non-compliant" mark, while a visit not yet started with such findings
 "Non-compliant" (there is still time to put it right). "Today" is the organisation's day;
 a visit still under way from an earlier day stays on the board until it is over.
 
-The page refreshes itself every 30 seconds (a meta refresh: no JavaScript needed). Its
+The page refreshes itself every 30 seconds (a small script the reader can pause, WCAG 2.2.1; without JavaScript, a "Refresh now" link). Its
 actions are those of the manager's page, "I'm on it" and "Confirmed safe", acting through
 the same :class:`Actions` as the CLI, recorded as the signed-in person ``via = web``.
 Subjects and addresses of private entries are never shown.
