@@ -230,7 +230,7 @@ def _reach(ww: WebWorld, state: VisitState) -> None:
 STATE_WORDS = {
     VisitState.BOOKED: "Booked: starts Mon 23 Nov 13:00 (GMT). Not started yet.",
     VisitState.IN_PROGRESS: "Under way. Expected back by Mon 23 Nov 14:00 (GMT).",
-    VisitState.DUE: "The return time (Mon 23 Nov 14:00 (GMT)) has passed by 1 minute",
+    VisitState.DUE: "The return time, Mon 23 Nov 14:00 (GMT), passed 1 minute ago",
     VisitState.OVERDUE: "Overdue by 16 minutes: the manager has been alerted.",
     VisitState.ESCALATED: "Overdue by 46 minutes: the manager and director have been alerted.",
     VisitState.ACKNOWLEDGED: "Maria Jones is handling the alert (since 14:16)",

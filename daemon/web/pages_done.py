@@ -56,10 +56,15 @@ def outcome(context: WebContext, visit: Visit, did: str, at: datetime) -> Outcom
             no_alert,
         )
     if did == "left":
+        if context.clock.now() < visit.deadline:
+            by_when = (
+                f"by {local(context, visit.deadline)}, or extend if the journey takes longer"
+            )
+        else:
+            by_when = "your return time has passed, so extend now if you are not home yet"
         what = (
             f"Recorded that you left the visit at {when}. You are still being watched: tap "
-            f"\u201cSafe at home\u201d when you get in (by {local(context, visit.deadline)}, or "
-            "extend if the journey takes longer)."
+            f"\u201cSafe at home\u201d when you get in ({by_when})."
         )
         return Outcome(
             "Heading home",

@@ -124,9 +124,10 @@ def state_words(
         return f"Booked: starts {local(context, visit.start)}. Not started yet."
     if state is VisitState.IN_PROGRESS:
         return f"Under way. Expected back by {deadline}."
-    late = plural(minutes_between(now, visit.deadline), "minute")
+    minutes = minutes_between(now, visit.deadline)
     if state is VisitState.DUE:
-        return f"The return time ({deadline}) has passed by {late}; {you} have been reminded."
+        late = f"{plural(minutes, 'minute')} ago" if minutes else "just now"
+        return f"The return time, {deadline}, passed {late}; {you} have been reminded."
     if state is VisitState.ACKNOWLEDGED:
         return (
             f"{visit.acknowledged_by} is handling the alert (since "
@@ -134,7 +135,7 @@ def state_words(
             "is safe yet."
         )
     who = "the manager has" if state is VisitState.OVERDUE else "the manager and director have"
-    return f"Overdue by {late}: {who} been alerted."
+    return f"Overdue by {plural(minutes, 'minute')}: {who} been alerted."
 
 
 def told_since(store: Store, visit_id: str, since: datetime, kinds: tuple[str, ...]) -> list[Told]:
