@@ -77,6 +77,7 @@ def build(folder: Path, start: datetime, seconds: float, checkins: int, port: in
         )
         # The rate limit as shipped: each phone is its own client.
         + f'\n[web]\nenabled = true\nlisten = "127.0.0.1"\nport = {port}\n'
+        + os.environ.get("WEB_EXTRA", "")
     )
     store = Store(folder / "visitwatch.db")
     storm = int(STORM_RATE * seconds)
@@ -185,10 +186,27 @@ REMINDERS_SENT = "SELECT COUNT(*) FROM notifications WHERE kind = ? AND status =
 WEB_CHECKINS = "SELECT COUNT(*) FROM checkins WHERE via = 'web'"
 
 
-def storm(seconds: float, load: Load | None) -> tuple[list[float], int, int]:
-    """One storm, with or without the load; the reminders' latencies, missing, duplicates."""
+@dataclass
+class Storm:
+    """One storm's reminders: outbox latencies, and the part the sweep took to raise them."""
+
+    latencies: list[float]
+    missing: int
+    duplicates: int
+    raised: list[float]  # the notification row's creation minus the deadline, sorted
+
+
+RAISED = (
+    "SELECT (julianday(n.created) - julianday(v.deadline)) * 86400.0 FROM notifications n"
+    " JOIN visits v ON v.id = n.visit_id WHERE n.kind = ? ORDER BY 1"
+)
+
+
+def storm(seconds: float, load: Load | None) -> Storm:
+    """One storm, with or without the load."""
     with tempfile.TemporaryDirectory() as name:
         folder, port = Path(name), free_port()
+        database = folder / "visitwatch.db"
         checkins = int(load.rate * load.seconds) if load else 0
         deadlines, links = build(folder, datetime.now(UTC), seconds, checkins, port)
         signer = Signer(load_keys(None, folder))
@@ -198,7 +216,7 @@ def storm(seconds: float, load: Load | None) -> tuple[list[float], int, int]:
             if load is not None:
                 run_load(load, links, signer, began)
             give_up = began + seconds + DRAIN_LIMIT
-            while count(folder / "visitwatch.db", REMINDERS_SENT, REMINDER) < len(deadlines):
+            while count(database, REMINDERS_SENT, REMINDER) < len(deadlines):
                 if time.monotonic() > give_up:
                     break
                 time.sleep(0.25)
@@ -206,8 +224,11 @@ def storm(seconds: float, load: Load | None) -> tuple[list[float], int, int]:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(30)
         if load is not None:
-            load.recorded = count(folder / "visitwatch.db", WEB_CHECKINS)
-        return latencies(folder / "outbox.jsonl", deadlines, lambda _: 0.0)
+            load.recorded = count(database, WEB_CHECKINS)
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as conn:
+            raised = [row[0] for row in conn.execute(RAISED, (REMINDER,))]
+        found = latencies(folder / "outbox.jsonl", deadlines, lambda _: 0.0)
+        return Storm(*found, raised)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,14 +256,16 @@ def main(argv: list[str] | None = None) -> None:
         f" ms (client sent late by up to {1000 * max(load.lateness, default=0):.0f} ms); "
         f"{load.recorded:,} check-ins in the record"
     )
-    print(f"  sweep's alert latency (deadline to outbox line):\n  {'':<16}"
-          f"{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}  missing  twice")  # fmt: skip
-    for name, (found, missing, duplicates) in results.items():
-        f = figures_of(found, missing)
+    print(f"  reminder latency (deadline to outbox line; raised: to the sweep's row):\n"
+          f"  {'':<16}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}  missing  twice"
+          f"{'raised p50':>12}{'p99':>8}")  # fmt: skip
+    for name, result in results.items():
+        f = figures_of(result.latencies, result.missing)
         print(
             f"  {name:<16}"
             + "".join(f"{f[k]:>8.2f}s" for k in ("p50", "p95", "p99", "max"))
-            + f"{missing:>9}{duplicates:>7}"
+            + f"{result.missing:>9}{result.duplicates:>7}"
+            + f"{percentile(result.raised, 0.5):>11.2f}s{percentile(result.raised, 0.99):>7.2f}s"
         )
 
 

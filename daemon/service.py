@@ -137,7 +137,7 @@ class Service:
         # Delivery counts as stuck (no watchdog ping, an admin notice) after this long.
         self.stall_limit = 2 * config.daemon.sweep_interval.total_seconds() + 30
         # What /healthz and /metrics know beyond the record (web/context.py).
-        self.activity = Activity()
+        self.activity = Activity(delivering=lambda: not self.dispatcher.idle())
         self._pages: PagesKeeper | None = None
 
     # ------------------------------------------------------------------ people
@@ -195,7 +195,8 @@ class Service:
         """Advance what is due and check health; how many visits changed or notices were written."""
         started = time.monotonic()
         try:
-            changed = self.watcher.sweep()
+            with self.activity.sweeping():  # page requests wait while it runs
+                changed = self.watcher.sweep()
         except sqlite3.Error as err:
             if not record_unwritable(err):
                 raise

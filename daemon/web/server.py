@@ -40,6 +40,8 @@ CHANNEL_TIMEOUT = 30  # seconds a connection may sit idle or half-sent before it
 MAX_HEADER_BYTES = 16_384
 MAX_CLIENTS = 10_000  # rate-limit buckets kept; the least recently seen are dropped first
 LIMITER = "visitwatch-rate-limit"
+# The longest a new request waits for a sweep pass or a delivery in progress to finish.
+ALERTS_FIRST = 0.5
 
 
 class PagesUnavailable(VisitwatchError):
@@ -84,9 +86,16 @@ class RateLimiter:
 
 
 def build_app(context: WebContext) -> Flask:
-    """The app as the daemon serves it: :func:`create_app` plus the per-client rate limit."""
+    """The app as the daemon serves it: :func:`create_app`, alerts first, and the
+    per-client rate limit."""
     app = create_app(context)
     app.extensions[LIMITER] = RateLimiter(context.config.web.rate_limit)
+    activity = context.activity
+
+    def alerts_first() -> None:
+        activity.alerts_first(ALERTS_FIRST)
+
+    app.before_request(alerts_first)
     app.before_request(_rate_limited)
     return app
 
@@ -156,9 +165,10 @@ class WebServer:
         sock = bind(web.listen, web.port)  # first: a clear error before any thread starts
         proxy = {}
         if is_loopback(web.listen):
-            # A reverse proxy on this machine: the client is who it says in X-Forwarded-For.
+            # Only this machine can connect, so the peer is a reverse proxy here (or a local
+            # tool): the client is who it says in X-Forwarded-For (the last address).
             proxy = {
-                "trusted_proxy": web.listen,
+                "trusted_proxy": "*",
                 "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-proto"},
             }
         self._server = create_server(
