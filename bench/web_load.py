@@ -77,7 +77,6 @@ def build(folder: Path, start: datetime, seconds: float, checkins: int, port: in
         )
         # The rate limit as shipped: each phone is its own client.
         + f'\n[web]\nenabled = true\nlisten = "127.0.0.1"\nport = {port}\n'
-        + os.environ.get("WEB_EXTRA", "")
     )
     store = Store(folder / "visitwatch.db")
     storm = int(STORM_RATE * seconds)
