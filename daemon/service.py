@@ -12,10 +12,8 @@ never delay the sweep that raises alerts:
 - the **write-back** loop mirrors states onto calendar entries (best effort);
 - calendar **polls** run every ``poll_interval`` under APScheduler, each on a daemon
   thread of its own;
-- the **pages** (``[web]``), when enabled, are served by waitress on threads of its own
-  (``web/server.py``), started after the loops and stopped first; they share only the
-  database with the loops, so no client can stall an alert. The loops' pulse (last passes,
-  sweep and sync durations) is kept in ``self.activity`` for ``/healthz`` and ``/metrics``.
+- the **pages** (``[web]``) are served by waitress on threads of its own, started after
+  the loops and stopped first (``web/server.py``); ``self.activity`` feeds ``/healthz``.
 
 Every wait is measured on the monotonic clock and every deadline compared on the wall
 clock when the loop wakes, so a wall-clock step (NTP after a VM resume) delays nothing by
@@ -325,15 +323,11 @@ class Service:
         for loop in self._loops.values():
             loop.start()
         self._polls = Polls(self.sync, self.sources, self.config.daemon.poll_interval)
-        if self.config.web.enabled:
-            self._start_pages()
+        if self.config.web.enabled:  # a busy address is told to the admins, never fatal
+            from visitwatch.daemon.web.server import PagesKeeper, WebServer
 
-    def _start_pages(self) -> None:
-        """Serve the pages; a busy address is told to the admins, never a reason to stop."""
-        from visitwatch.daemon.web.server import PagesKeeper, WebServer
-
-        self._pages = PagesKeeper(WebServer(self.web_context()), self._admin_notice)
-        self._pages.start()
+            self._pages = PagesKeeper(WebServer(self.web_context()), self._admin_notice)
+            self._pages.start()
 
     def web_context(self) -> WebContext:
         """What the pages share with the loops (``[web]`` must be enabled)."""
