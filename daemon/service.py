@@ -29,7 +29,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Mapping
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -39,14 +38,17 @@ from visitwatch.connectors.base import CalendarSource, Channel, Connector
 from visitwatch.core.errors import VisitwatchError
 from visitwatch.core.options import ConnectorContext
 from visitwatch.daemon.clock import Clock, SystemClock
-from visitwatch.daemon.config import Config, ConnectorConfig, StaffMember
+from visitwatch.daemon.config import Config, ConnectorConfig
 from visitwatch.daemon.dispatch import Dispatcher, DispatchReport
 from visitwatch.daemon.episode import Episode
 from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.health import HealthMonitor
 from visitwatch.daemon.loops import SWEEP_GAP, ClockSteps, Loop, seconds_until
+from visitwatch.daemon.people import PeopleLearner
 from visitwatch.daemon.polls import Polls, polls_in_flight
+from visitwatch.daemon.source_reads import SourceReads
 from visitwatch.daemon.store import DaemonLock, Store, record_unwritable, ts
+from visitwatch.daemon.subscriptions import subscriptions_for
 from visitwatch.daemon.sync import Syncer, SyncReport
 from visitwatch.daemon.watchdog import DeliveryWatchdog, sd_notify
 from visitwatch.daemon.web.context import Activity, WebContext
@@ -120,8 +122,15 @@ class Service:
             send_timeout=config.daemon.send_timeout,
             notify_admins=self.health.notify,
         )
-        self._not_in_directory: dict[str, datetime] = {}
-        self.syncer.learn = self.learn_people
+        self.people = PeopleLearner(self.watcher.staff, self.clock)
+        self.syncer.learn = self.people.learn
+        # Outlook change notifications, when they can work ([web], https, a Graph source):
+        # a notification asks for a read; polls and those reads never overlap.
+        self.reads = SourceReads(self.sync, self.sources)
+        feeds = {n: f for n, s in self.sources.items() if (f := s.change_feed()) is not None}
+        self.subscriptions = subscriptions_for(
+            config, feeds, self.clock, self.reads.request_sync, self._admin_notice
+        )
         self.lock = DaemonLock(config.daemon.database)
         self._stop = threading.Event()
         self._polls: Polls | None = None
@@ -137,42 +146,6 @@ class Service:
         # What /healthz and /metrics know beyond the record (web/context.py).
         self.activity = Activity(delivering=lambda: not self.dispatcher.idle())
         self._pages: PagesKeeper | None = None
-
-    # ------------------------------------------------------------------ people
-
-    def learn_people(self, source: CalendarSource, ids: set[str]) -> None:
-        """Fill the staff directory from the source's Microsoft 365 tenant, if it offers one.
-
-        Config values always win; people and managers only Graph knows are added. Ids Graph
-        does not know (a family's address on an invitation) are not asked about again for a
-        day.
-        """
-        directory = source.people(self.clock.now)
-        if directory is None:
-            return
-        now = self.clock.now()
-        recently_missing = {
-            i for i, when in self._not_in_directory.items() if now - when < timedelta(days=1)
-        }
-        ids -= recently_missing
-        if not ids:
-            return
-        try:
-            people = dict(directory.lookup(ids))
-            managers = {p.manager_id for p in people.values() if p.manager_id}
-            people.update(directory.lookup(managers - set(people)))
-        except Exception:  # the directory is a convenience; visits are watched without it
-            log.exception("directory_lookup_failed", source=source.name)
-            return
-        for missing in ids - set(people):
-            self._not_in_directory[missing] = now
-        # One holder, replaced whole: sync, escalation and health all see the new directory.
-        self.watcher.staff.learn(
-            StaffMember(p.id.lower(), p.name, p.email, p.mobile, "worker",
-                        (p.manager_id or "").lower())
-            for p in people.values()
-        )  # fmt: skip
-        log.info("directory_updated", source=source.name, people=len(people))
 
     # ------------------------------------------------------------------ one pass
 
@@ -322,19 +295,26 @@ class Service:
         self.activity.started = self.clock.now()
         for loop in self._loops.values():
             loop.start()
-        self._polls = Polls(self.sync, self.sources, self.config.daemon.poll_interval)
+        self.reads.start()
+        self._polls = Polls(self.reads.read, self.sources, self.config.daemon.poll_interval)
         if self.config.web.enabled:  # a busy address is told to the admins, never fatal
             from visitwatch.daemon.web.server import PagesKeeper, WebServer
 
             self._pages = PagesKeeper(WebServer(self.web_context()), self._admin_notice)
             self._pages.start()
+        if self.subscriptions is not None:  # after the pages: Graph checks the endpoints
+            self.subscriptions.start()
 
     def web_context(self) -> WebContext:
         """What the pages share with the loops (``[web]`` must be enabled)."""
         assert self.signer is not None, "[web] is not enabled"
         return WebContext(
             self.config, self.store, self.watcher, self.clock, self.signer, wake=self.wake,
-            extras={"activity": self.activity, "source_errors": self.source_errors},
+            extras={
+                "activity": self.activity,
+                "source_errors": self.source_errors,
+                "subscriptions": self.subscriptions,
+            },
         )  # fmt: skip
 
     def _admin_notice(self, key: str, subject: str, text: str) -> None:
@@ -358,6 +338,9 @@ class Service:
         self._stop.set()
         deadline = time.monotonic() + timeout
         pages_stopped = True
+        if self.subscriptions is not None:
+            self.subscriptions.stop(timeout=min(2.0, timeout / 3))
+        self.reads.stop()
         if self._pages is not None:
             # First: no page acts on the record while the loops wind down.
             pages_stopped = self._pages.stop(min(3.0, timeout / 2))

@@ -44,9 +44,14 @@ def ts(moment: datetime | None) -> str | None:
 
 
 def from_ts(text: str | None) -> datetime | None:
+    """Stored UTC text -> aware datetime; anything not in the stored form is a ValueError."""
     if not text:
         return None
-    return datetime.strptime(text, _TS_FORMAT).replace(tzinfo=UTC)
+    # fromisoformat is ~10x faster than strptime (it runs dozens of times per visit read);
+    # the shape check keeps it as strict as the format the store writes.
+    if len(text) != 27 or text[10] != "T" or text[-1] != "Z":
+        raise ValueError(f"{text!r} is not a stored time ({_TS_FORMAT})")
+    return datetime.fromisoformat(text)
 
 
 # SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY, SQLITE_CANTOPEN: primary result codes that

@@ -231,6 +231,9 @@ class Visits:
             ref = note["visit_id"]
         if len(ref) < 4:
             raise ActionError(f"give at least 4 characters of the visit id, not {ref!r}")
+        exact = self.store.one("SELECT * FROM visits WHERE id = ?", (ref,))
+        if exact is not None:  # through the primary key; links and pages always give it whole
+            return _readable(exact)
         rows = self.store.query(
             "SELECT * FROM visits WHERE substr(id, 1, ?) = ? LIMIT 2", (len(ref), ref)
         )

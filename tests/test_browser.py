@@ -188,7 +188,7 @@ def test_the_board_after_an_e_mailed_sign_in(page: Page, served: Serve, look: Lo
     phone.close()
     page.reload()  # what the meta refresh does every 30 seconds
     done = page.locator(f'#done li[data-visit="{site.visit_id()}"]')
-    assert "Ended resolved" in " ".join(done.inner_text().split())
+    assert "Ended safe (checked in or confirmed)" in " ".join(done.inner_text().split())
     look(page, "board-done")
     assert state_of(site) is VisitState.RESOLVED
     assert [(c["action"], c["actor"], c["via"]) for c in checkins(site)] == [

@@ -428,3 +428,57 @@ def test_subscriptions_only_where_graph_can_post(daemon: Daemon) -> None:
     assert subscriptions_for(config, feeds, daemon.clock, print) is None  # plain http
     assert subscriptions_for(web_off, feeds, daemon.clock, print) is None
     assert subscriptions_for(https, {}, daemon.clock, print) is None
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+def test_the_running_daemon_subscribes_reads_on_notice_and_unsubscribes_on_stop(
+    graph: FakeGraph, tmp_path: Path
+) -> None:
+    """Started as `visitwatch run` starts it (https public_base_url, a TLS proxy in front
+    forwarding /graph/* to the loopback pages), the daemon subscribes Asha's calendar, reads
+    it within a second of a notification, and deletes the subscription when it stops."""
+    graph.subscriptions.validate = False  # the proxy's https address is not reachable here
+    port = free_port()
+    table = graph.config_table("VW_FAKE_GRAPH_SECRET", mailboxes=[ASHA])
+    sources = "".join(
+        f"{k} = {json.dumps(v)}\n" if not isinstance(v, dict)
+        else f'{k} = {{ env = "{v["env"]}" }}\n'
+        for k, v in table.items()
+    )  # fmt: skip
+    config = tmp_path / "visitwatch.toml"
+    config.write_text(
+        '[daemon]\ndatabase = "visitwatch.db"\npoll_interval = "1h"\n'
+        'public_base_url = "https://visitwatch.example.org"\n'
+        f"[web]\nenabled = true\nport = {port}\n"
+        + STAFF
+        + f'\n[[sources]]\nname = "{SOURCE}"\ntype = "graph"\n'
+        + sources
+        + '\n[[channels]]\nname = "outbox"\ntype = "outbox"\npath = "outbox.jsonl"\n'
+        + '\n[policy]\npreset = "pan-lancashire"\n',
+        encoding="utf-8",
+    )
+    service = Service(load_config(config))
+    subscriptions = service.subscriptions
+    assert subscriptions is not None
+    service.start()
+    try:
+        live = lambda: subscriptions.status().get(SOURCE, {}).get("subscriptions")  # noqa: E731
+        assert wait_for(lambda: live() == 1, 5.0)
+        [made] = graph.subscriptions.of(ASHA)
+        assert made["notificationUrl"] == "https://visitwatch.example.org/graph/notify"
+        assert wait_for(lambda: service.store.one("SELECT 1 FROM sources") is not None, 5.0)
+        event = home_visit("booked-late", datetime.now(UTC) + timedelta(hours=2))
+        graph.add_event(ASHA, event)
+        local = made["notificationUrl"].replace(
+            "https://visitwatch.example.org", f"http://127.0.0.1:{port}"
+        )
+        graph.subscriptions.active[made["id"]]["notificationUrl"] = local
+        assert graph.subscriptions.notify(ASHA, "created", "booked-late") == [202]
+        uids = lambda: {v.uid for v in service.watcher.visits.of_source(SOURCE)}  # noqa: E731
+        assert wait_for(lambda: event["iCalUId"] in uids(), 2.0)
+    finally:
+        assert service.stop_loops(timeout=5.0)
+        service.close()
+    assert graph.subscriptions.active == {}
