@@ -36,16 +36,16 @@ def create_app(context: WebContext) -> Flask:
     app.register_blueprint(ops.blueprint)
 
     @app.errorhandler(HTTPException)
-    def plain_error(err: HTTPException) -> tuple[str, int]:
-        return (
-            render_template(
-                "message.html",
-                title=err.name,
-                heading=err.name,
-                text=err.description or "",
-            ),
-            err.code or 500,
-        )
+    def plain_error(err: HTTPException) -> tuple[str, int, dict[str, str]]:
+        # The error's own headers (Retry-After, Allow) are kept; the page is ours.
+        headers = {
+            k: v
+            for k, v in err.get_headers()
+            if k.lower() not in ("content-type", "content-length")
+        }
+        page = render_template("message.html", title=err.name, heading=err.name,
+                               text=err.description or "")  # fmt: skip
+        return page, err.code or 500, headers
 
     @app.errorhandler(Exception)
     def unexpected(err: Exception) -> tuple[str, int]:

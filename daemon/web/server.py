@@ -100,7 +100,15 @@ def build_app(context: WebContext) -> Flask:
     return app
 
 
+# Graph posts change notifications from a few addresses of its own, in bursts; they only
+# ask for a read (in memory, coalesced per source), so they are never rate limited: a
+# notification refused would only be seen at the next poll.
+UNLIMITED_PREFIXES = ("/graph/",)
+
+
 def _rate_limited() -> tuple[str, int, dict[str, str]] | None:
+    if request.path.startswith(UNLIMITED_PREFIXES):
+        return None
     limiter: RateLimiter = current_app.extensions[LIMITER]
     wait = limiter.wait(request.remote_addr or "")
     if not wait:
