@@ -1,0 +1,282 @@
+"""Hostile probes of the pages (issue 9): what a forger, a replayer or a careless proxy can
+and cannot do. Passing tests pin the safe behaviour; strict xfails are open bugs."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from tests.conftest import T0, World, home_visit
+from tests.web_client import WebWorld, web_world
+from tests.web_world import enable_web
+from visitwatch.core.visit_state import VisitState
+from visitwatch.daemon.config_types import Directory
+from visitwatch.daemon.visits import Visit
+from visitwatch.daemon.web.links import Purpose
+from visitwatch.daemon.web.server import CONNECTION_LIMIT, WebServer, build_app
+
+ASHA = "asha.khan@example.org"
+MARIA = "maria.jones@example.org"
+START = T0 + timedelta(hours=1)  # 13:00; back by 14:00
+HOSTILE = '<script>alert("x")</script> O\'Brien &amp; "Sons" \u202eevil\u200b'
+
+
+def at(ww: WebWorld, minutes_after_start: int) -> None:
+    ww.at(START + timedelta(minutes=minutes_after_start))
+    ww.tick()
+
+
+def current(ww: WebWorld) -> Visit:
+    return ww.service.watcher.visits.current(ww.visit_id())
+
+
+def record(ww: WebWorld) -> tuple[Any, ...]:
+    """What a page could have changed: the visit row and the checkins."""
+    visit = current(ww)
+    rows = ww.service.store.query("SELECT action FROM checkins ORDER BY id")
+    return (visit.state, visit.deadline, visit.acknowledged_by, tuple(r["action"] for r in rows))
+
+
+@pytest.fixture
+def ww(world: World) -> WebWorld:
+    """Asha's 13:00-14:00 visit, synced, the clock at 13:30 (under way)."""
+    web = web_world(world)
+    world.write_calendar(home_visit())
+    web.tick()
+    at(web, 30)
+    return web
+
+
+# ------------------------------------------------------------------ links
+
+
+def _mangled(token: str) -> list[str]:
+    flipped = token[:-3] + ("A" if token[-3] != "A" else "B") + token[-2:]
+    return [
+        token[: len(token) // 2],  # truncated in a message
+        flipped,  # one character altered
+        token + "A" * 20_000,  # huge
+        "%2e%2e",  # ..
+        "gAAAAA" + "A" * 200,  # Fernet-shaped noise
+    ]
+
+
+def test_mangled_links_and_wrong_methods_change_nothing(ww: WebWorld) -> None:
+    """Truncated, altered, huge or noise tokens, and GET/HEAD/PUT/DELETE on the button
+    routes, never act and never echo the token."""
+    link = ww.link(Purpose.CHECKIN, ASHA)
+    token = link.removeprefix("/v/")
+    before = record(ww)
+    for bad in _mangled(token):
+        for path in (f"/v/{bad}", f"/a/{bad}"):
+            page = ww.client.get(path)
+            assert page.status_code in (403, 404), (bad[:40], page.status_code)
+            assert bad not in page.text or len(bad) < 8
+        post = ww.client.post(f"/v/{bad}/checkin", data={"csrf": ww.csrf(link)})
+        assert post.status_code in (403, 404)
+    for method in ("get", "put", "delete", "patch"):
+        answer = getattr(ww.client, method)(f"{link}/checkin")
+        assert answer.status_code == 405, (method, answer.status_code)
+    assert ww.client.head(link).status_code == 200
+    assert ww.client.open(f"{link}/checkin", method="OPTIONS").status_code == 200
+    assert record(ww) == before
+
+
+def test_a_form_token_from_another_page_is_refused(ww: WebWorld) -> None:
+    """The CSRF token of the manager's page, or of another visit's page, does not work on
+    the worker's page, and the other way round."""
+    checkin, ack = ww.link(Purpose.CHECKIN, ASHA), ww.link(Purpose.ACK, MARIA)
+    before = record(ww)
+    assert ww.client.post(f"{checkin}/checkin", data={"csrf": ww.csrf(ack)}).status_code == 400
+    assert ww.client.post(f"{ack}/safe", data={"csrf": ww.csrf(checkin)}).status_code == 400
+    assert ww.client.post(f"{ack}/ack", data={"csrf": "x" * 5000}).status_code == 400
+    assert record(ww) == before
+
+
+def test_a_page_failure_shows_no_trace_or_token(ww: WebWorld, monkeypatch: Any) -> None:
+    """An unexpected error is a plain 500 page: no traceback, no exception text, no token."""
+    link = ww.link(Purpose.CHECKIN, ASHA)
+    ww.app.testing = False  # as served: errors go to the handler, not the test
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("secret-detail-in-the-exception")
+
+    monkeypatch.setattr(ww.service.watcher.visits, "get", broken)
+    page = ww.client.get(link)
+    assert page.status_code == 500
+    assert "Nothing was changed" in page.text
+    for leak in ("Traceback", "secret-detail", link.removeprefix("/v/")):
+        assert leak not in page.text
+
+
+# ------------------------------------------------------------------ what pages show
+
+
+def test_markup_from_the_calendar_is_shown_as_text(world: World) -> None:
+    """A subject, address and risk assessment carrying <script>, quotes and entities are
+    escaped on the worker's, the manager's and the result pages."""
+    ww = web_world(world)
+    world.write_calendar(
+        home_visit(
+            description=f"Risk assessment: complete {HOSTILE}\nMobile: 07700 900123",
+            location=f"1 {HOSTILE} Street",
+        ).replace("SUMMARY:Home visit - Carter family", f"SUMMARY:Home visit {HOSTILE}")
+    )
+    ww.tick()
+    at(ww, 80)
+    checkin, ack = ww.link(Purpose.CHECKIN, ASHA), ww.link(Purpose.ACK, MARIA)
+    pages = [ww.client.get(checkin).text, ww.client.get(ack).text, ww.press(ack, "safe")]
+    for page in pages:
+        assert "<script>" not in page
+        assert "&lt;script&gt;" in page
+    assert 'href="https://www.google.com/maps/search/?api=1&amp;query=1+%3Cscript%3E' in pages[1]
+
+
+def test_a_private_entry_stays_private_on_the_result_and_help_pages(world: World) -> None:
+    """CLASS:PRIVATE: the subject is off the help confirmation and every result page."""
+    ww = web_world(world)
+    world.write_calendar(home_visit(extra="CLASS:PRIVATE"))
+    ww.tick()
+    at(ww, 30)
+    checkin, ack = ww.link(Purpose.CHECKIN, ASHA), ww.link(Purpose.ACK, MARIA)
+    shown = [ww.client.get(f"{checkin}/help").text, ww.press(checkin, "extend", minutes="15")]
+    shown.append(ww.press(checkin, "help"))
+    shown.append(ww.press(ack, "ack"))
+    shown.append(ww.press(ack, "safe"))
+    for page in shown:
+        assert "Carter" not in page
+
+
+# ------------------------------------------------------------------ logs and server
+
+
+def test_no_token_name_or_address_in_the_logs(ww: WebWorld) -> None:
+    """Viewing and pressing every kind of button logs visit ids only: no link token, no
+    name, no address, above debug."""
+    checkin, ack = ww.link(Purpose.CHECKIN, ASHA), ww.link(Purpose.ACK, MARIA)
+    with capture_logs() as logs:
+        ww.press(checkin, "extend", minutes="15")
+        ww.press(checkin, "help")
+        ww.press(ack, "ack")
+        ww.client.get("/v/garbage-token-value")
+        ww.press(ack, "safe")
+        ww.tick()
+    assert {"page_action", "help_requested"} <= {e["event"] for e in logs}
+    text = repr([e for e in logs if e.get("log_level") != "debug"])
+    for secret in (checkin.removeprefix("/v/")[:24], ack.removeprefix("/a/")[:24], "garbage"):
+        assert secret not in text
+    for personal in ("Asha", "Maria", "Sam Webster", "Brook Street", "Carter", "@example"):
+        assert personal not in text, personal
+
+
+def test_graph_notifications_are_never_rate_limited(world: World) -> None:
+    """With the page rate limit spent, Graph's notification posts still get through
+    (a refused one would only be seen at the next poll)."""
+    world.write_calendar()
+    enable_web(world, rate_limit=2)
+    app = build_app(world.service().web_context())
+    client = app.test_client()
+    statuses = [client.get("/healthz").status_code for _ in range(4)]
+    assert statuses[-1] == 429
+    assert all(client.post("/graph/notify", json={}).status_code != 429 for _ in range(20))
+
+
+@pytest.fixture
+def served(world: World) -> Iterator[WebServer]:
+    world.write_calendar()
+    enable_web(world)
+    server = WebServer(world.service().web_context())
+    server.start()
+    yield server
+    assert server.stop(5)
+
+
+def _half_sent(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+    return sock
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: one client holding CONNECTION_LIMIT half-sent requests locks everyone out "
+    "of the pages until channel_timeout (server.py: no per-client connection cap)",
+)
+def test_one_slow_client_cannot_lock_everyone_out_of_the_pages(served: WebServer) -> None:
+    """A manager's page still opens while one client holds the server's connections open."""
+    slow = [_half_sent(served.port) for _ in range(CONNECTION_LIMIT + 5)]
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=2)
+        try:
+            connection.request("GET", "/healthz")
+            status = connection.getresponse().status
+        except TimeoutError:
+            status = 0
+        assert status == 503  # answered (no loops run here, so unhealthy)
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+# ------------------------------------------------------------------ open bugs
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a link names only the visit id, so the old occurrence's check-in link "
+    "checks in a visit re-opened by a move to a later day (pages._open)",
+)
+def test_an_old_link_does_not_act_on_a_reopened_visit(ww: WebWorld) -> None:
+    """Checked in, then moved to tomorrow: yesterday's link must not check in tomorrow's
+    visit (a back-button or history replay would close a visit nobody checked in from)."""
+    link = ww.link(Purpose.CHECKIN, ASHA)
+    ww.press(link, "checkin")
+    tomorrow = START + timedelta(days=1, hours=-3)  # 10:00 tomorrow, within the link's life
+    ww.world.write_calendar(home_visit(start=tomorrow, end=tomorrow + timedelta(hours=1)))
+    ww.tick()
+    assert current(ww).state is VisitState.BOOKED  # re-opened: watched afresh
+    ww.at(tomorrow + timedelta(minutes=70))
+    ww.tick()
+    assert current(ww).state is VisitState.DUE
+    ww.client.post(f"{link}/checkin", data={"csrf": ww.csrf(link)})
+    assert current(ww).state is VisitState.DUE
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: extending after 'I need help' clears help_requested_at and resets the "
+    "ladder (actions.check_in extend branch); the managers are told only 'extended'",
+)
+def test_an_extension_does_not_cancel_a_help_request(ww: WebWorld) -> None:
+    """After "I need help", an "Extend" tap (a slip, or someone else holding the phone)
+    leaves the help request standing: only a check-in or a manager closes it."""
+    link = ww.link(Purpose.CHECKIN, ASHA)
+    ww.press(link, "help")
+    assert current(ww).state is VisitState.ESCALATED
+    ww.press(link, "extend", minutes="60")
+    visit = current(ww)
+    assert visit.help_requested_at is not None
+    assert visit.state is VisitState.ESCALATED
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the manager's page never checks the link's person against the current "
+    "directory; someone removed from it can still confirm a worker safe (pages._open)",
+)
+def test_a_person_removed_from_the_directory_cannot_confirm_safe(ww: WebWorld) -> None:
+    """As the board does at every click: a manager removed from the staff directory
+    (left the organisation) can no longer close a visit from an old alert link."""
+    ack = ww.link(Purpose.ACK, MARIA)
+    staff = ww.service.watcher.staff
+    members = {k: v for k, v in staff.current.members.items() if k != MARIA}
+    staff._directory = Directory(members)  # the admin removed her and restarted
+    answer = ww.client.get(ack)
+    assert answer.status_code == 403
+    assert current(ww).state is not VisitState.RESOLVED
