@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from visitwatch.daemon.config_types import Directory
 from visitwatch.daemon.visits import Visit
 from visitwatch.daemon.web.links import Purpose
 from visitwatch.daemon.web.server import CONNECTION_LIMIT, WebServer, build_app
+from visitwatch.daemon.web.sessions import COOKIE
 
 ASHA = "asha.khan@example.org"
 MARIA = "maria.jones@example.org"
@@ -280,3 +282,42 @@ def test_a_person_removed_from_the_directory_cannot_confirm_safe(ww: WebWorld) -
     answer = ww.client.get(ack)
     assert answer.status_code == 403
     assert current(ww).state is not VisitState.RESOLVED
+
+
+# ------------------------------------------------------------------ sessions and races
+
+
+def test_a_link_token_is_no_board_session(ww: WebWorld) -> None:
+    """A check-in or acknowledge link's token set as the board cookie opens nothing (each
+    purpose has its own key)."""
+    for path in (ww.link(Purpose.CHECKIN, ASHA), ww.link(Purpose.ACK, MARIA)):
+        ww.client.set_cookie(COOKIE, path[3:])
+        answer = ww.client.get("/board")
+        assert answer.status_code == 303 and answer.headers["Location"].endswith("/signin")
+
+
+def test_an_ack_racing_the_sweeps_escalation_loses_neither(ww: WebWorld) -> None:
+    """Maria taps "I'm on it" while the sweep raises the director's rung: both land."""
+    ack = ww.link(Purpose.ACK, MARIA)
+    csrf = ww.csrf(ack)
+    ww.at(START + timedelta(minutes=105))  # 14:45: the director's rung is due
+    ww.service.sync_all()
+    gate = threading.Barrier(2)
+    answers: list[int] = []
+
+    def tap() -> None:
+        gate.wait()
+        answers.append(ww.client.post(f"{ack}/ack", data={"csrf": csrf}).status_code)
+
+    tapper = threading.Thread(target=tap)
+    tapper.start()
+    gate.wait()
+    ww.service.sweep()
+    tapper.join(10)
+    assert answers == [303]
+    assert current(ww).acknowledged_by == "Maria Jones"
+    director = ww.service.store.query(
+        "SELECT 1 FROM notifications WHERE recipient_id = ? AND kind != 'acknowledged'",
+        ("sam.webster@example.org",),
+    )
+    assert director, "the director's rung was lost"
