@@ -169,6 +169,15 @@ class Actions:
                     {"checked_in_at": now, "checked_in_by": actor},
                 )  # fmt: skip
                 return
+            if visit.help_requested_at is not None:
+                # A help call is never stood down by moving the clock: only a check-in or
+                # someone confirming the worker safe ends it.
+                raise ActionError(
+                    f"help was asked for during visit {visit.id} at "
+                    f"{messages.fmt_local(visit.help_requested_at, self.tz)}, so it cannot be "
+                    "extended: everyone alerted is still looking for the worker. If the worker "
+                    "is safe, check in (or a manager confirms safe)."
+                )
             until = max(visit.deadline, now) + extend
             changed = self.change(
                 visit,

@@ -146,10 +146,11 @@ def first_links(config_file: Path, now: datetime | None = None) -> tuple[str, st
     signer = Signer(load_keys(config.web.signing_key, config.daemon.state_dir))
     links = Links(signer, config.daemon.public_base_url, config.web.link_ttl)
     overrun = visit_id(SOURCE, OVERRUN_UID, "")
-    deadline = (now or datetime.now(UTC)) - OVERRUN_ENDED
+    issued = now or datetime.now(UTC)
+    deadline = issued - OVERRUN_ENDED
     return (
-        links.checkin(overrun, OVERRUN_WORKER, deadline),
-        links.ack(overrun, OVERRUN_MANAGER, deadline),
+        links.checkin(overrun, OVERRUN_WORKER, deadline, issued),
+        links.ack(overrun, OVERRUN_MANAGER, deadline, issued),
     )
 
 

@@ -239,7 +239,7 @@ class Watcher:
                 for alert, token, addressees in self._alert_targets(visit, fresh, plan):
                     kind = NotificationKind(alert.kind)
                     for addressee in addressees:
-                        view = self.router.view(fresh, addressee, kind)
+                        view = self.router.view(fresh, addressee, kind, now)
                         subject, text = messages.alert(view, kind, now, addressee.relation)
                         key = f"{visit.id}|{kind}|{token}|{addressee.recipient.id}"
                         message = Message(

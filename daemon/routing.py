@@ -87,15 +87,19 @@ class Router:
         self.links = links
 
     def view(
-        self, visit: Visit, addressee: Addressee | None = None, kind: str = ""
+        self,
+        visit: Visit,
+        addressee: Addressee | None = None,
+        kind: str = "",
+        now: datetime | None = None,
     ) -> messages.VisitView:
         worker = self.recipients.worker(visit)
-        link = self.link_for(visit, addressee, kind) if addressee else ""
+        link = self.link_for(visit, addressee, kind, now) if addressee and now else ""
         return messages.VisitView(
             visit, worker.name, worker.mobile, self.tz, self.config.policy, link
         )
 
-    def link_for(self, visit: Visit, addressee: Addressee, kind: str) -> str:
+    def link_for(self, visit: Visit, addressee: Addressee, kind: str, now: datetime) -> str:
         """The worker's check-in page, or an alerted person's acknowledge page."""
         if self.links is None or visit.deadline is None:
             return ""
@@ -106,10 +110,10 @@ class Router:
                 NotificationKind.COMPLIANCE,
                 NotificationKind.REMOVED,
             ):
-                return self.links.checkin(visit.id, person, visit.deadline)
+                return self.links.checkin(visit.id, person, visit.deadline, now)
             return ""
         if NotificationKind(kind).is_alert or kind == NotificationKind.REMOVED:
-            return self.links.ack(visit.id, person, visit.deadline)
+            return self.links.ack(visit.id, person, visit.deadline, now)
         return ""
 
     def channels_for(
@@ -160,7 +164,7 @@ class Router:
                 if kind.is_alert:
                     self._unreachable(conn, visit, kind, addressee, now, rung or token)
                 continue
-            view = self.view(visit, addressee, kind)
+            view = self.view(visit, addressee, kind, now)
             relation = addressee.relation
             if kind.is_alert:
                 subject, text = messages.alert(view, kind, now, relation)

@@ -53,7 +53,7 @@ class WebWorld:
         links = self.service.watcher.router.links
         assert links is not None
         url = (links.checkin if purpose is Purpose.CHECKIN else links.ack)(
-            visit.id, person, visit.deadline
+            visit.id, person, visit.deadline, self.service.clock.now()
         )
         return urlsplit(url).path
 

@@ -125,13 +125,24 @@ class Links:
         self.base_url = base_url.rstrip("/")
         self.ttl = ttl
 
-    def checkin(self, visit_id: str, person: str, deadline: datetime) -> str:
-        token = self.signer.sign(Purpose.CHECKIN, visit_id, person, deadline + self.ttl)
+    # Each link says when it was made (``Grant.extra``): a visit re-opened since (moved to a
+    # later day and watched afresh) is a new booking, which an old link must not act on.
+    def checkin(self, visit_id: str, person: str, deadline: datetime, issued: datetime) -> str:
+        token = self.signer.sign(
+            Purpose.CHECKIN, visit_id, person, deadline + self.ttl, extra=issued_text(issued)
+        )
         return f"{self.base_url}/v/{quote(token)}"
 
-    def ack(self, visit_id: str, person: str, deadline: datetime) -> str:
-        token = self.signer.sign(Purpose.ACK, visit_id, person, deadline + self.ttl)
+    def ack(self, visit_id: str, person: str, deadline: datetime, issued: datetime) -> str:
+        token = self.signer.sign(
+            Purpose.ACK, visit_id, person, deadline + self.ttl, extra=issued_text(issued)
+        )
         return f"{self.base_url}/a/{quote(token)}"
+
+
+def issued_text(moment: datetime) -> str:
+    """When a link was made, in the record's time format (so it compares with the audit)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def load_keys(configured: Secret | None, state_dir: Path) -> list[str]:

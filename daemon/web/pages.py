@@ -92,6 +92,20 @@ def _context() -> WebContext:
     return context_of(current_app)
 
 
+def _reopened_since(context: WebContext, visit_id: str, issued: str) -> bool:
+    """Whether the visit was re-opened (moved and watched afresh) after the link was made."""
+    if len(issued) != len("2026-01-01T00:00:00.000000Z"):
+        return False  # a link from before links said when they were made
+    # At the same instant counts as after: a link is never made in the pass that re-opens.
+    return (
+        context.store.one(
+            "SELECT 1 FROM audit WHERE visit_id = ? AND at >= ? AND cause LIKE 're-opened%'",
+            (visit_id, issued),
+        )
+        is not None
+    )
+
+
 def _open(purpose: Purpose, token: str) -> tuple[WebContext, Grant, Visit]:
     """The grant in ``token`` and its visit as stored now, or a :class:`Refusal`."""
     context = _context()
@@ -127,6 +141,19 @@ def _open(purpose: Purpose, token: str) -> tuple[WebContext, Grant, Visit]:
             "Visit not found",
             "visitwatch has no record of this visit any more. If someone may need help, "
             "phone them.",
+        )
+    if _reopened_since(context, visit.id, grant.extra):
+        raise Refusal(
+            410,
+            "This link is from an earlier booking",
+            "This visit was moved and is being watched again as a new booking since this "
+            "link was sent. Use the link in your latest message about it.",
+        )
+    if purpose is Purpose.ACK and context.watcher.staff.current.get(grant.person) is None:
+        raise Refusal(
+            403,
+            "This link is for someone else",
+            "This link was sent to someone who is no longer in visitwatch's staff directory.",
         )
     if purpose is Purpose.CHECKIN and grant.person != context.watcher.recipients.worker(visit).id:
         raise Refusal(
