@@ -96,7 +96,7 @@ def build(folder: Path, start: datetime, seconds: float, checkins: int, port: in
             visit_row(i, start=start - timedelta(hours=1), end=later,
                       state=lifecycle.IN_PROGRESS, next_action=later, worker=n % WORKERS)
         )  # fmt: skip
-        targets.append(links.checkin(f"{i:012x}", f"worker{n % WORKERS}@example.org", later))
+        targets.append(links.checkin(f"{i:012x}", f"worker{n % WORKERS}@example.org", later, start))
     insert_visits(store, rows)
     store.close()
     return {r["id"]: from_ts(r["deadline"]) for r in rows[:storm]}, targets
