@@ -57,9 +57,7 @@ def outcome(context: WebContext, visit: Visit, did: str, at: datetime) -> Outcom
         )
     if did == "left":
         if context.clock.now() < visit.deadline:
-            by_when = (
-                f"by {local(context, visit.deadline)}, or extend if the journey takes longer"
-            )
+            by_when = f"by {local(context, visit.deadline)}, or extend if the journey takes longer"
         else:
             by_when = "your return time has passed, so extend now if you are not home yet"
         what = (
