@@ -528,6 +528,6 @@ def test_writes_that_make_something_due_sooner_wake_the_sweep(world: World):
     world.at(START + MIN)
     service.sweep()
     watcher.actions.acknowledge(VISIT, by="Maria Jones")
-    watcher.actions.request_help(VISIT, by="Asha Khan")
     watcher.actions.check_in(VISIT, by="Asha Khan", extend=timedelta(minutes=10))
+    watcher.actions.request_help(VISIT, by="Asha Khan")  # (an extension after help is refused)
     assert len(woken) == 4
