@@ -281,15 +281,26 @@ def confirm_help(token: str) -> str:
     )
 
 
-@blueprint.post("/v/<token>/<action>")
-def visit_action(token: str, action: str) -> BaseResponse:
-    context, grant, visit = _open(Purpose.CHECKIN, token)
-    if action not in WORKER_ACTIONS:
+def _button(purpose: Purpose, token: str, action: str) -> BaseResponse:
+    """A button's POST: the link, the button, CSRF, then the action (a replay on a visit
+    already over goes back to the page, which says what happened)."""
+    allowed, page = (
+        (WORKER_ACTIONS, "pages.visit_page")
+        if purpose is Purpose.CHECKIN
+        else (MANAGER_ACTIONS, "pages.alert_page")
+    )
+    context, grant, visit = _open(purpose, token)
+    if action not in allowed:
         raise Refusal(404, "No such button", "Nothing was changed.")
     _check_csrf(context, token)
     if visit.state.terminal:
-        return redirect(url_for("pages.visit_page", token=token), 303)
-    return _act(context, token, "pages.visit_page", action, grant)
+        return redirect(url_for(page, token=token), 303)
+    return _act(context, token, page, action, grant)
+
+
+@blueprint.post("/v/<token>/<action>")
+def visit_action(token: str, action: str) -> BaseResponse:
+    return _button(Purpose.CHECKIN, token, action)
 
 
 @blueprint.get("/v/<token>/done")
@@ -332,13 +343,7 @@ def alert_page(token: str) -> str:
 
 @blueprint.post("/a/<token>/<action>")
 def alert_action(token: str, action: str) -> BaseResponse:
-    context, grant, visit = _open(Purpose.ACK, token)
-    if action not in MANAGER_ACTIONS:
-        raise Refusal(404, "No such button", "Nothing was changed.")
-    _check_csrf(context, token)
-    if visit.state.terminal:
-        return redirect(url_for("pages.alert_page", token=token), 303)
-    return _act(context, token, "pages.alert_page", action, grant)
+    return _button(Purpose.ACK, token, action)
 
 
 @blueprint.get("/a/<token>/done")
