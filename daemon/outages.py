@@ -70,10 +70,13 @@ class Outages:
         """
         cutoff = ts(now - self.delivery_deadline)
         troubled = sorted(self._channels | set(self.stalled()))
+        # A row whose fallback copy already went out (after repeated failures) still counts
+        # against its channel: a channel that delivers nothing for the whole deadline is in
+        # an outage, and the admins hear of it, even though the person was reached.
         late = self.store.query(
-            "SELECT n.* FROM notifications n WHERE n.status = 'pending' AND (n.created <= ?"
+            "SELECT n.*, EXISTS (SELECT 1 FROM notifications f WHERE f.fallback_of = n.id)"
+            " AS copied FROM notifications n WHERE n.status = 'pending' AND (n.created <= ?"
             f" OR n.channel IN ({','.join('?' * len(troubled))}))"
-            " AND NOT EXISTS (SELECT 1 FROM notifications f WHERE f.fallback_of = n.id)"
             " ORDER BY n.id",
             (cutoff, *troubled),
         )
@@ -88,7 +91,11 @@ class Outages:
         ]
         opening = {r["channel"] for r in overdue} - self._channels
         late = [
-            r for r in late if self._has_fallback(r) and (r["channel"] in troubled or r in overdue)
+            r
+            for r in late
+            if not r["copied"]
+            and self._has_fallback(r)
+            and (r["channel"] in troubled or r in overdue)
         ]
         if not late and not opening:
             return

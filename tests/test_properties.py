@@ -75,7 +75,7 @@ from hypothesis.stateful import (
 )
 
 from tests.conftest import STAFF_MANAGERS, STAFF_WORKERS, ics_calendar, ics_event
-from tests.scripted import HANG, MODES, OK, PERMANENT, ScriptedChannel
+from tests.scripted import HANG, MODES, OK, PERMANENT, TEMPORARY, ScriptedChannel
 from visitwatch.connectors import registry
 from visitwatch.connectors.outbox import read_outbox
 from visitwatch.daemon import dispatch as dispatch_module
@@ -996,4 +996,17 @@ def test_a_visit_reopened_then_helped_gets_a_second_all_clear() -> None:
         lambda m: m.ask_for_help(uid),
         lambda m: m.edit_entry(uid, shift=-60, minutes=None, return_after=None),
         lambda m: m.check_in(uid),
+    )
+
+
+def test_a_channel_failing_past_the_deadline_is_an_outage_even_after_its_fallback() -> None:
+    """I2 (found by `make soak`): e-mail keeps failing a help alert; its text fallback goes
+    out after three failures, and when the delivery deadline passes the admins are still
+    told that e-mail is down."""
+    replay(
+        "mail+sms",
+        lambda m: m.add_entry(minutes=5, return_after=None, starts_in=0, worker=""),
+        lambda m: m.channel_mode("mail", TEMPORARY),
+        lambda m: m.set_category(category="Help", uid="visit-0"),
+        lambda m: m.daemon_runs(minutes=2, ticks=4),
     )
