@@ -1312,3 +1312,15 @@ class SilentServer:
         for connection in self._connections:
             connection.close()
         self._listener.close()
+
+
+def toml_table(header: str, table: dict[str, Any]) -> str:
+    """``table`` (e.g. :meth:`FakeGraph.config_table` plus a name) as a TOML ``[[header]]``."""
+    lines = [f"[[{header}]]"]
+    for key, value in table.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
+            lines.append(f"{key} = {{ {inner} }}")
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"

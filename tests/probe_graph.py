@@ -20,22 +20,11 @@ sys.path.insert(1, str(Path(__file__).parent))
 import certifi
 from probe_driver import NOW, _cli, dump
 
-from tests.graph_server import FakeGraph, graph_event
+from tests.graph_server import FakeGraph, graph_event, toml_table
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 SHARED, SENDER = "home-visits@contoso.org", "visitwatch@contoso.org"
 ASHA, MARIA = "asha.khan@contoso.org", "maria.jones@contoso.org"
-
-
-def toml_table(header: str, table: dict[str, Any]) -> str:
-    lines = [f"[[{header}]]"]
-    for key, value in table.items():
-        if isinstance(value, dict):
-            inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
-            lines.append(f"{key} = {{ {inner} }}")
-        else:
-            lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
 
 
 def main(folder: Path) -> None:

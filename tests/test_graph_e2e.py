@@ -8,7 +8,6 @@ Outlook mail. Nothing is mocked inside the process.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import certifi
 import pytest
 
-from tests.graph_server import FakeGraph, graph_event
+from tests.graph_server import FakeGraph, graph_event, toml_table
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = "home-visits@contoso.org"
@@ -37,17 +36,6 @@ def graph() -> Iterator[FakeGraph]:
         fake.add_person(MARIA, "Maria Jones", mobile="+44 7700 900321")
         fake.add_person(SENDER, "visitwatch")  # a shared mailbox is a user object too
         yield fake
-
-
-def toml_table(header: str, table: dict) -> str:
-    lines = [f"[[{header}]]"]
-    for key, value in table.items():
-        if isinstance(value, dict):
-            inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
-            lines.append(f"{key} = {{ {inner} }}")
-        else:
-            lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

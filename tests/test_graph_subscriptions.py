@@ -8,7 +8,6 @@ when a subscription is created and posts notifications to them, as Graph does.
 
 from __future__ import annotations
 
-import json
 import stat
 import textwrap
 import threading
@@ -25,7 +24,7 @@ from flask import Flask
 from structlog.testing import capture_logs
 
 from tests.conftest import STAFF
-from tests.graph_server import FakeGraph, graph_event
+from tests.graph_server import FakeGraph, graph_event, toml_table
 from tests.mailserver import free_port
 from visitwatch.connectors.change_feed import Endpoints, Subscribed, SubscriptionGone
 from visitwatch.connectors.graph import GraphCalendarSource
@@ -89,12 +88,14 @@ def graph(start_fake_graph: Callable[..., FakeGraph]) -> FakeGraph:
 def daemon(graph: FakeGraph, tmp_path: Path) -> Iterator[Daemon]:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    table = graph.config_table("VW_FAKE_GRAPH_SECRET", mailboxes=[ASHA])
-    sources = "".join(
-        f"{k} = {json.dumps(v)}\n" if not isinstance(v, dict)
-        else f'{k} = {{ env = "{v["env"]}" }}\n'
-        for k, v in table.items()
-    )  # fmt: skip
+    sources = toml_table(
+        "sources",
+        {
+            "name": SOURCE,
+            "type": "graph",
+            **graph.config_table("VW_FAKE_GRAPH_SECRET", mailboxes=[ASHA]),
+        },
+    )
     config = tmp_path / "visitwatch.toml"
     config.write_text(
         textwrap.dedent(f"""
@@ -107,7 +108,7 @@ def daemon(graph: FakeGraph, tmp_path: Path) -> Iterator[Daemon]:
         """)
         + STAFF
         + '\n[[staff]]\nid = "admin@example.org"\nname = "Ada Admin"\nrole = "admin"\n'
-        + f'\n[[sources]]\nname = "{SOURCE}"\ntype = "graph"\n'
+        + "\n"
         + sources
         + '\n[[channels]]\nname = "outbox"\ntype = "outbox"\npath = "outbox.jsonl"\n'
         + '\n[policy]\npreset = "pan-lancashire"\n',
@@ -441,19 +442,21 @@ def test_the_running_daemon_subscribes_reads_on_notice_and_unsubscribes_on_stop(
     it within a second of a notification, and deletes the subscription when it stops."""
     graph.subscriptions.validate = False  # the proxy's https address is not reachable here
     port = free_port()
-    table = graph.config_table("VW_FAKE_GRAPH_SECRET", mailboxes=[ASHA])
-    sources = "".join(
-        f"{k} = {json.dumps(v)}\n" if not isinstance(v, dict)
-        else f'{k} = {{ env = "{v["env"]}" }}\n'
-        for k, v in table.items()
-    )  # fmt: skip
+    sources = toml_table(
+        "sources",
+        {
+            "name": SOURCE,
+            "type": "graph",
+            **graph.config_table("VW_FAKE_GRAPH_SECRET", mailboxes=[ASHA]),
+        },
+    )
     config = tmp_path / "visitwatch.toml"
     config.write_text(
         '[daemon]\ndatabase = "visitwatch.db"\npoll_interval = "1h"\n'
         'public_base_url = "https://visitwatch.example.org"\n'
         f"[web]\nenabled = true\nport = {port}\n"
         + STAFF
-        + f'\n[[sources]]\nname = "{SOURCE}"\ntype = "graph"\n'
+        + "\n"
         + sources
         + '\n[[channels]]\nname = "outbox"\ntype = "outbox"\npath = "outbox.jsonl"\n'
         + '\n[policy]\npreset = "pan-lancashire"\n',
