@@ -136,6 +136,17 @@ class Channel(Connector):
     writes_locally: ClassVar[bool] = False
     # True when send_many() is cheaper than one send() per message (one write, one fsync).
     sends_batches: ClassVar[bool] = False
+    # True for channels that post to a place (a Teams channel, a webhook receiver) rather
+    # than to a person: they get one message per event, not one per recipient. Its
+    # ``recipient`` stands for the place (id = the channel's name) and its text lists who
+    # was alerted.
+    broadcast: ClassVar[bool] = False
+
+    @classmethod
+    def takes_replies(cls, settings: Mapping[str, Any]) -> bool:
+        """Whether people can answer this channel's messages (a text reply: SAFE, HELP...)
+        and visitwatch hears them; only then do messages invite a reply."""
+        return False
 
     def delivery_log(self, message: Message, **context: Any) -> Any:
         """A logger bound with what every line about one delivery names: the channel, the

@@ -23,6 +23,10 @@ CHANNELS: dict[str, str] = {
     "smtp": "visitwatch.connectors.smtp:SmtpChannel",
     "graph_mail": "visitwatch.connectors.graph_mail:GraphMailChannel",
     "webhook": "visitwatch.connectors.webhook:WebhookChannel",
+    "notify_sms": "visitwatch.connectors.notify:NotifySmsChannel",
+    "notify_email": "visitwatch.connectors.notify:NotifyEmailChannel",
+    "twilio_sms": "visitwatch.connectors.twilio_sms:TwilioSmsChannel",
+    "teams": "visitwatch.connectors.teams:TeamsChannel",
 }
 
 

@@ -22,6 +22,7 @@ class NotificationKind(StrEnum):
     ENDED = "ended"  # the visit stopped being watched while alerts were out
     REMOVED = "removed"  # a visit under way vanished from the calendar: is the worker safe?
     ADMIN = "admin"  # about visitwatch itself: a failing source, an unreachable person
+    REPLY = "reply"  # the answer to a text message a person sent in (SAFE, HELP...)
 
     @property
     def is_alert(self) -> bool:
@@ -86,6 +87,9 @@ class Message:
     subject: str
     text: str
     created: datetime  # aware UTC
+    # The same news for a text message or a chat card: at most two SMS segments (GSM-7),
+    # the short link included. "" for rows written before it existed: use ``subject``.
+    short: str = ""
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -101,5 +105,6 @@ class Message:
             "channel": self.channel,
             "subject": self.subject,
             "text": self.text,
+            "short": self.short,
             "created": self.created.isoformat(),
         }
