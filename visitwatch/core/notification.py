@@ -90,6 +90,10 @@ class Message:
     # The same news for a text message or a chat card: at most two SMS segments (GSM-7),
     # the short link included. "" for rows written before it existed: use ``subject``.
     short: str = ""
+    # The page this message points to: the recipient's signed check-in or acknowledge page,
+    # or for a broadcast channel the visit on the board (behind sign-in, since anyone in a
+    # shared channel could tap it). "" when there is none ([web] off, admin notices).
+    link: str = ""
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -106,5 +110,6 @@ class Message:
             "subject": self.subject,
             "text": self.text,
             "short": self.short,
+            "link": self.link,
             "created": self.created.isoformat(),
         }
