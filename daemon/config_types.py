@@ -43,6 +43,10 @@ class Directory:
                 return member
         return None
 
+    def by_mobile(self, number: str) -> list[StaffMember]:
+        """Everyone whose mobile is ``number`` (E.164, as every stored mobile is)."""
+        return [m for m in self.members.values() if m.mobile and m.mobile == number]
+
     def with_role(self, role: str) -> list[StaffMember]:
         return [m for m in self.members.values() if m.role == role]
 

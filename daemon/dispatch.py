@@ -394,4 +394,6 @@ def to_message(row: dict[str, Any]) -> Message:
         subject=row["subject"],
         text=row["text"],
         created=created,
+        short=row.get("short") or "",
+        link=row.get("link") or "",
     )

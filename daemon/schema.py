@@ -206,4 +206,24 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX web_used_nonces_expires ON web_used_nonces (expires);
         """,
     ),
+    (
+        "0007_texts_and_short_links",
+        """
+        -- A text message's words (two SMS segments, GSM-7) and the page a message points to,
+        -- next to the e-mail's subject and text (routing.py writes all of them at once).
+        ALTER TABLE notifications ADD COLUMN short TEXT NOT NULL DEFAULT '';
+        ALTER TABLE notifications ADD COLUMN link TEXT NOT NULL DEFAULT '';
+        -- Short links for texts (daemon/web/short_links.py): a signed link is ~250
+        -- characters, most of a two-segment text. A random code stands in for it; only the
+        -- code's SHA-256 is kept, so the table alone opens nothing without the token, which
+        -- is kept to redirect to. Rows past ``expires`` are deleted.
+        CREATE TABLE short_links (
+            code_hash TEXT PRIMARY KEY,
+            target TEXT NOT NULL,
+            created TEXT NOT NULL,
+            expires TEXT NOT NULL
+        );
+        CREATE INDEX short_links_expires ON short_links (expires);
+        """,
+    ),
 ]

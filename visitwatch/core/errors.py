@@ -12,8 +12,16 @@ class VisitwatchError(Exception):
 
 
 class ConnectorError(VisitwatchError):
-    """A source or channel failed. ``permanent`` says whether retrying can help."""
+    """A source or channel failed. ``permanent`` says whether retrying can help.
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
+    ``recipient_fault`` says the failure is about one recipient (an invalid number, a
+    person who opted out), not the channel: the channel stays healthy and the admins hear
+    about that person, not about an outage.
+    """
+
+    def __init__(
+        self, message: str, *, permanent: bool = False, recipient_fault: bool = False
+    ) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.recipient_fault = recipient_fault
