@@ -8,6 +8,10 @@ seconds of this attempt) and ``webhook-signature`` (``v1,`` then the base64 HMAC
 reference library. The body is the notification's record, the same fields the outbox keeps:
 the receiver gets names and texts by design, so its URL should be https.
 
+A receiver is a place, not a person, so the webhook is a broadcast channel: it gets one
+POST per event (each rung, each all clear), whose text lists who was alerted, and whose
+``recipient`` stands for the receiver itself (its id is the channel's name).
+
 Error classes, which decide whether the dispatcher retries:
 
 * temporary: no connection, a timeout, 5xx, 408 and 429 (the receiver is busy or down);
@@ -24,17 +28,15 @@ import base64
 import binascii
 import json
 import re
-import socket
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar, NoReturn
-from urllib.parse import urlsplit
 
-import requests
 import structlog
 from standardwebhooks import Webhook
 
 from visitwatch.connectors.base import Channel
+from visitwatch.connectors.http_target import HttpTarget, plain_http_problem, retryable
 from visitwatch.core.errors import ConnectorError
 from visitwatch.core.notification import Message
 from visitwatch.core.options import ConfigProblem, ConnectorContext, Option, Secret
@@ -47,14 +49,15 @@ _SECRET_BYTES = (24, 64)
 # Set by the channel itself: an extra header of the same name would break the signature.
 _RESERVED = frozenset({"webhook-id", "webhook-timestamp", "webhook-signature", "content-type"})
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 header field name
-_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
-_RETRIED = frozenset({408, 429})
 
 
 class WebhookChannel(Channel):
-    """POSTs each message as signed JSON to ``url``."""
+    """POSTs each message as signed JSON to ``url``, once per event (a broadcast channel)."""
 
     type_name: ClassVar[str] = "webhook"
+    # A receiver is a place, not a person: one POST per event, its text listing who was
+    # alerted, instead of one per recipient with the same news.
+    broadcast: ClassVar[bool] = True
     options: ClassVar[dict[str, Option]] = {
         "url": Option(
             "url",
@@ -94,16 +97,9 @@ class WebhookChannel(Channel):
                     'base64.b64encode(os.urandom(32)).decode())"',
                 )
             )
-        url = _text(settings["url"])
-        parts = urlsplit(url.strip())
-        if parts.scheme.lower() == "http" and parts.hostname not in _LOOPBACK:
-            problems.append(
-                ConfigProblem(
-                    "url",
-                    "alerts carry names and places: send them over https://",
-                    "http:// is accepted for a receiver on this machine only",
-                )
-            )
+        plain = plain_http_problem(settings["url"])
+        if plain:
+            problems.append(plain)
         for name, value in settings["headers"].items():
             if name.lower() in _RESERVED:
                 problems.append(ConfigProblem(f"headers.{name}", "is set by the webhook itself"))
@@ -116,17 +112,9 @@ class WebhookChannel(Channel):
     def __init__(self, name: str, settings: Mapping[str, Any], context: ConnectorContext) -> None:
         super().__init__(name, settings, context)
         # Validated once at config time (options and settings_problems): trusted here.
-        self.url: str = _text(self.settings["url"]).strip()
+        self.target = HttpTarget.from_settings("webhook", self.settings)
         self.signer = Webhook(_signing_key(self.settings["secret"]))
-        self.timeout: float = self.settings["timeout"].total_seconds()
-        ca_file = self.settings["ca_file"]
-        self.verify: bool | str = str(ca_file) if ca_file is not None else True
-        parts = urlsplit(self.url)
-        self.address = (
-            parts.hostname or "",
-            parts.port or (443 if parts.scheme == "https" else 80),
-        )
-        self.where = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+        self.where = self.target.where
 
     def send(self, message: Message) -> None:
         body = json.dumps(message.as_record(), ensure_ascii=False, separators=(",", ":"))
@@ -143,16 +131,9 @@ class WebhookChannel(Channel):
         told = self.delivery_log(message, server=self.where)
         told.debug("webhook.sending", body=body)
         try:
-            response = requests.post(
-                self.url,
-                data=body.encode("utf-8"),
-                headers=headers,
-                timeout=self.timeout,
-                verify=self.verify,
-                allow_redirects=False,
-            )
-        except requests.RequestException as err:
-            _failed(told, ConnectorError(self._unreached(err), permanent=False), err)
+            response = self.target.post(body.encode("utf-8"), headers)
+        except ConnectorError as err:
+            _failed(told, err, err.__cause__)
         status = response.status_code
         if 200 <= status < 300:
             told.info("webhook.sent", status=status)
@@ -162,20 +143,7 @@ class WebhookChannel(Channel):
 
     def check(self) -> str:
         """Connect only: a test POST would reach the receiver as a real notification."""
-        try:
-            socket.create_connection(self.address, timeout=self.timeout).close()
-        except OSError as err:
-            raise ConnectorError(
-                f"cannot reach webhook {self.where}: {err.strerror or err}", permanent=False
-            ) from err
-        return f"webhook {self.where} accepts connections (nothing was posted)"
-
-    def _unreached(self, err: requests.RequestException) -> str:
-        if isinstance(err, requests.Timeout):
-            return f"webhook {self.where} did not answer within {self.timeout:g}s"
-        if isinstance(err, requests.exceptions.SSLError):
-            return f"webhook {self.where}: TLS failed; set ca_file to the CA that signed it"
-        return f"cannot reach webhook {self.where} ({type(err).__name__})"
+        return f"{self.target.connect()} (nothing was posted)"
 
 
 def _refusal(where: str, status: int) -> ConnectorError:
@@ -190,12 +158,7 @@ def _refusal(where: str, status: int) -> ConnectorError:
             f"webhook {where} answered {status} (a redirect); set url to where it points",
             permanent=True,
         )
-    temporary = status >= 500 or status in _RETRIED
-    return ConnectorError(f"webhook {where} answered {status}", permanent=not temporary)
-
-
-def _text(url: str | Secret) -> str:
-    return url.reveal() if isinstance(url, Secret) else url
+    return ConnectorError(f"webhook {where} answered {status}", permanent=not retryable(status))
 
 
 def _signing_key(secret: Secret) -> bytes:

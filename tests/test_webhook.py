@@ -353,3 +353,11 @@ def test_check_connects_without_posting(receiver: Receiver, context: ConnectorCo
 def test_the_registry_knows_the_webhook() -> None:
     """type = "webhook" in a config names this class."""
     assert channel_class("webhook") is WebhookChannel
+
+
+def test_the_webhook_is_a_broadcast_channel(context: ConnectorContext) -> None:
+    """A receiver is a place: the daemon sends it one message per event, and no replies."""
+    settings = {"url": "https://hooks.example.org/x", "secret": {"env": "VW_TEST_WEBHOOK_SECRET"}}
+    assert WebhookChannel.broadcast is True
+    assert WebhookChannel.address_field is None
+    assert WebhookChannel.takes_replies(settings) is False
