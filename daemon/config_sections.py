@@ -15,6 +15,7 @@ from visitwatch.connectors.base import Channel, Connector
 from visitwatch.connectors.registry import UnknownConnectorType
 from visitwatch.core.notification import NotificationKind
 from visitwatch.core.options import ConfigProblem, Option, did_you_mean, validate_options
+from visitwatch.core.phone import InvalidNumber, e164
 from visitwatch.daemon.config_types import (
     ConnectorConfig,
     DaemonSettings,
@@ -145,7 +146,9 @@ STAFF_OPTIONS: dict[str, Option] = {
     "id": Option("str", required=True, help="usually the e-mail address"),
     "name": Option("str", required=True),
     "email": Option("str", default=""),
-    "mobile": Option("str", default=""),
+    "mobile": Option(
+        "str", default="", help='for texts: "07700 900123" (read as UK) or "+44 7700 900123"'
+    ),
     "role": Option("str", default="worker", help="worker, manager, director, admin, ..."),
     "manager": Option("str", default="", help="the id of this person's line manager"),
 }
@@ -223,6 +226,21 @@ def parse_staff(entries: list[Any], config_dir: Path, problems: list[ConfigProbl
         settings["manager"] = settings["manager"].strip().lower()
         if not settings["email"] and "@" in settings["id"]:
             settings["email"] = settings["id"]
+        if settings["mobile"].strip():
+            # One form (E.164) everywhere: providers want it, inbound texts arrive in it.
+            try:
+                settings["mobile"] = e164(settings["mobile"])
+            except InvalidNumber as err:
+                problems.append(
+                    ConfigProblem(
+                        f"{prefix}.mobile",
+                        str(err),
+                        'write it as "07700 900123" or with its country code, "+44 7700 900123"',
+                    )
+                )
+                continue
+        else:
+            settings["mobile"] = ""
         if settings["id"] in members:
             problems.append(ConfigProblem(f"{prefix}.id", f"{settings['id']!r} appears twice"))
         members[settings["id"]] = StaffMember(**settings)

@@ -11,6 +11,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from visitwatch.core.notification import NotificationKind
+from visitwatch.core.phone import readable
 from visitwatch.daemon.visits import Visit
 from visitwatch.policies.model import Finding, PolicySettings
 
@@ -64,7 +65,11 @@ def _facts(view: VisitView, now: datetime) -> list[str]:
     deadline = visit.deadline
     lines = [
         f"Worker:           {view.worker_name}"
-        + (f", mobile {view.worker_mobile}" if view.worker_mobile else ", no mobile on record"),
+        + (
+            f", mobile {readable(view.worker_mobile)}"
+            if view.worker_mobile
+            else ", no mobile on record"
+        ),
         f"Visit:            {view.subject}",
         f"Address:          {visit.address or 'NOT RECORDED'}",
         f"Started:          {view.local(view.visit.start)}",

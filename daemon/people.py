@@ -6,7 +6,8 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from visitwatch.connectors.base import CalendarSource
+from visitwatch.connectors.base import CalendarSource, Person
+from visitwatch.core.phone import e164_or_none
 from visitwatch.daemon.clock import Clock
 from visitwatch.daemon.config import StaffMember
 from visitwatch.daemon.recipients import StaffDirectory
@@ -48,8 +49,20 @@ class PeopleLearner:
             self._not_in_directory[missing] = now
         # One holder, replaced whole: sync, escalation and health all see the new directory.
         self.staff.learn(
-            StaffMember(p.id.lower(), p.name, p.email, p.mobile, "worker",
+            StaffMember(p.id.lower(), p.name, p.email, self._mobile(p, source.name), "worker",
                         (p.manager_id or "").lower())
             for p in people.values()
         )  # fmt: skip
         log.info("directory_updated", source=source.name, people=len(people))
+
+    @staticmethod
+    def _mobile(person: Person, source: str) -> str:
+        """The person's mobile in E.164; "" (with a warning) when Microsoft 365 holds a
+        number that cannot be texted, so routing names them unreachable by text."""
+        if not person.mobile:
+            return ""
+        number = e164_or_none(person.mobile)
+        if number is None:
+            log.warning("directory_mobile_unusable", source=source, person_id=person.id)
+            return ""
+        return number

@@ -91,7 +91,7 @@ def test_the_overrun_link_opens_the_alert_page_with_what_a_manager_needs(ww: Web
     assert link.startswith("/a/")
     page = ww.client.get(link)
     assert page.status_code == 200
-    assert 'href="tel:07700900123"' in page.text
+    assert 'href="tel:+447700900123"' in page.text
     maps = "https://www.google.com/maps/search/?api=1&amp;query=14+Brook+Street%2C+Preston+PR1+3XX"
     assert maps in page.text
     shown = text(page.text)

@@ -22,6 +22,7 @@ from flask import Blueprint, abort, current_app, redirect, render_template, requ
 from werkzeug.wrappers import Response
 
 from visitwatch.core.notification import NotificationKind
+from visitwatch.core.phone import readable
 from visitwatch.core.visit_state import VisitState
 from visitwatch.daemon.recipients import alerted
 from visitwatch.daemon.store import ts
@@ -138,7 +139,7 @@ def board_row(context: WebContext, visit: Visit, now: datetime) -> BoardRow:
         visit_id=visit.id,
         state=visit.state,
         worker=view.worker_name,
-        mobile=view.worker_mobile,
+        mobile=readable(view.worker_mobile),
         subject=view.subject,
         address=PRIVATE if visit.private else (visit.address or "not recorded"),
         window=f"{clock(visit.start)}–{clock(visit.end)}",

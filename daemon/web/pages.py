@@ -19,6 +19,7 @@ import structlog
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
+from visitwatch.core.phone import readable
 from visitwatch.daemon.store import from_ts, ts
 from visitwatch.daemon.visits import ActionError, Visit
 from visitwatch.daemon.web.context import WebContext
@@ -40,6 +41,8 @@ from visitwatch.daemon.web.pages_view import (
 log = structlog.get_logger(__name__)
 
 blueprint = Blueprint("pages", __name__)
+# Mobiles are stored in E.164; pages show them as people write them ("07700 900123").
+blueprint.add_app_template_filter(readable, "phone")
 
 EXTEND_MINUTES = (15, 30, 60)
 WORKER_ACTIONS = ("checkin", "home", "left", "extend", "help")

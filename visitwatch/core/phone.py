@@ -56,3 +56,15 @@ def _reason(err: phonenumbers.NumberParseException) -> str:
         phonenumbers.NumberParseException.TOO_LONG: "too long",
     }
     return reasons.get(err.error_type, "unreadable")
+
+
+def readable(number: str, region: str = DEFAULT_REGION) -> str:
+    """``number`` as people write it: national within ``region`` ("07700 900123"),
+    international otherwise ("+33 6 12 34 56 78"); as given when it cannot be read."""
+    try:
+        parsed = phonenumbers.parse(number, region)
+    except phonenumbers.NumberParseException:
+        return number
+    national = parsed.country_code == phonenumbers.country_code_for_region(region)
+    style = phonenumbers.PhoneNumberFormat
+    return phonenumbers.format_number(parsed, style.NATIONAL if national else style.INTERNATIONAL)
