@@ -226,4 +226,34 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX short_links_expires ON short_links (expires);
         """,
     ),
+    (
+        "0008_channel_health",
+        """
+        -- Each channel's health, as Healthchecks keeps per integration (channel_health.py):
+        -- failing since when (NULL: healthy), the last error (ConnectorError text, written
+        -- without personal data), the last success, counts, and the announced outage
+        -- episode (``outage_since``: one admin notice when it opens, one when it ends).
+        CREATE TABLE channel_health (
+            channel TEXT PRIMARY KEY,
+            failing_since TEXT,
+            last_error TEXT,
+            last_error_at TEXT,
+            last_success TEXT,
+            sent INTEGER NOT NULL DEFAULT 0,
+            failures INTEGER NOT NULL DEFAULT 0,
+            consecutive_failures INTEGER NOT NULL DEFAULT 0,
+            recipient_failures INTEGER NOT NULL DEFAULT 0,
+            outage_since TEXT
+        );
+        -- Outages announced before this table existed were kept in meta.
+        INSERT INTO channel_health (channel, failing_since, outage_since)
+            SELECT substr(key, 8), value, value FROM meta WHERE key LIKE 'outage:%';
+        DELETE FROM meta WHERE key LIKE 'outage:%';
+        -- A row that failed for good by its channel's fault during an outage belongs to that
+        -- outage (its outage_since): the admins hear of it with the outage, not one by one;
+        -- ``outage_named`` is when a notice named it (it reached nobody another way).
+        ALTER TABLE notifications ADD COLUMN outage TEXT;
+        ALTER TABLE notifications ADD COLUMN outage_named TEXT;
+        """,
+    ),
 ]
