@@ -109,9 +109,7 @@ class _NotifyChannel(Channel):
                         name, f"{value!r} is not an id", f"Notify's ids look like {_EXAMPLE_ID}"
                     )
                 )
-        base_url = settings["base_url"]
-        url = base_url.reveal() if isinstance(base_url, Secret) else base_url
-        parts = urlsplit(url.strip())
+        parts = urlsplit(_text(settings["base_url"]))
         if parts.scheme.lower() == "http" and parts.hostname not in _LOOPBACK:
             problems.append(
                 ConfigProblem(
@@ -126,9 +124,7 @@ class _NotifyChannel(Channel):
         super().__init__(name, settings, context)
         # Validated once at config time (options and settings_problems): trusted here.
         self._key: Secret = self.settings["api_key"]
-        base_url = self.settings["base_url"]
-        url = base_url.reveal() if isinstance(base_url, Secret) else base_url
-        self.base_url: str = url.strip().rstrip("/")
+        self.base_url: str = _text(self.settings["base_url"]).rstrip("/")
         self.timeout: float = self.settings["timeout"].total_seconds()
         self.template_id: str = self.settings["template_id"].strip()
         self.templates: dict[str, str] = {
@@ -139,6 +135,7 @@ class _NotifyChannel(Channel):
         # The client keeps a requests.Session and says it is not thread-safe: one per thread
         # (the channel's delivery lane, and `visitwatch check`).
         self._local = threading.local()
+        self._clients: list[NotificationsAPIClient] = []  # list.append is atomic
 
     def client(self) -> NotificationsAPIClient:
         """This thread's Notify client. Its ``timeout`` goes to every requests call it makes
@@ -149,7 +146,12 @@ class _NotifyChannel(Channel):
                 self._key.reveal().strip(), base_url=self.base_url, timeout=self.timeout
             )
             self._local.client = client
+            self._clients.append(client)
         return client
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.request_session.close()
 
     def template_for(self, kind: str) -> str:
         return self.templates.get(kind, self.template_id)
@@ -235,6 +237,10 @@ class _NotifyChannel(Channel):
             if plain not in ours
         ]
         return problems
+
+
+def _text(url: str | Secret) -> str:
+    return (url.reveal() if isinstance(url, Secret) else url).strip()
 
 
 def _plain(placeholder: str) -> str:
