@@ -9,9 +9,9 @@ timeout and follows no redirect; ``check`` connects without posting anything.
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import requests
@@ -57,13 +57,14 @@ class HttpTarget:
     tls_hint: str = "set ca_file to the CA that signed it"
 
     @classmethod
-    def from_settings(cls, label: str, settings: Mapping[str, Any]) -> HttpTarget:
+    def from_settings(cls, label: str, settings: Mapping[str, Any], **extra: Any) -> HttpTarget:
         ca_file = settings.get("ca_file")
         return cls(
             label=label,
             url=reveal(settings["url"]),
             timeout=settings["timeout"].total_seconds(),
             verify=str(ca_file) if ca_file is not None else True,
+            **extra,
         )
 
     @property
@@ -86,6 +87,30 @@ class HttpTarget:
         except requests.RequestException as err:
             raise ConnectorError(self._unreached(err), permanent=False) from err
 
+    def deliver(
+        self,
+        told: Any,
+        event: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        refusal: Callable[[int], ConnectorError],
+    ) -> None:
+        """POST ``body``; return on 2xx, else log and raise (``refusal(status)`` for answers).
+
+        ``told`` is the delivery's logger; ``event`` prefixes its lines ("webhook"): the
+        answer's text is logged at debug only (a receiver may echo the message back).
+        """
+        try:
+            response = self.post(body, headers)
+        except ConnectorError as err:
+            _failed(told, event, err, err.__cause__)
+        status = response.status_code
+        if 200 <= status < 300:
+            told.info(f"{event}.sent", status=status)
+            return
+        told.debug(f"{event}.refused", status=status, answer=response.text[:500])
+        _failed(told, event, refusal(status), None)
+
     def connect(self) -> str:
         """Open a connection and close it: nothing is posted. Raises when unreachable."""
         parts = urlsplit(self.url)
@@ -105,3 +130,8 @@ class HttpTarget:
         if isinstance(err, requests.exceptions.SSLError):
             return f"{self.label} {self.where}: TLS failed; {self.tls_hint}"
         return f"cannot reach {self.label} {self.where} ({type(err).__name__})"
+
+
+def _failed(told: Any, event: str, error: ConnectorError, cause: BaseException | None) -> NoReturn:
+    told.warning(f"{event}.send_failed", permanent=error.permanent, error=str(error))
+    raise error from cause

@@ -30,7 +30,7 @@ import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar
 
 import structlog
 from standardwebhooks import Webhook
@@ -130,16 +130,9 @@ class WebhookChannel(Channel):
         }
         told = self.delivery_log(message, server=self.where)
         told.debug("webhook.sending", body=body)
-        try:
-            response = self.target.post(body.encode("utf-8"), headers)
-        except ConnectorError as err:
-            _failed(told, err, err.__cause__)
-        status = response.status_code
-        if 200 <= status < 300:
-            told.info("webhook.sent", status=status)
-            return
-        told.debug("webhook.refused", status=status, answer=response.text[:500])
-        _failed(told, _refusal(self.where, status), None)
+        self.target.deliver(
+            told, "webhook", body.encode("utf-8"), headers, lambda s: _refusal(self.where, s)
+        )
 
     def check(self) -> str:
         """Connect only: a test POST would reach the receiver as a real notification."""
@@ -168,8 +161,3 @@ def _signing_key(secret: Secret) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return b""
-
-
-def _failed(told: Any, error: ConnectorError, cause: BaseException | None) -> NoReturn:
-    told.warning("webhook.send_failed", permanent=error.permanent, error=str(error))
-    raise error from cause
