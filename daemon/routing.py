@@ -17,11 +17,12 @@ import structlog
 
 from visitwatch.connectors.base import Channel
 from visitwatch.core.notification import NotificationKind, Recipient
-from visitwatch.daemon import messages
+from visitwatch.daemon import messages, texts
 from visitwatch.daemon.config import Config, ConnectorConfig
 from visitwatch.daemon.recipients import Addressee, Recipients, admin_addressees
 from visitwatch.daemon.store import ts
 from visitwatch.daemon.visits import Visit
+from visitwatch.daemon.web import short_links
 from visitwatch.daemon.web.links import Links
 
 log = structlog.get_logger(__name__)
@@ -39,13 +40,15 @@ def enqueue(
     text: str,
     now: datetime,
     key_base: str,
+    short: str = "",
+    link: str = "",
 ) -> int:
     """Insert one notification unless the same one exists (idempotency key)."""
     r = addressee.recipient
     return conn.execute(
         "INSERT OR IGNORE INTO notifications (key, visit_id, kind, recipient_id, recipient_name,"
         " recipient_email, recipient_mobile, recipient_relation, channel, subject, text, created,"
-        " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " next_attempt_at, short, link) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             f"{key_base}|{r.id}|{channel}",
             visit_id,
@@ -60,6 +63,8 @@ def enqueue(
             text,
             ts(now),
             ts(now),
+            short or texts.plain(subject),
+            link,
         ),
     ).rowcount
 
@@ -67,6 +72,16 @@ def enqueue(
 def address_field(channel: ConnectorConfig) -> str | None:
     """The Recipient field ``channel`` delivers to ("email", "mobile"); None for any."""
     return channel.cls.address_field if issubclass(channel.cls, Channel) else None
+
+
+def broadcasts(channel: ConnectorConfig) -> bool:
+    """Whether ``channel`` posts to a place (once per event) rather than to a person."""
+    return issubclass(channel.cls, Channel) and channel.cls.broadcast
+
+
+def texts_people(channel: ConnectorConfig) -> bool:
+    """Whether ``channel`` sends text messages (so its messages want a short link)."""
+    return address_field(channel) == "mobile" or broadcasts(channel)
 
 
 def reaches(channel: ConnectorConfig, recipient: Recipient) -> bool:
@@ -85,6 +100,10 @@ class Router:
         # Signed pages for each recipient; None when [web] is off (messages then name the
         # CLI commands only).
         self.links = links
+        # Texts invite a reply (SAFE, HELP...) only when a channel hears replies.
+        self.replies = any(
+            issubclass(c.cls, Channel) and c.cls.takes_replies(c.settings) for c in config.channels
+        )
 
     def view(
         self,
@@ -122,6 +141,8 @@ class Router:
         """The channels that take ``kind`` for ``recipient`` (``any_kind``: ignore ``kinds``)."""
         chosen = []
         for channel in self.config.channels:
+            if broadcasts(channel):
+                continue  # a place, not a person: posted once per event (notify)
             if not any_kind and channel.kinds is not None and kind not in channel.kinds:
                 continue
             if not reaches(channel, recipient):
@@ -131,7 +152,11 @@ class Router:
 
     def why_unreachable(self, kind: str, recipient: Recipient) -> str:
         """Why no channel takes a ``kind`` notification for ``recipient``, in a few words."""
-        carrying = [c for c in self.config.channels if c.kinds is None or kind in c.kinds]
+        carrying = [
+            c
+            for c in self.config.channels
+            if (c.kinds is None or kind in c.kinds) and not broadcasts(c)
+        ]
         if not carrying:
             return f"no channel is configured to carry {kind} notifications"
         reasons = []
@@ -158,32 +183,88 @@ class Router:
         visit, rung and person; ``rung`` defaults to ``token``).
         """
         written = 0
+        told: list[Addressee] = []
         for addressee in addressees:
             channels = self.channels_for(kind, addressee.recipient)
             if not channels:
                 if kind.is_alert:
                     self._unreachable(conn, visit, kind, addressee, now, rung or token)
                 continue
+            told.append(addressee)
             view = self.view(visit, addressee, kind, now)
-            relation = addressee.relation
-            if kind.is_alert:
-                subject, text = messages.alert(view, kind, now, relation)
-            elif kind == NotificationKind.COMPLIANCE:
-                subject, text = messages.compliance(view, now, relation, token == "prestart")
-            else:
-                subject, text = messages.resolution(view, kind, now, by)
+            wants_short = any(texts_people(c) for c in channels)
+            short_link = self._short_link(conn, visit, view.link, now) if wants_short else ""
+            subject, text, short = self._wording(
+                view, kind, addressee.relation, now, token, by, short_link
+            )
             for channel in channels:
                 written += enqueue(
-                    conn,
-                    visit.id,
-                    kind,
-                    addressee,
-                    channel.name,
-                    subject,
-                    text,
-                    now,
-                    f"{visit.id}|{kind}|{token}",
-                )
+                    conn, visit.id, kind, addressee, channel.name, subject, text, now,
+                    f"{visit.id}|{kind}|{token}", short, view.link,
+                )  # fmt: skip
+        return written + self._broadcast(conn, visit, kind, told, now, token, by)
+
+    def _wording(
+        self,
+        view: messages.VisitView,
+        kind: NotificationKind,
+        relation: str,
+        now: datetime,
+        token: str,
+        by: str,
+        short_link: str,
+    ) -> tuple[str, str, str]:
+        """Subject, text and the text message's words for one recipient."""
+        if kind.is_alert:
+            subject, text = messages.alert(view, kind, now, relation)
+            return subject, text, texts.alert(view, kind, now, relation, short_link, self.replies)
+        if kind == NotificationKind.COMPLIANCE:
+            subject, text = messages.compliance(view, now, relation, token == "prestart")
+            return subject, text, texts.compliance(view, relation, short_link)
+        subject, text = messages.resolution(view, kind, now, by)
+        return subject, text, texts.resolution(view, kind, by)
+
+    def _short_link(self, conn: sqlite3.Connection, visit: Visit, link: str, now: datetime) -> str:
+        if not link or self.links is None or visit.deadline is None:
+            return ""
+        return short_links.shorten(conn, link, visit.deadline + self.links.ttl, now)
+
+    def _broadcast(
+        self,
+        conn: sqlite3.Connection,
+        visit: Visit,
+        kind: NotificationKind,
+        told: list[Addressee],
+        now: datetime,
+        token: str,
+        by: str,
+    ) -> int:
+        """One post per event to each place (a Teams channel, a webhook) listing who was told.
+
+        Its link is the visit on the board, behind sign-in: anyone in a shared channel could
+        tap it, so never a person's signed page.
+        """
+        places = [
+            c
+            for c in self.config.channels
+            if broadcasts(c) and (c.kinds is None or kind in c.kinds)
+        ]
+        others = [a for a in told if a.relation != "worker"]
+        if not places or not others:
+            return 0  # a worker's own reminder or notice is between visitwatch and them
+        lead = others[0]
+        view = self.view(visit)
+        link = f"{self.links.base_url}/board#visit-{visit.id}" if self.links else ""
+        subject, text, short = self._wording(view, kind, lead.relation, now, token, by, link)
+        names = ", ".join(f"{a.recipient.name} ({a.relation})" for a in told)
+        text = f"{text}\n\nTold: {names}."
+        written = 0
+        for place in places:
+            stand_in = Addressee(Recipient(place.name, place.name), "channel")
+            written += enqueue(
+                conn, visit.id, kind, stand_in, place.name, subject, text, now,
+                f"{visit.id}|{kind}|{token}", short, link,
+            )  # fmt: skip
         return written
 
     def to_admins(

@@ -89,3 +89,8 @@ class PolicySettings:
     # line unless the organisation asks for one ([policy.requirements]
     # lone_working_risk_assessment). Defaulted, so existing constructors keep working.
     require_lone_working_risk_assessment: bool = False
+    # What a text message (SMS, a chat card) may carry ([policy.texts]): a text sits on a
+    # lock screen, so an organisation may keep the worker's name or the address out of it;
+    # the link's page (behind its signed token) still says everything.
+    text_names: bool = True
+    text_address: bool = True

@@ -65,8 +65,9 @@ _TOP_KEYS = (
     "escalation",
     "clauses",
     "instructions",
+    "texts",
 )
-_TABLES = ("recognition", "requirements", "timing", "checkin", "clauses", "instructions")
+_TABLES = ("recognition", "requirements", "timing", "checkin", "clauses", "instructions", "texts")
 
 _RECOGNITION_OPTIONS: dict[str, Option] = {
     "categories": Option("list", default=list(Recognition.categories)),
@@ -100,6 +101,11 @@ _TIMING_OPTIONS: dict[str, Option] = {
 _CHECKIN_OPTIONS: dict[str, Option] = {
     "categories": Option("list", default=["Safe", "Checked in"]),
     "help_categories": Option("list", default=["Help", "Need help"]),
+}
+
+_TEXTS_OPTIONS: dict[str, Option] = {
+    "names": Option("bool", default=True, help="the worker's name in texts"),
+    "address": Option("bool", default=True, help="the visit's address in texts"),
 }
 
 
@@ -250,6 +256,10 @@ def parse_policy(
         tables["checkin"], _CHECKIN_OPTIONS, path, _NO_CONFIG_DIR
     )
     problems.extend(found)
+    texts, found = validate_options(
+        tables["texts"], _TEXTS_OPTIONS, f"{prefix}.texts", _NO_CONFIG_DIR
+    )
+    problems.extend(found)
 
     if "escalation" in merged:
         escalation = parse_ladder(merged["escalation"], f"{prefix}.escalation", problems)
@@ -291,6 +301,8 @@ def parse_policy(
         instructions=_texts(
             tables["instructions"], INSTRUCTION_KEYS, f"{prefix}.instructions", problems
         ),
+        text_names=bool(texts.get("names", True)),
+        text_address=bool(texts.get("address", True)),
         **requirements,
     )
     return settings, problems

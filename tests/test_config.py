@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import tomllib
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,12 @@ SECTIONS = {"sources": (SOURCES, source_class), "channels": (CHANNELS, channel_c
 # A value every secret option accepts (a Standard Webhooks key is also a fine password).
 SAMPLE_SECRET = "whsec_" + base64.b64encode(b"example-secret-of-32-bytes-long!").decode()
 SAMPLE_URL = "https://calendar.example.org/secret-token.ics"
+# Secrets with a shape of their own: (channel type, option) -> a value of that shape.
+SHAPED_SECRETS = {
+    # GOV.UK Notify: "{key name}-{service id}-{secret}", both UUIDs.
+    ("notify_sms", "api_key"): f"example-{uuid.UUID(int=1)}-{uuid.UUID(int=2)}",
+    ("notify_email", "api_key"): f"example-{uuid.UUID(int=1)}-{uuid.UUID(int=2)}",
+}
 
 
 def example_blocks() -> list[tuple[str, dict[str, Any]]]:
@@ -68,7 +75,9 @@ def example_env(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         options = connector_class(section, block).options
         for key, value in block.items():
             if isinstance(value, dict) and set(value) == {"env"}:
-                sample = SAMPLE_URL if options[key].kind == "url" else SAMPLE_SECRET
+                sample = SHAPED_SECRETS.get((block.get("type"), key)) or (
+                    SAMPLE_URL if options[key].kind == "url" else SAMPLE_SECRET
+                )
                 monkeypatch.setenv(value["env"], sample)
                 values.append(sample)
     return values

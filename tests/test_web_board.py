@@ -93,7 +93,7 @@ def sections(page: str) -> dict[str, str]:
 
 
 def row(page: str, vid: str) -> str:
-    found = re.search(rf'<li data-visit="{vid}">.*?</li>', page, re.S)
+    found = re.search(rf'<li data-visit="{vid}"[^>]*>.*?</li>', page, re.S)
     assert found, f"visit {vid} is on the board"
     return found.group(0)
 

@@ -22,6 +22,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from visitwatch.core.phone import readable
 from visitwatch.daemon.store import from_ts, ts
 from visitwatch.daemon.visits import ActionError, Visit
+from visitwatch.daemon.web import short_links
 from visitwatch.daemon.web.context import WebContext
 from visitwatch.daemon.web.csrf import csrf_ok, csrf_token
 from visitwatch.daemon.web.links import Grant, LinkError, Purpose
@@ -353,3 +354,21 @@ def alert_action(token: str, action: str) -> BaseResponse:
 def alert_page_done(token: str) -> str:
     context, _grant, visit = _open(Purpose.ACK, token)
     return _done(context, token, visit, for_worker=False)
+
+
+# ------------------------------------------------------------------ short links (texts)
+
+
+@blueprint.get("/s/<code>")
+def short_link(code: str) -> BaseResponse:
+    """A text's short link: to the signed page it stands for, which checks its token."""
+    context = _context()
+    where = short_links.target(context.store, code, context.clock.now())
+    if where is None:
+        raise Refusal(
+            404,
+            "This link does not work",
+            "It is not a link visitwatch sent, or it has expired. If a visit still needs "
+            "attention, phone the worker or their manager now.",
+        )
+    return redirect(where, 303)
