@@ -2,7 +2,8 @@
 
 Blueprints, one per concern: :mod:`pages` (the worker's and the manager's one-tap pages,
 reached by signed links), :mod:`board` (today's visits, behind sign-in), :mod:`ops`
-(``/healthz`` and ``/metrics``). Every error a person can meet is a plain page with a 4xx
+(``/healthz`` and ``/metrics``), :mod:`graph_hooks` (Outlook change notifications) and
+:mod:`inbound` (text messages from workers, through Twilio and GOV.UK Notify). Every error a person can meet is a plain page with a 4xx
 status, never a stack trace.
 """
 
@@ -28,10 +29,11 @@ def create_app(context: WebContext) -> Flask:
     )
     app.extensions[EXTENSION] = context
 
-    from visitwatch.daemon.web import board, graph_hooks, ops, pages
+    from visitwatch.daemon.web import board, graph_hooks, inbound, ops, pages
 
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(graph_hooks.blueprint)
+    app.register_blueprint(inbound.blueprint)
     app.register_blueprint(board.blueprint)
     app.register_blueprint(ops.blueprint)
 

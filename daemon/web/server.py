@@ -103,7 +103,12 @@ def build_app(context: WebContext) -> Flask:
 # Graph posts change notifications from a few addresses of its own, in bursts; they only
 # ask for a read (in memory, coalesced per source), so they are never rate limited: a
 # notification refused would only be seen at the next poll.
-UNLIMITED_PREFIXES = ("/graph/",)
+# Texts from workers (/sms/) come from Twilio's and Notify's few shared addresses, all the
+# workers' replies from the same ones: a limit per address would refuse a HELP because
+# others texted at the same time. Each post is believed only with its signature or token
+# (checked before any other work), and refusals reach the audit at most once a minute
+# (web/inbound.py), so an unlimited forger costs a hash per request and nothing stored.
+UNLIMITED_PREFIXES = ("/graph/", "/sms/")
 
 
 def _rate_limited() -> tuple[str, int, dict[str, str]] | None:
