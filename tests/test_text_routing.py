@@ -19,7 +19,7 @@ START = T0 + timedelta(hours=1)  # 13:00; the deadline is 14:00, the manager ale
 SECRET = "whsec_" + base64.b64encode(b"a-webhook-secret-of-32-bytes-ok!").decode()
 NOTIFY_KEY = "test-00000000-0000-0000-0000-000000000001-00000000-0000-0000-0000-000000000002"
 # The providers are never reached here: only the rows the router writes are read.
-CHANNELS = textwrap.dedent(f"""
+CHANNELS = textwrap.dedent("""
     [[channels]]
     name = "outbox"
     type = "outbox"
@@ -28,7 +28,7 @@ CHANNELS = textwrap.dedent(f"""
     [[channels]]
     name = "texts"
     type = "notify_sms"
-    api_key = {{ env = "VW_TEST_NOTIFY_KEY" }}
+    api_key = { env = "VW_TEST_NOTIFY_KEY" }
     template_id = "f33517ff-2a88-4f6e-b855-c550268ce08a"
     base_url = "http://127.0.0.1:9"
 
@@ -36,7 +36,7 @@ CHANNELS = textwrap.dedent(f"""
     name = "team"
     type = "webhook"
     url = "http://127.0.0.1:9/hook"
-    secret = {{ env = "VW_TEST_WEBHOOK_SECRET" }}
+    secret = { env = "VW_TEST_WEBHOOK_SECRET" }
     kinds = ["overrun", "escalation", "help", "all_clear", "reminder"]
 """)
 
