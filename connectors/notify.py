@@ -34,7 +34,7 @@ from visitwatch.core.errors import ConnectorError
 from visitwatch.core.notification import Message, NotificationKind
 from visitwatch.core.options import ConfigProblem, ConnectorContext, Option, Secret, did_you_mean
 from visitwatch.core.phone import InvalidNumber, e164
-from visitwatch.core.sms import fit
+from visitwatch.core.sms import text_of
 
 NOTIFY_API = "https://api.notifications.service.gov.uk"
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -286,7 +286,7 @@ class NotifySmsChannel(_NotifyChannel):
 
     def personalisation(self, message: Message) -> dict[str, str]:
         # short is already fitted, its link inside; older rows have only a subject.
-        return {"body": message.short or fit(message.subject, message.link)}
+        return {"body": text_of(message)}
 
     def post(self, address: str, message: Message) -> Any:
         return self.client().send_sms_notification(

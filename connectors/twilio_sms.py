@@ -36,16 +36,16 @@ import requests
 import structlog
 
 # twilio ships no type hints; pyproject's mypy overrides should name "twilio.*".
-from twilio.base.exceptions import TwilioException  # type: ignore[import-untyped, unused-ignore]
-from twilio.http.http_client import TwilioHttpClient  # type: ignore[import-untyped, unused-ignore]
-from twilio.rest import Client  # type: ignore[import-untyped, unused-ignore]
+from twilio.base.exceptions import TwilioException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.rest import Client
 
 from visitwatch.connectors.base import Channel
 from visitwatch.core.errors import ConnectorError
 from visitwatch.core.notification import Message
 from visitwatch.core.options import ConfigProblem, ConnectorContext, Option
 from visitwatch.core.phone import InvalidNumber, e164
-from visitwatch.core.sms import fit
+from visitwatch.core.sms import text_of
 
 log = structlog.get_logger(__name__)
 
@@ -198,7 +198,7 @@ class TwilioSmsChannel(Channel):
                 recipient_fault=True,
             )
             _failed(told, error, err)
-        body = message.short or fit(message.subject, message.link)
+        body = text_of(message)
         told.debug("twilio.sending", to=number, body=body)
         try:
             sent = self.client.messages.create(to=number, body=body, **self.sender)
@@ -230,7 +230,7 @@ class TwilioSmsChannel(Channel):
             self.http.session.close()
 
     def _check_sender(self) -> list[str]:
-        base = getattr(self.context, "public_base_url", "") or ""
+        base = self.context.public_base_url
         expected = f"{base.rstrip('/')}{INBOUND_PATH}" if base else ""
         if "from_" in self.sender:
             number = self.sender["from_"]

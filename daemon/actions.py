@@ -39,6 +39,8 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 # Pending notifications of these kinds are not sent once their visit is resolved.
+# The extensions a worker may choose, in minutes (the page's buttons, a text's EXTEND).
+EXTEND_CHOICES = (15, 30, 60)
 SUPERSEDED_BY_RESOLUTION = tuple(str(k) for k in NotificationKind if k.withdrawn_at_resolution)
 
 

@@ -34,6 +34,7 @@ from visitwatch.core import sms
 from visitwatch.core.notification import NotificationKind, Recipient
 from visitwatch.core.phone import e164_or_none
 from visitwatch.core.visit_state import VisitState
+from visitwatch.daemon.actions import EXTEND_CHOICES
 from visitwatch.daemon.config import StaffMember
 from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.recipients import Addressee, managers_of, recipient_of
@@ -44,9 +45,9 @@ from visitwatch.daemon.visits import ActionError, Visit
 
 log = structlog.get_logger(__name__)
 
-# The extensions a text may ask for: those the worker's page offers (pages.EXTEND_MINUTES,
-# 15 to 60; a test keeps the two in step). More is given as the most, and said so.
-EXTEND_MIN, EXTEND_MAX, EXTEND_DEFAULT = 15, 60, 30
+# The extensions a text may ask for: those the worker's page offers (15 to 60 minutes).
+# More is given as the most, and said so.
+EXTEND_MIN, EXTEND_MAX, EXTEND_DEFAULT = min(EXTEND_CHOICES), max(EXTEND_CHOICES), 30
 # A booked visit this close to its start counts as current (the worker may text from the
 # doorstep); later ones never do, so a HELP today cannot raise tomorrow's visit.
 SOON = timedelta(hours=1)
@@ -394,11 +395,10 @@ class Replies:
             return  # a sender with no readable number: nothing to send to (Twilio's answer aside)
         key = f"reply|{inbound.provider}|{inbound.message_id or ts(now)}"
         addressee = Addressee(to, "worker" if visit_id else "sender")
-        enqueue(conn, visit_id, NotificationKind.REPLY, addressee, inbound.channel,
-                "visitwatch", text, now, key)  # fmt: skip
-        row_key = f"{key}|{to.id}|{inbound.channel}"
         # The text itself is the message's short form (what an SMS channel sends).
-        conn.execute("UPDATE notifications SET short = ? WHERE key = ?", (text, row_key))
+        enqueue(conn, visit_id, NotificationKind.REPLY, addressee, inbound.channel,
+                "visitwatch", text, now, key, short=text)  # fmt: skip
+        row_key = f"{key}|{to.id}|{inbound.channel}"
         if not queued:  # already on its way in the webhook's answer
             conn.execute(
                 "UPDATE notifications SET status = 'sent', sent_at = ?, next_attempt_at = NULL"

@@ -82,6 +82,7 @@ class Service:
             state_dir=config.daemon.state_dir,
             config_dir=config_dir,
             user_agent=f"visitwatch/{__version__}",
+            public_base_url=config.daemon.public_base_url or "",
         )
         self.channel_configs: Mapping[str, ConnectorConfig] = {c.name: c for c in config.channels}
         self.channels: dict[str, Channel] = {

@@ -117,13 +117,6 @@ def context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ConnectorContext
     )
 
 
-@dataclass(frozen=True)
-class PublicContext(ConnectorContext):
-    """A context that knows the daemon's public address (see the report: not in core yet)."""
-
-    public_base_url: str = ""
-
-
 def table(**extra: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "account_sid": SID,
@@ -417,7 +410,7 @@ def test_check_verifies_where_incoming_texts_go(
 ) -> None:
     """inbound on and the public address known: the number's webhook must be ours."""
     answer_check(twilio, account(), numbers(sms_url=sms_url))
-    public = PublicContext(**vars(context), public_base_url=PUBLIC + "/")
+    public = replace(context, public_base_url=PUBLIC + "/")
     channel = twilio_sms(public, inbound=True)
     if ok:
         assert f"incoming texts to {SENDER} reach {PUBLIC}/sms/twilio" in channel.check()

@@ -30,7 +30,7 @@ from xml.sax.saxutils import escape
 
 import structlog
 from flask import Blueprint, Response, current_app, request
-from twilio.request_validator import (  # type: ignore[import-untyped, unused-ignore]
+from twilio.request_validator import (
     SIGNATURE_HEADER,
     SIGNATURE_SETTINGS_HEADER,
     RequestValidator,

@@ -20,6 +20,7 @@ from flask import Blueprint, Response, current_app, redirect, render_template, r
 from werkzeug.wrappers import Response as BaseResponse
 
 from visitwatch.core.phone import readable
+from visitwatch.daemon.actions import EXTEND_CHOICES
 from visitwatch.daemon.store import from_ts, ts
 from visitwatch.daemon.visits import ActionError, Visit
 from visitwatch.daemon.web import short_links
@@ -45,7 +46,7 @@ blueprint = Blueprint("pages", __name__)
 # Mobiles are stored in E.164; pages show them as people write them ("07700 900123").
 blueprint.add_app_template_filter(readable, "phone")
 
-EXTEND_MINUTES = (15, 30, 60)
+EXTEND_MINUTES = EXTEND_CHOICES
 WORKER_ACTIONS = ("checkin", "home", "left", "extend", "help")
 MANAGER_ACTIONS = ("ack", "safe")
 # The checkins row each button leaves.

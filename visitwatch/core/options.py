@@ -82,6 +82,9 @@ class ConnectorContext:
     state_dir: Path  # a folder the connector may write to (caches)
     config_dir: Path  # relative paths in the config resolve against this
     user_agent: str = "visitwatch"
+    # Where the daemon's pages are reached from outside ([daemon] public_base_url), "" when
+    # unset: a channel's check() can verify a provider calls back to the right address.
+    public_base_url: str = ""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import unicodedata
 
+from visitwatch.core.notification import Message
+
 GSM_BASIC = frozenset(
     "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
     "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
@@ -73,3 +75,9 @@ def fit(body: str, tail: str = "", limit: int = SEGMENTS) -> str:
         body = cut.rstrip(" ,.;:-") + "..." if cut else ""
         joiner = " " if body and tail else ""
     return f"{body}{joiner}{tail}"
+
+
+def text_of(message: Message) -> str:
+    """What a text message says for ``message``: the short form the daemon composed, or
+    for a row written before there was one, its subject fitted with its link."""
+    return message.short or fit(message.subject, message.link)
