@@ -89,6 +89,7 @@ class Dispatcher:
             delivery_deadline=delivery_deadline,
             send_timeout=send_timeout,
             notify_admins=notify_admins,
+            timezone=next((c.context.timezone for c in channels.values()), None),  # for notices
         )
 
     # ------------------------------------------------------------------ the pass
@@ -234,7 +235,12 @@ class Dispatcher:
         try:
             message = to_message(row)
         except Exception as err:  # a row that cannot be read is failed, never retried for ever
-            return ConnectorError(f"could not be read: {type(err).__name__}: {err}", permanent=True)
+            # The fault is this row's, not the channel's: the channel stays healthy.
+            return ConnectorError(
+                f"could not be read: {type(err).__name__}: {err}",
+                permanent=True,
+                recipient_fault=True,
+            )
         try:
             channel.send(message)
         except ConnectorError as err:
@@ -320,6 +326,9 @@ class Dispatcher:
             report.retried += 1
         if permanent or attempts >= FALLBACK_AFTER_ATTEMPTS:
             report.fallbacks += self.outages.fallback(conn, row, now)
+        # The channel's health; a permanent fault of the channel's own opens its outage.
+        fault = getattr(outcome, "recipient_fault", False)
+        report.notices += self.outages.failed(conn, row, error, now, permanent, fault)
         log.warning(
             "notification_failed",
             notification=row["id"],

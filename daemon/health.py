@@ -6,7 +6,9 @@ Checked after every sweep, each a cheap query:
   failed reads, or at the first when a visit from it is under way or due soon); one that
   could not even be built; one whose reads keep coming back incomplete; one whose read
   is held by the mass-removal guard (sync.py), saying how to confirm it;
-- an alert that could not be delivered on any channel;
+- an alert that could not be delivered on any channel; one that failed in an outage of its
+  channel is not reported alone (the outage was, once: ``outages.py``) but, when it reached
+  nobody another way, named with the others of that outage in one notice per check;
 - a Graph client secret or certificate about to expire (it would silently stop monitoring).
 
 Each notice is a notification row of kind ``admin`` with an idempotency key per episode,
@@ -18,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
 import structlog
@@ -73,6 +76,7 @@ class HealthMonitor:
             written += self._held_reads(conn, now)
             written += self._unreadable_entries(conn, now)
             written += self._undelivered(conn, now)
+            written += self._unreached_in_outages(conn, now)
             written += self._expiring_secrets(conn, now)
         return written
 
@@ -260,6 +264,8 @@ class HealthMonitor:
             # An admin notice that failed is reported once, elsewhere; a failed report of a
             # failed report is not reported again (no loop).
             " AND n.key NOT LIKE 'admin|undelivered:%'"
+            # Failed in an outage of its channel: see _unreached_in_outages.
+            " AND (n.outage IS NULL OR n.kind = 'admin')"
             " AND n.created >= ? AND NOT EXISTS (SELECT 1 FROM notifications f"
             " WHERE f.fallback_of = n.id AND f.status = 'sent')",
             (ts(now - RECENT),),
@@ -288,6 +294,55 @@ class HealthMonitor:
                 text,
                 now,
                 avoid_channel=row["channel"],
+            )
+        return written
+
+    def _unreached_in_outages(self, conn: sqlite3.Connection, now: datetime) -> int:
+        """Alerts that failed in an outage of their channel and reached nobody another way
+        (no fallback copy, no copy on another channel), named together: one notice per
+        outage and check, so the admins can tell those people, without one per alert."""
+        rows = conn.execute(
+            "SELECT * FROM notifications WHERE status = 'failed' AND outage IS NOT NULL"
+            " AND outage_named IS NULL AND kind != 'admin' AND created >= ? ORDER BY id",
+            (ts(now - RECENT),),
+        ).fetchall()
+        unreached: dict[tuple[str, str], list[sqlite3.Row]] = {}
+        for row in rows:
+            if not _reached_otherwise(conn, row):
+                unreached.setdefault((row["channel"], row["outage"]), []).append(row)
+        written = 0
+        tz = self.config.daemon.timezone
+        for (channel, outage), failed in unreached.items():
+            listing = [
+                f"  #{r['id']} {r['kind']}"
+                + (f" for visit {r['visit_id']}" if r["visit_id"] else "")
+                + f" to {r['recipient_name']} ({r['recipient_relation'] or 'recipient'}),"
+                f" written {fmt_local(from_ts(r['created']) or now, tz)}"
+                for r in failed[:30]
+            ]
+            if len(failed) > 30:
+                listing.append(f"  and {len(failed) - 30} more (`visitwatch status`)")
+            since = from_ts(outage)
+            text = (
+                f"The channel {channel!r} is not delivering (you were told at "
+                f"{fmt_local(since, tz) if since else '?'}). These notifications on it reached "
+                "nobody another way:\n" + "\n".join(listing) + f"\nLast error: "
+                f"{failed[-1]['last_error']}\n\nMake sure these people "
+                "are told now: visitwatch could not tell them. A fallback channel for "
+                f"{channel!r} (`fallback = ...` in its [[channels]] block) would have reached "
+                "them. `visitwatch status` lists every undelivered notification."
+            )
+            written += self.notify(
+                conn,
+                f"outage-unreached:{channel}:{outage}:{failed[0]['id']}",
+                f"visitwatch: {_counted(r['kind'] for r in failed)} on {channel!r} reached nobody",
+                text,
+                now,
+                avoid_channel=channel,
+            )
+            conn.executemany(
+                "UPDATE notifications SET outage_named = ? WHERE id = ?",
+                [(ts(now), r["id"]) for r in failed],
             )
         return written
 
@@ -320,6 +375,41 @@ class HealthMonitor:
                 now,
             )
         return written
+
+
+def _reached_otherwise(conn: sqlite3.Connection, row: sqlite3.Row) -> bool:
+    """Whether the same notice to the same person went, or is going, another way: a
+    fallback copy (one that failed reports itself) or the same alert on another channel.
+
+    Keys are ``<alert>|<person>|<channel>``, a fallback copy's its original's + ``|fallback``.
+    """
+    person = row["key"]
+    while person.endswith("|fallback"):
+        person = person.removesuffix("|fallback")
+    person = person.rpartition("|")[0] + "|"
+    return (
+        conn.execute(
+            "SELECT 1 FROM notifications WHERE (fallback_of = :id OR (visit_id IS :visit"
+            " AND recipient_id = :who AND substr(key, 1, :n) = :person AND id != :id"
+            " AND status IN ('sent', 'pending', 'superseded'))) LIMIT 1",
+            {
+                "id": row["id"],
+                "visit": row["visit_id"],
+                "who": row["recipient_id"],
+                "n": len(person),
+                "person": person,
+            },
+        ).fetchone()
+        is not None
+    )
+
+
+def _counted(kinds: Iterable[str]) -> str:
+    """``"2 overrun, 1 reminder alerts"``: what a list of notifications holds, by kind."""
+    counts = Counter(kinds)
+    total = sum(counts.values())
+    listed = ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
+    return f"{listed} {'alert' if total == 1 else 'alerts'}"
 
 
 def _digest(text: str) -> str:

@@ -1,9 +1,15 @@
 """Nothing waits silently: the delivery deadline, channel outages and the fallback chain.
 
 A notification still not delivered ``delivery_deadline`` after it was written (a hung or
-refusing channel) gets its fallback copy at once and opens an **outage** of its channel:
-the admins are told once, on another channel, and told again when the channel delivers
-again. Fallbacks chain (mail -> sms -> outbox), never back to a channel already tried.
+refusing channel) gets its fallback copy at once and opens an **outage** of its channel; so
+does, at once, a permanent failure that is the channel's own fault (a revoked key, a
+suspended service). The admins are told once per outage, on another channel, naming the
+channel, since when, the last error and what to do, and told once more when the channel
+delivers again and has caught up; never once per failed alert (alerts that reached nobody
+another way are named together by the health check, ``health.py``). A failure about one
+recipient (``ConnectorError.recipient_fault``) leaves the channel healthy. Each channel's
+state is kept in ``channel_health`` (``channel_health.py``). Fallbacks chain
+(mail -> sms -> outbox), never back to a channel already tried.
 """
 
 from __future__ import annotations
@@ -12,12 +18,15 @@ import sqlite3
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 
+from visitwatch.daemon import channel_health
 from visitwatch.daemon.config import ConnectorConfig
 from visitwatch.daemon.lanes import DispatchReport, Lanes
-from visitwatch.daemon.store import Store, record_unwritable, ts
+from visitwatch.daemon.messages import fmt_local
+from visitwatch.daemon.store import Store, from_ts, record_unwritable, ts
 from visitwatch.daemon.unrecorded import UnrecordedSends
 
 log = structlog.get_logger(__name__)
@@ -40,6 +49,7 @@ class Outages:
         delivery_deadline: timedelta,
         send_timeout: timedelta,
         notify_admins: AdminNotifier | None,
+        timezone: ZoneInfo | None = None,
     ) -> None:
         self.store = store
         self.configs = configs
@@ -48,12 +58,10 @@ class Outages:
         self.delivery_deadline = delivery_deadline
         self.send_timeout = send_timeout
         self.notify_admins = notify_admins
-        # Channels in an announced outage (also kept in meta, so a restart remembers them):
-        # checked on every successful send, so kept in memory.
-        self._channels = {
-            r["key"].removeprefix("outage:")
-            for r in store.query("SELECT key FROM meta WHERE key LIKE 'outage:%'")
-        }
+        self.timezone = timezone or ZoneInfo("UTC")
+        # Channels in an announced outage (kept in channel_health, so a restart remembers
+        # them): checked on every successful send, so kept in memory too.
+        self._channels = channel_health.in_outage(store)
 
     def stalled(self) -> list[str]:
         """Channels whose lane has been inside one send for longer than ``send_timeout``."""
@@ -112,8 +120,35 @@ class Outages:
             else:
                 log.error("deadline_check_failed", error=str(err))
 
+    def failed(
+        self,
+        conn: sqlite3.Connection,
+        row: dict[str, Any],
+        error: str,
+        now: datetime,
+        permanent: bool,
+        recipient_fault: bool,
+    ) -> int:
+        """Record a failed send in its channel's health; admin notices written.
+
+        A permanent failure that is the channel's fault opens its outage at once (one
+        notice), and the row belongs to that outage: it is reported with it, not alone.
+        """
+        name = row["channel"]
+        channel_health.failed(conn, name, error, ts(now) or "", recipient_fault=recipient_fault)
+        if recipient_fault or not permanent:
+            return 0  # temporary: an outage when it persists past the deadline
+        notices = self._open(conn, name, [{**row, "last_error": error}], now, permanent=True)
+        conn.execute(
+            "UPDATE notifications SET outage = ? WHERE id = ?",
+            (channel_health.current_outage(conn, name), row["id"]),
+        )
+        return notices
+
     def recovered(self, conn: sqlite3.Connection, channel: str, now: datetime) -> int:
-        """A send went through on a channel in an outage: drain, and close it once caught up."""
+        """A send went through: the channel's health, and for a channel in an outage drain
+        what waits, then close the outage (one notice) once caught up."""
+        channel_health.succeeded(conn, channel, ts(now) or "")
         if channel not in self._channels:
             return 0
         # What waited through the outage goes now, not at the end of its backoff.
@@ -129,20 +164,21 @@ class Outages:
         ).fetchone()
         if still_late:
             return 0
-        meta = f"outage:{channel}"
-        row = conn.execute("SELECT value FROM meta WHERE key = ?", (meta,)).fetchone()
+        began = channel_health.failing_since(conn, channel)
+        outage = channel_health.close_outage(conn, channel)
         self._channels.discard(channel)
-        if not row:
+        if not outage:
             return 0
-        conn.execute("DELETE FROM meta WHERE key = ?", (meta,))
         log.warning("channel_recovered", channel=channel)
         if self.notify_admins is None:
             return 0
+        since = from_ts(began or outage)
         return self.notify_admins(
             conn,
-            f"recovered:{channel}:{row[0]}",
+            f"recovered:{channel}:{outage}",
             f"visitwatch: channel {channel!r} is delivering again",
-            f"The channel {channel!r} is delivering again and has caught up with what was waiting.",
+            f"The channel {channel!r} is delivering again (failing since "
+            f"{self._local(since)}) and has caught up with what was waiting.",
             now,
             "",
         )
@@ -155,10 +191,10 @@ class Outages:
         return conn.execute(
             "INSERT OR IGNORE INTO notifications (key, visit_id, kind, recipient_id,"
             " recipient_name, recipient_email, recipient_mobile, recipient_relation, channel,"
-            " subject, text, created, next_attempt_at, fallback_of)"
+            " subject, text, short, link, created, next_attempt_at, fallback_of)"
             " SELECT key || '|fallback', visit_id, kind, recipient_id, recipient_name,"
-            " recipient_email, recipient_mobile, recipient_relation, ?, subject, text, ?, ?, id"
-            " FROM notifications WHERE id = ?",
+            " recipient_email, recipient_mobile, recipient_relation, ?, subject, text, short,"
+            " link, ?, ?, id FROM notifications WHERE id = ?",
             (target, ts(now), ts(now), row["id"]),
         ).rowcount
 
@@ -183,44 +219,77 @@ class Outages:
         return bool(config and config.fallback)
 
     def _open(
-        self, conn: sqlite3.Connection, channel: str, rows: list[dict[str, Any]], now: datetime
+        self,
+        conn: sqlite3.Connection,
+        channel: str,
+        rows: list[dict[str, Any]],
+        now: datetime,
+        *,
+        permanent: bool = False,
     ) -> int:
-        meta = f"outage:{channel}"
+        """Open ``channel``'s outage and tell the admins once; 0 when it is open already."""
         self._channels.add(channel)
-        if conn.execute("SELECT 1 FROM meta WHERE key = ?", (meta,)).fetchone():
-            return 0  # this outage was announced already
-        conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (meta, ts(now)))
         oldest = rows[0]
+        # Trouble began when the oldest waiting row was written, or now for a refusal.
+        began = ts(now) if permanent else oldest["created"]
+        outage = channel_health.open_outage(conn, channel, ts(now) or "", began or "")
+        if outage is None:
+            return 0  # this outage was announced already
+        since = from_ts(channel_health.failing_since(conn, channel)) or now
         why = oldest["last_error"] or (
             f"no answer for over {self.send_timeout.total_seconds():g}s"
             if channel in self.stalled()
             else "not yet attempted"
         )
+        about = f"#{oldest['id']}, a {oldest['kind']} notification" + (
+            f" for visit {oldest['visit_id']}" if oldest["visit_id"] else ""
+        )
+        if permanent:
+            what = (
+                f"The channel {channel!r} refused {about} for good, and the fault is the "
+                "channel's, not the recipient's: every message on it fails until it is fixed."
+            )
+            todo = (
+                "What to do: fix what the error names (a revoked or wrong API key, a "
+                "suspended account or service, a wrong sender or template), then run "
+                "`visitwatch check`. Each new message is still tried on it first."
+            )
+        else:
+            what = (
+                f"The channel {channel!r} has not delivered {len(rows)} notification(s) "
+                f"within {_spoken(self.delivery_deadline)}. The oldest is {about}."
+            )
+            todo = (
+                "What to do: if the provider or server is down, nothing; visitwatch keeps "
+                "retrying. If it lasts, check the provider's status page, the network and "
+                "the channel's settings (`visitwatch check`)."
+            )
         config = self.configs.get(channel)
         fallback = (
-            f"Copies are going to its fallback channel {config.fallback!r}."
+            f"Meanwhile every message on it also goes to its fallback channel {config.fallback!r}."
             if config and config.fallback
-            else "It has no fallback channel: make sure the people waiting for these "
-            "messages are told another way."
+            else "It has no fallback channel: you will be told who could not be reached "
+            "another way, so that you can tell them."
         )
         text = (
-            f"The channel {channel!r} has not delivered {len(rows)} notification(s) within "
-            f"{_spoken(self.delivery_deadline)}. The oldest is #{oldest['id']}, a {oldest['kind']} notification"
-            + (f" for visit {oldest['visit_id']}" if oldest["visit_id"] else "")
-            + f".\nLast error: {why}\n\n{fallback}\nvisitwatch keeps retrying and tells you "
-            "when the channel delivers again. `visitwatch status` lists what is waiting."
+            f"{what}\nFailing since: {self._local(since)}.\nLast error: {why}\n\n{fallback}\n"
+            f"{todo}\n\nYou get one notice when it delivers again, not one per alert. "
+            "`visitwatch status` shows each channel's state and what is waiting."
         )
-        log.error("channel_outage", channel=channel, waiting=len(rows))
+        log.error("channel_outage", channel=channel, waiting=len(rows), permanent=permanent)
         if self.notify_admins is None:
             return 0
         return self.notify_admins(
             conn,
-            f"outage:{channel}:{ts(now)}",
+            f"outage:{channel}:{outage}",
             f"visitwatch: channel {channel!r} is not delivering",
             text,
             now,
             channel,
         )
+
+    def _local(self, moment: datetime | None) -> str:
+        return fmt_local(moment, self.timezone) if moment else "?"
 
 
 def _spoken(span: timedelta) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from visitwatch.core.calendar import TimeWindow
+from visitwatch.daemon import channel_health
 from visitwatch.daemon.config import Config
 from visitwatch.daemon.lifecycle import TERMINAL
 from visitwatch.daemon.messages import fmt_local
@@ -49,6 +50,10 @@ def status_data(service: Service, include_all: bool = False) -> dict[str, Any]:
         "sources": service.store.query("SELECT * FROM sources ORDER BY name")
         + [{"name": n, "last_error": e} for n, e in service.source_errors.items()],
         "problems": service.store.query("SELECT source, uid, reason, last_seen FROM problems"),
+        "channels": [
+            s.as_dict()
+            for s in channel_health.states(service.store, [c.name for c in service.config.channels])
+        ],
         "undelivered": service.store.query(
             "SELECT id, visit_id, kind, channel, recipient_id, status, attempts, last_error,"
             " next_attempt_at FROM notifications WHERE status = 'failed'"
@@ -100,6 +105,9 @@ def cmd_status(args: argparse.Namespace, load: Callable[[argparse.Namespace], Co
                 f"    HELD since {local(s.get('held_since'))}: a read would remove {count} of "
                 f"{s.get('held_live')} watched visits{confirmed}"
             )
+    print("\nCHANNELS")
+    for c in data["channels"]:
+        print(f"  {_channel_line(c, local)}")
     if data["problems"]:
         print(f"\nUNREADABLE ENTRIES ({len(data['problems'])})")
         for p in data["problems"]:
@@ -111,6 +119,20 @@ def cmd_status(args: argparse.Namespace, load: Callable[[argparse.Namespace], Co
             f" {n['attempts']} attempts, last error: {n['last_error']}"
         )
     return 0
+
+
+def _channel_line(c: dict[str, Any], local: Callable[[str | None], str]) -> str:
+    """One channel's health in a line: ok, or failing since when and why."""
+    if c["state"] == channel_health.HEALTHY:
+        health = "ok"
+    else:
+        health = f"FAILING since {local(c['failing_since'])}: {c['last_error'] or 'no answer'}"
+        if c["outage_since"]:
+            health += f" (admins told {local(c['outage_since'])})"
+    counts = f"{c['sent']} sent, {c['failures']} failed"
+    if c["recipient_failures"]:
+        counts += f", {c['recipient_failures']} refused for one recipient"
+    return f"{c['channel']}: {health}; last success {local(c['last_success'])}; {counts}"
 
 
 # ----------------------------------------------------------------------- check: the pages

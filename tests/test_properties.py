@@ -41,6 +41,11 @@ overrun, escalation and help.
   (or asked for help themselves, or an admin was told they cannot be reached).
 - I5: a check-in, acknowledgement or "confirmed safe" is never recorded for a visit before
   its start (the start the visit has once the step that recorded it is over).
+- I6 (channel health): for each channel the admins get one outage notice per episode and
+  one "delivering again" notice closing it, alternating, across restarts too. An alert that
+  failed in its channel's outage gets no notice of its own (no flood), and is not lost: it
+  reached its person another way (a fallback copy, or the same alert on another channel,
+  sent or still being tried), or a notice by the next sweep names it (``#id``).
 
 ``make test`` runs a bounded number of examples; ``VISITWATCH_SOAK=1`` (``make soak``) runs
 thousands.
@@ -616,6 +621,7 @@ class VisitLifecycle(RuleBasedStateMachine):
         problems += self.i3_nothing_after_the_end(visits, by_visit)
         problems += self.i4_each_rung_once(visits, by_visit, notes)
         problems += self.i5_no_checkin_before_start(visits)
+        problems += self.i6_one_notice_per_outage(notes)
         self.max_id = max((n["id"] for n in notes), default=0)
         assert not problems, "\n".join(problems)
 
@@ -647,6 +653,8 @@ class VisitLifecycle(RuleBasedStateMachine):
         return self.failure_reported(n, notes)
 
     def failure_reported(self, n: dict[str, Any], notes: list[dict[str, Any]]) -> bool:
+        if n["outage"] and n["kind"] != "admin":
+            return self.reached_or_named(n, notes)
         if n["key"].startswith("admin|undelivered:"):
             # The report of a failure that fails itself ends the chain (else reports of
             # reports would never end): it is logged, and `check` lists unreachable admins.
@@ -857,6 +865,58 @@ class VisitLifecycle(RuleBasedStateMachine):
                 )
         return problems
 
+    def reached_or_named(self, n: dict[str, Any], notes: list[dict[str, Any]]) -> bool:
+        """A row failed in its channel's outage: a copy went (or goes) another way, or an
+        admin notice names it. A failed fallback copy answers for itself."""
+        person = n["key"]
+        while person.endswith("|fallback"):
+            person = person.removesuffix("|fallback")
+        person = person.rpartition("|")[0] + "|"
+        for other in notes:
+            if other["fallback_of"] == n["id"]:
+                return True
+            if (
+                other["id"] != n["id"]
+                and other["key"].startswith(person)
+                and other["status"] in ("sent", "pending", "superseded")
+            ):
+                return True
+            if other["key"].startswith("admin|outage-unreached:") and (
+                f"#{n['id']} " in other["text"]
+            ):
+                return True
+        return False
+
+    def i6_one_notice_per_outage(self, notes: list[dict[str, Any]]) -> list[str]:
+        problems = []
+        episodes: dict[str, list[tuple[str, str]]] = {}
+        for n in notes:
+            if n["kind"] != "admin":
+                continue
+            what, _, rest = n["key"].removeprefix("admin|").split("|")[0].partition(":")
+            if what in ("outage", "recovered"):
+                channel, _, episode = rest.partition(":")
+                seen = episodes.setdefault(channel, [])
+                if (what, episode) not in seen:
+                    seen.append((what, episode))
+            elif what == "undelivered":
+                about = next((o for o in notes if o["id"] == int(rest)), None)
+                if about and about["outage"] and about["kind"] != "admin":
+                    problems.append(
+                        f"I6: notification {rest} failed in an outage of {about['channel']} "
+                        "and was also reported alone"
+                    )
+        for channel, seen in episodes.items():
+            for i, (what, episode) in enumerate(seen):
+                wanted = "outage" if i % 2 == 0 else "recovered"
+                if what != wanted or (wanted == "recovered" and episode != seen[i - 1][1]):
+                    problems.append(
+                        f"I6: channel {channel}: outage and recovered notices do not "
+                        f"alternate one per episode: {seen}"
+                    )
+                    break
+        return problems
+
     def i5_no_checkin_before_start(self, visits: dict[str, dict[str, Any]]) -> list[str]:
         problems = []
         rows = self.query(
@@ -1009,4 +1069,36 @@ def test_a_channel_failing_past_the_deadline_is_an_outage_even_after_its_fallbac
         lambda m: m.channel_mode("mail", TEMPORARY),
         lambda m: m.set_category(category="Help", uid="visit-0"),
         lambda m: m.daemon_runs(minutes=2, ticks=4),
+    )
+
+
+def _outage_notices(machine: VisitLifecycle, channel: str) -> dict[str, set[str]]:
+    """The distinct outage and recovered notices (by key) the admins got about ``channel``."""
+    found: dict[str, set[str]] = {"outage": set(), "recovered": set()}
+    for n in machine.query("SELECT key FROM notifications WHERE kind = 'admin'"):
+        for what, keys in found.items():
+            if n["key"].startswith(f"admin|{what}:{channel}:"):
+                keys.add(n["key"].split("|")[1])
+    return found
+
+
+def test_a_channel_refusing_for_good_across_a_restart_is_one_outage() -> None:
+    """I6: e-mail refuses every alert for good, the process restarts mid-outage, e-mail is
+    mended: one outage notice, one recovered notice, every alert reached by text."""
+
+    def one_each(machine: VisitLifecycle) -> None:
+        notices = _outage_notices(machine, "mail")
+        assert len(notices["outage"]) == 1 and len(notices["recovered"]) == 1, notices
+
+    replay(
+        "mail+sms",
+        lambda m: m.add_entry(starts_in=-30, minutes=5, return_after=None, worker=""),
+        lambda m: m.add_entry(starts_in=-20, minutes=5, return_after=None, worker="Ben Okafor"),
+        lambda m: m.channel_mode("mail", PERMANENT),
+        lambda m: m.daemon_runs(minutes=20, ticks=2),
+        lambda m: m.restart(),
+        lambda m: m.daemon_runs(minutes=30, ticks=3),
+        lambda m: m.channel_mode("mail", OK),
+        lambda m: m.daemon_runs(minutes=30, ticks=3),
+        one_each,
     )

@@ -2,8 +2,10 @@
 
 ``/healthz`` answers 200 when the record can be read, the sweep and the delivery loop have
 each finished a pass lately (within 3 x ``sweep_interval`` + 30 s) and every calendar was
-read lately (within 3 x ``poll_interval``); otherwise 503 with the reasons. An external
-monitor (Uptime Kuma, a load balancer, systemd's ``ExecCondition``) polls it.
+read lately (within 3 x ``poll_interval``), and at least one channel can deliver; otherwise
+503 with the reasons. Its body shows each channel's state either way (see ``_channels``
+for why one failing channel is not a 503). An external monitor (Uptime Kuma, a load
+balancer, systemd's ``ExecCondition``) polls it.
 
 ``/metrics`` is Prometheus text, read from the record at scrape time through a registry of
 this app's own (so two apps in one process never share counters). Neither carries personal
@@ -23,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from visitwatch.daemon import channel_health
 from visitwatch.daemon.store import from_ts
 from visitwatch.daemon.web.context import Activity, Durations, WebContext
 
@@ -61,6 +64,8 @@ def health_report(context: WebContext) -> tuple[bool, dict[str, Any]]:
         body["database"] = "unreadable"
         reasons.append("database: cannot be read")
         stored_sweep, sources = None, []
+    if body["database"] == "ok":
+        reasons += _channels(context, body)
     loop_limit = 3 * daemon.sweep_interval + timedelta(seconds=30)
     if activity.started is None:
         reasons.append("daemon: the sweep and delivery loops are not running")
@@ -89,6 +94,38 @@ def health_report(context: WebContext) -> tuple[bool, dict[str, Any]]:
     body["status"] = "unhealthy" if reasons else "ok"
     body["reasons"] = reasons
     return not reasons, body
+
+
+def _channels(context: WebContext, body: dict[str, Any]) -> list[str]:
+    """Each channel's state into ``body``; the reason for a 503, if any.
+
+    /healthz answers "does the daemon itself work?", so that an uptime monitor pages someone
+    who can repair it. One failing channel is not a 503: the daemon has told the admins
+    itself, on another channel, once per outage (outages.py); restarting it would not mend
+    a revoked key or a provider's outage; and a load balancer that took the 503 for "down"
+    would take the check-in pages away from staff as well. When *every* channel is failing
+    nobody can be alerted, not even about the outage: the daemon cannot do its job and the
+    monitor is the only one left to tell anyone, so that is a 503.
+    """
+    names = [c.name for c in context.config.channels]
+    try:
+        states = channel_health.states(context.store, names)
+    except sqlite3.Error as err:
+        log.warning("healthz_channels_unreadable", error=str(err))
+        return ["channels: their state cannot be read"]
+    body["channels"] = {
+        s.channel: {
+            "state": s.state,
+            "failing_since": s.failing_since,
+            "last_error": s.last_error,
+            "last_success": s.last_success,
+            "outage_since": s.outage_since,
+        }
+        for s in states
+    }
+    if states and not any(s.up for s in states):
+        return [f"channels: none can deliver ({', '.join(names)} failing)"]
+    return []
 
 
 def _latest(*moments: datetime | None) -> datetime | None:
@@ -157,7 +194,33 @@ class RecordCollector(Collector):
                 last_ok.add_metric([row["name"]], moment.timestamp())
         yield failures
         yield last_ok
+        yield from self._channels()
         yield from self._activity(self.context.activity)
+
+    def _channels(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily(
+            "visitwatch_channel_up",
+            "1 while a channel delivers, 0 while it is failing (its own fault, not a recipient's)",
+            labels=["channel"],
+        )
+        failures = GaugeMetricFamily(
+            "visitwatch_channel_consecutive_failures",
+            "Sends that failed in a row by the channel's fault, by channel (0: the last worked)",
+            labels=["channel"],
+        )
+        last_ok = GaugeMetricFamily(
+            "visitwatch_channel_last_success_timestamp_seconds",
+            "When each channel last delivered a notification (Unix time)",
+            labels=["channel"],
+        )
+        names = [c.name for c in self.context.config.channels]
+        for state in channel_health.states(self.context.store, names):
+            up.add_metric([state.channel], 1 if state.up else 0)
+            failures.add_metric([state.channel], state.consecutive_failures)
+            moment = from_ts(state.last_success)
+            if moment is not None:
+                last_ok.add_metric([state.channel], moment.timestamp())
+        yield from (up, failures, last_ok)
 
     def _delivery_latency(self) -> HistogramMetricFamily:
         """Sent notifications: ``sent_at - created``, bucketed in one pass by SQLite."""
