@@ -166,6 +166,7 @@ class Channel(Connector):
             raise ConnectorError(
                 f"recipient {message.recipient.id} has no {label} in the staff directory",
                 permanent=True,
+                recipient_fault=True,
             )
         return address
 

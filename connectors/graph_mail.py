@@ -236,6 +236,7 @@ class GraphMailChannel(GraphConnector, Channel):
                 f"{self.where}: Exchange refused the recipient address ({code}); check the "
                 "e-mail address in the staff directory",
                 permanent=True,
+                recipient_fault=True,
             )
         if 400 <= status < 500:
             return ConnectorError(f"{self.where}: {detail}", permanent=status not in (408, 409))

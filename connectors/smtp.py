@@ -193,6 +193,7 @@ class SmtpChannel(Channel):
             raise ConnectorError(
                 f"recipient {message.recipient.id} has an e-mail address that is not valid",
                 permanent=True,
+                recipient_fault=True,
             ) from err
         mail["Subject"] = message.subject
         mail["Date"] = format_datetime(datetime.now(self.context.timezone))
@@ -265,8 +266,11 @@ class SmtpChannel(Channel):
             )
             # A 4xx here is greylisting or a full mailbox: worth another try.
             temporary = bool(codes) and all(400 <= code < 500 for code in codes)
+            # Refused for this person (no such mailbox, policy): the server itself works.
             return ConnectorError(
-                f"SMTP {where} refused the recipient ({replies})", permanent=not temporary
+                f"SMTP {where} refused the recipient ({replies})",
+                permanent=not temporary,
+                recipient_fault=not temporary,
             )
         if isinstance(err, smtplib.SMTPNotSupportedError):
             hint = (

@@ -150,7 +150,8 @@ class ChannelContract:
     def test_a_recipient_without_an_address_is_a_permanent_error_by_id(
         self, channel: Channel, delivered: Callable[[], list[Delivered]]
     ) -> None:
-        """No address for the channel: permanent, naming the staff id and not the name.
+        """No address for the channel: permanent, the person's fault (the channel stays
+        healthy), naming the staff id and not the name.
 
         A channel that needs no address (address_field None) delivers to anyone instead.
         """
@@ -162,6 +163,7 @@ class ChannelContract:
         with pytest.raises(ConnectorError) as caught:
             channel.send(message)
         assert caught.value.permanent is True
+        assert caught.value.recipient_fault is True
         assert NO_ADDRESS.id in str(caught.value)
         assert NO_ADDRESS.name not in str(caught.value)
         assert delivered() == []
