@@ -79,6 +79,23 @@ DAEMON_OPTIONS: dict[str, Option] = {
         help="where staff reach check-in links, e.g. https://visitwatch.example.org",
     ),
     "log_level": Option("str", default="info", choices=("debug", "info", "warning", "error")),
+    "heartbeat_url": Option(
+        "url",
+        help="an external monitor pinged while the daemon is healthy (Healthchecks or Uptime "
+        'Kuma push URL); it holds the check\'s secret: prefer { env = "..." }',
+    ),
+    "heartbeat_style": Option(
+        "str",
+        default="auto",
+        choices=("auto", "healthchecks", "uptime-kuma"),
+        help='how to ping it; "auto": Uptime Kuma for a /api/push/ URL, else Healthchecks',
+    ),
+    "heartbeat_every": Option(
+        "duration",
+        default="1m",
+        positive=True,
+        help="at most one success ping this often (a change of health is pinged at once)",
+    ),
 }
 
 WEB_OPTIONS: dict[str, Option] = {

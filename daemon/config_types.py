@@ -139,3 +139,7 @@ class DaemonSettings:
     removal_guard: float = 0.5
     removal_guard_min: int = 3
     removal_hold: timedelta = timedelta(minutes=30)
+    # The external heartbeat (heartbeat.py): where, how, and at most how often on success.
+    heartbeat_url: str | Secret | None = None
+    heartbeat_style: str = "auto"
+    heartbeat_every: timedelta = timedelta(minutes=1)
