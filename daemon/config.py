@@ -43,10 +43,10 @@ __all__ = [
     "CHANNEL_COMMON",
     "CONFIG_ENV",
     "DAEMON_OPTIONS",
-    "EXAMPLE",
     "KINDS",
     "SOURCE_COMMON",
     "STAFF_OPTIONS",
+    "STARTER_HINT",
     "Config",
     "ConfigError",
     "ConnectorConfig",
@@ -58,7 +58,8 @@ __all__ = [
     "parse_config",
 ]
 
-EXAMPLE = "examples/visitwatch.toml"
+# Named in messages: what exists after `pip install` (the repo's examples/ does not).
+STARTER_HINT = "`visitwatch init` writes a commented starter config"
 CONFIG_ENV = "VISITWATCH_CONFIG"
 SECTIONS = ("daemon", "staff", "sources", "channels", "policy", "web")
 
@@ -70,7 +71,7 @@ class ConfigError(VisitwatchError):
         where = str(path) if path else "configuration"
         lines = [f"{where}: {len(problems)} problem(s)"]
         lines += [f"  - {p}" for p in problems]
-        lines.append(f"  (every setting is explained in {EXAMPLE})")
+        lines.append(f"  ({STARTER_HINT}: every setting is explained there)")
         super().__init__("\n".join(lines))
 
 
@@ -90,7 +91,7 @@ def config_path(explicit: str | None) -> Path:
     if not chosen:
         raise VisitwatchError(
             f"no configuration given: pass --config PATH or set {CONFIG_ENV} "
-            f"(start from {EXAMPLE}, or try `visitwatch demo`)"
+            f"({STARTER_HINT}; or try `visitwatch demo`)"
         )
     return Path(chosen)
 
