@@ -256,4 +256,100 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE notifications ADD COLUMN outage_named TEXT;
         """,
     ),
+    (
+        "0009_retention",
+        """
+        -- Retention (daemon/retention.py). Each run is one transaction that opens a
+        -- retention_runs row, does its work and closes the row before it commits: an open
+        -- row exists only inside that transaction, and only then may the audit and the
+        -- check-ins be anonymised (to the fixed values below) or, once anonymised and older
+        -- than the run's statistics cutoff, deleted. Every run also writes an audit line.
+        CREATE TABLE retention_runs (
+            id INTEGER PRIMARY KEY,
+            started TEXT NOT NULL,
+            finished TEXT,
+            personal_cutoff TEXT NOT NULL,
+            incident_cutoff TEXT NOT NULL,
+            statistics_cutoff TEXT NOT NULL,
+            body_cutoff TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            counts TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE TRIGGER retention_runs_one_open BEFORE INSERT ON retention_runs
+            WHEN EXISTS (SELECT 1 FROM retention_runs WHERE finished IS NULL)
+            BEGIN SELECT RAISE(ABORT, 'a retention run is already open'); END;
+        CREATE TRIGGER retention_runs_closed BEFORE UPDATE ON retention_runs
+            WHEN OLD.finished IS NOT NULL OR NEW.finished IS NULL OR NEW.id IS NOT OLD.id
+                OR NEW.started IS NOT OLD.started OR NEW.actor IS NOT OLD.actor
+                OR NEW.personal_cutoff IS NOT OLD.personal_cutoff
+                OR NEW.incident_cutoff IS NOT OLD.incident_cutoff
+                OR NEW.statistics_cutoff IS NOT OLD.statistics_cutoff
+                OR NEW.body_cutoff IS NOT OLD.body_cutoff
+            BEGIN SELECT RAISE(ABORT, 'a retention run is closed once, and never changed'); END;
+        CREATE TRIGGER retention_runs_no_delete BEFORE DELETE ON retention_runs
+            BEGIN SELECT RAISE(ABORT, 'the record of retention runs is append-only'); END;
+
+        -- When retention anonymised a row (the run's start); NULL: never.
+        ALTER TABLE visits ADD COLUMN anonymised TEXT;
+        ALTER TABLE audit ADD COLUMN anonymised TEXT;
+        ALTER TABLE checkins ADD COLUMN anonymised TEXT;
+        ALTER TABLE notifications ADD COLUMN anonymised TEXT;
+        -- When a notification's words (subject, text, short, link) were removed.
+        ALTER TABLE notifications ADD COLUMN body_removed TEXT;
+        -- Retention's daily questions, answered from the rows still to do, not the history.
+        CREATE INDEX visits_unanonymised ON visits ("end") WHERE anonymised IS NULL;
+        CREATE INDEX audit_unanonymised ON audit (at) WHERE anonymised IS NULL;
+        CREATE INDEX audit_anonymised ON audit (at) WHERE anonymised IS NOT NULL;
+        CREATE INDEX checkins_unanonymised ON checkins (at) WHERE anonymised IS NULL;
+        CREATE INDEX checkins_anonymised ON checkins (at) WHERE anonymised IS NOT NULL;
+        CREATE INDEX notifications_unanonymised ON notifications (created)
+            WHERE anonymised IS NULL;
+        CREATE INDEX notifications_with_body ON notifications (created)
+            WHERE body_removed IS NULL;
+
+        -- The audit stays append-only. The one change allowed: inside an open retention
+        -- run, a row older than its personal-data cutoff loses who acted (system actors
+        -- stay) and its detail, to fixed values, and is marked with the run's start; what
+        -- happened, when, and to which visit never change.
+        DROP TRIGGER audit_no_update;
+        CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+            WHEN NOT EXISTS (
+                SELECT 1 FROM retention_runs r WHERE r.finished IS NULL
+                AND OLD.anonymised IS NULL AND NEW.anonymised IS r.started
+                AND OLD.at < r.personal_cutoff
+                AND NEW.id IS OLD.id AND NEW.visit_id IS OLD.visit_id AND NEW.at IS OLD.at
+                AND NEW.from_state IS OLD.from_state AND NEW.to_state IS OLD.to_state
+                AND NEW.cause IS OLD.cause
+                AND (NEW.actor IS '(anonymised)'
+                     OR (NEW.actor IS OLD.actor AND OLD.actor IN ('visitwatch', 'calendar')))
+                AND NEW.detail IS '{}'
+            )
+            BEGIN SELECT RAISE(ABORT, 'the audit record is append-only'); END;
+        -- Deleted only once anonymised, older than an open run's statistics cutoff.
+        DROP TRIGGER audit_no_delete;
+        CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+            WHEN NOT EXISTS (
+                SELECT 1 FROM retention_runs r WHERE r.finished IS NULL
+                AND OLD.anonymised IS NOT NULL AND OLD.at < r.statistics_cutoff
+            )
+            BEGIN SELECT RAISE(ABORT, 'the audit record is append-only'); END;
+        -- Check-ins (who checked in, how) become append-only on the same terms.
+        CREATE TRIGGER checkins_no_update BEFORE UPDATE ON checkins
+            WHEN NOT EXISTS (
+                SELECT 1 FROM retention_runs r WHERE r.finished IS NULL
+                AND OLD.anonymised IS NULL AND NEW.anonymised IS r.started
+                AND OLD.at < r.personal_cutoff
+                AND NEW.id IS OLD.id AND NEW.visit_id IS OLD.visit_id AND NEW.at IS OLD.at
+                AND NEW.action IS OLD.action AND NEW.via IS OLD.via
+                AND NEW.actor IS '(anonymised)' AND NEW.detail IS '{}'
+            )
+            BEGIN SELECT RAISE(ABORT, 'check-ins are append-only'); END;
+        CREATE TRIGGER checkins_no_delete BEFORE DELETE ON checkins
+            WHEN NOT EXISTS (
+                SELECT 1 FROM retention_runs r WHERE r.finished IS NULL
+                AND OLD.anonymised IS NOT NULL AND OLD.at < r.statistics_cutoff
+            )
+            BEGIN SELECT RAISE(ABORT, 'check-ins are append-only'); END;
+        """,
+    ),
 ]
