@@ -6,7 +6,9 @@ mistake at once; :mod:`visitwatch.daemon.config` puts the sections together.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -20,6 +22,7 @@ from visitwatch.daemon.config_types import (
     ConnectorConfig,
     DaemonSettings,
     Directory,
+    RetentionSettings,
     StaffMember,
     WebSettings,
 )
@@ -157,6 +160,82 @@ def parse_web(
     settings["board_roles"] = tuple(settings["board_roles"])
     settings["sign_in"] = tuple(settings["sign_in"])
     return WebSettings(**settings)
+
+
+RETENTION_OPTIONS: dict[str, Option] = {
+    "personal_data_after": Option(
+        "str", default="90d",
+        help="names, addresses, subjects and staff ids are anonymised this long after a "
+        'routine visit ends ("90d", "12w", "1y")',
+    ),
+    "incidents_after": Option(
+        "str", default="3y",
+        help="the same for a visit that escalated past the manager or asked for help",
+    ),
+    "keep_statistics": Option(
+        "str", default="6y",
+        help='anonymised rows are deleted this long after the visit ("forever": kept)',
+    ),
+    "message_bodies_after": Option(
+        "str", default="30d", help="a notification's words are removed this long after it",
+    ),
+    "scheduled": Option("bool", default=True, help="the daemon applies retention daily"),
+}  # fmt: skip
+
+_PERIOD = re.compile(r"(\d+)\s*([dwy])", re.IGNORECASE)
+_PERIOD_DAYS = {"d": 1, "w": 7, "y": 366}  # a year counts as 366 days: never a day short
+
+
+def retention_period(text: Any) -> timedelta:
+    """``"90d"``, ``"12w"``, ``"6y"`` (or a mix, ``"1y6w"``) as days; ValueError otherwise."""
+    compact = text.strip().replace(" ", "") if isinstance(text, str) else ""
+    days, pos = 0, 0
+    for match in _PERIOD.finditer(compact):
+        if match.start() != pos:
+            break
+        days += int(match.group(1)) * _PERIOD_DAYS[match.group(2).lower()]
+        pos = match.end()
+    if not compact or pos != len(compact) or days <= 0 or days > 100 * 366:
+        raise ValueError(f'{text!r} is not a retention period; write e.g. "30d", "12w", "6y"')
+    return timedelta(days=days)
+
+
+def parse_retention(
+    table: Mapping[str, Any], config_dir: Path, problems: list[ConfigProblem]
+) -> RetentionSettings:
+    settings, found = validate_options(table, RETENTION_OPTIONS, "retention", config_dir)
+    periods: dict[str, timedelta | None] = {}
+    for key in (
+        "personal_data_after",
+        "incidents_after",
+        "keep_statistics",
+        "message_bodies_after",
+    ):
+        if key not in settings:
+            continue
+        if key == "keep_statistics" and str(settings[key]).strip().lower() == "forever":
+            periods[key] = None
+            continue
+        try:
+            periods[key] = retention_period(settings[key])
+        except ValueError as err:
+            found.append(ConfigProblem(f"retention.{key}", str(err)))
+    personal, incidents = periods.get("personal_data_after"), periods.get("incidents_after")
+    kept = periods.get("keep_statistics")
+    if personal and incidents and incidents < personal:
+        found.append(ConfigProblem(
+            "retention.incidents_after", "is shorter than personal_data_after",
+            "an incident is kept at least as long as a routine visit",
+        ))  # fmt: skip
+    if kept and incidents and personal and kept < max(personal, incidents):
+        found.append(ConfigProblem(
+            "retention.keep_statistics", "is shorter than the personal-data periods",
+            "statistics outlive the names: make it longer, or \"forever\"",
+        ))  # fmt: skip
+    problems += found
+    if found:
+        return RetentionSettings()
+    return RetentionSettings(scheduled=settings["scheduled"], **periods)  # type: ignore[arg-type]
 
 
 STAFF_OPTIONS: dict[str, Option] = {

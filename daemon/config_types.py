@@ -143,3 +143,21 @@ class DaemonSettings:
     heartbeat_url: str | Secret | None = None
     heartbeat_style: str = "auto"
     heartbeat_every: timedelta = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """The [retention] section: how long the record keeps what (retention.py, README)."""
+
+    # Names, addresses, subjects, staff ids and recipients' addresses are anonymised this
+    # long after a routine visit ends.
+    personal_data_after: timedelta = timedelta(days=90)
+    # ... and this long after a visit that reached the top of the ladder or asked for help
+    # (evidence should a claim follow: the UK limitation period for injury is three years).
+    incidents_after: timedelta = timedelta(days=3 * 366)
+    # Anonymised rows (statistics) are deleted this long after the visit; None: kept.
+    keep_statistics: timedelta | None = timedelta(days=6 * 366)
+    # A notification's words (subject, text, link) are removed this long after it was written.
+    message_bodies_after: timedelta = timedelta(days=30)
+    # Whether the daemon runs retention itself, once a day.
+    scheduled: bool = True
