@@ -116,7 +116,7 @@ def test_a_manager_acknowledges_then_confirms_safe(page: Page, served: Serve, lo
     page.goto(link)
     assert page.get_by_role("heading", level=1).inner_text() == "Asha Khan is 50 min overdue"
     call = page.get_by_role("link", name="Call Asha Khan: 07700 900123")
-    assert call.get_attribute("href") == "tel:07700900123"
+    assert call.get_attribute("href") == "tel:+447700900123"
     look(page, "manager-alert")
     press(page, "I’m on it")
     shown = main_text(page)
