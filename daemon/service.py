@@ -43,6 +43,7 @@ from visitwatch.daemon.dispatch import Dispatcher, DispatchReport
 from visitwatch.daemon.episode import Episode
 from visitwatch.daemon.escalation import Watcher
 from visitwatch.daemon.health import HealthMonitor
+from visitwatch.daemon.heartbeat import Heartbeat, heartbeat_for
 from visitwatch.daemon.loops import SWEEP_GAP, ClockSteps, Loop, seconds_until
 from visitwatch.daemon.people import PeopleLearner
 from visitwatch.daemon.polls import Polls, polls_in_flight
@@ -147,6 +148,7 @@ class Service:
         # What /healthz and /metrics know beyond the record (web/context.py).
         self.activity = Activity(delivering=lambda: not self.dispatcher.idle())
         self._pages: PagesKeeper | None = None
+        self._heartbeat: Heartbeat | None = None  # the external monitor (heartbeat.py)
 
     # ------------------------------------------------------------------ one pass
 
@@ -296,6 +298,10 @@ class Service:
         self.activity.started = self.clock.now()
         for loop in self._loops.values():
             loop.start()
+        self._heartbeat = heartbeat_for(
+            self.config, self.store, self.clock, self._loops,
+            lambda: self._record_down.on, self.stall_limit,
+        )  # fmt: skip
         self.reads.start()
         self._polls = Polls(self.reads.read, self.sources, self.config.daemon.poll_interval)
         if self.config.web.enabled:  # a busy address is told to the admins, never fatal
@@ -342,6 +348,8 @@ class Service:
         if self.subscriptions is not None:
             self.subscriptions.stop(timeout=min(2.0, timeout / 3))
         self.reads.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         if self._pages is not None:
             # First: no page acts on the record while the loops wind down.
             pages_stopped = self._pages.stop(min(3.0, timeout / 2))
