@@ -47,6 +47,7 @@ from visitwatch.daemon.heartbeat import Heartbeat, heartbeat_for
 from visitwatch.daemon.loops import SWEEP_GAP, ClockSteps, Loop, seconds_until
 from visitwatch.daemon.people import PeopleLearner
 from visitwatch.daemon.polls import Polls, polls_in_flight
+from visitwatch.daemon.retention import retention_loop
 from visitwatch.daemon.source_reads import SourceReads
 from visitwatch.daemon.store import DaemonLock, Store, record_unwritable, ts
 from visitwatch.daemon.subscriptions import subscriptions_for
@@ -292,6 +293,9 @@ class Service:
             "sweep": Loop("sweep", self._sweep_step, interval, self._stop),
             "dispatch": Loop("dispatch", self._dispatch_step, interval, self._stop),
             "write_back": Loop("write_back", self._write_back_step, interval, self._stop),
+            "retention": retention_loop(
+                self.store, self.config, self.clock, self._stop, self._admin_notice
+            ),
         }
         self.watcher.wake = self._loops["sweep"].wake
         self.dispatcher.on_progress = self._loops["dispatch"].wake
