@@ -311,7 +311,7 @@ class HealthMonitor:
         rows.sort(key=lambda row: row["id"])
         unreached: dict[tuple[str, str], list[sqlite3.Row]] = {}
         for row in rows:
-            if not _reached_otherwise(conn, row):
+            if not reached_otherwise(conn, row):
                 unreached.setdefault((row["channel"], row["outage"]), []).append(row)
         written = 0
         tz = self.config.daemon.timezone
@@ -380,7 +380,7 @@ class HealthMonitor:
         return written
 
 
-def _reached_otherwise(conn: sqlite3.Connection, row: sqlite3.Row) -> bool:
+def reached_otherwise(conn: sqlite3.Connection, row: sqlite3.Row) -> bool:
     """Whether the same notice to the same person went, or is going, another way: a
     fallback copy (one that failed reports itself) or the same alert on another channel.
 

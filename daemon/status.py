@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from visitwatch.core.calendar import TimeWindow
 from visitwatch.daemon import channel_health
+from visitwatch.daemon.attention import needs_attention
 from visitwatch.daemon.config import Config
 from visitwatch.daemon.lifecycle import TERMINAL
 from visitwatch.daemon.messages import fmt_local
@@ -31,6 +32,10 @@ def status_data(service: Service, include_all: bool = False) -> dict[str, Any]:
     return {
         "now": ts(now),
         "last_sweep_at": service.store.get_meta("last_sweep_at"),
+        "attention": [
+            a.as_dict()
+            for a in needs_attention(service.store, service.config, now, service.source_errors)
+        ],
         "visits": [
             {
                 "id": v["id"],
@@ -81,6 +86,14 @@ def cmd_status(args: argparse.Namespace, load: Callable[[argparse.Namespace], Co
         return fmt_local(moment, tz) if moment else "-"
 
     print(f"last sweep: {local(data['last_sweep_at'])}")
+    if data["attention"]:
+        print(f"\nNEEDS ATTENTION ({len(data['attention'])})")
+        for a in data["attention"]:
+            since = f" (since {local(a['since'])})" if a["since"] else ""
+            print(f"  {a['topic']} {a['name']}: {a['problem']}{since}")
+            if a["detail"]:
+                print(f"    last error: {a['detail']}")
+            print(f"    fix: {a['fix']}")
     print(f"\nVISITS ({len(data['visits'])})")
     for v in data["visits"]:
         flags = ", ".join(v["findings"]) or "compliant"

@@ -26,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 
 from visitwatch.daemon import channel_health
+from visitwatch.daemon.attention import needs_attention
 from visitwatch.daemon.store import from_ts
 from visitwatch.daemon.web.context import Activity, Durations, WebContext
 
@@ -91,6 +92,7 @@ def health_report(context: WebContext) -> tuple[bool, dict[str, Any]]:
             reasons.append(f"source {row['name']}: {since} (limit {_seconds(source_limit)})")
     for name in context.extras.get("source_errors", {}):
         reasons.append(f"source {name}: cannot be used (see `visitwatch check`)")
+    body["attention"] = _attention(context, now) if body["database"] == "ok" else []
     body["status"] = "unhealthy" if reasons else "ok"
     body["reasons"] = reasons
     return not reasons, body
@@ -126,6 +128,20 @@ def _channels(context: WebContext, body: dict[str, Any]) -> list[str]:
     if states and not any(s.up for s in states):
         return [f"channels: none can deliver ({', '.join(names)} failing)"]
     return []
+
+
+def _attention(context: WebContext, now: datetime) -> list[dict[str, Any]]:
+    """What needs an admin (``attention.py``), shown in the body but never a 503 by itself:
+    each was told to the admins already, and restarting the daemon would mend none of them
+    (the checks above are what make this a 503)."""
+    try:
+        items = needs_attention(
+            context.store, context.config, now, context.extras.get("source_errors", {})
+        )
+    except sqlite3.Error as err:
+        log.warning("healthz_attention_unreadable", error=str(err))
+        return []
+    return [a.as_dict(public=True) for a in items]
 
 
 def _latest(*moments: datetime | None) -> datetime | None:
