@@ -19,7 +19,7 @@ import structlog
 from visitwatch import __version__
 from visitwatch.core.errors import ConnectorError, VisitwatchError
 from visitwatch.core.options import parse_duration
-from visitwatch.daemon import init_config, logs, status
+from visitwatch.daemon import export, init_config, logs, status
 from visitwatch.daemon.config import Config, config_path, load_config
 from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.reach import unreachable
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the demo config and calendar, print how to run, exit",
     )
     init_config.add_commands(command)
+    export.add_commands(command)
     return parser
 
 

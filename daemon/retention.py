@@ -17,6 +17,7 @@ Batches are small, so the sweep never waits long for the write lock.
 
 from __future__ import annotations
 
+import getpass
 import json
 import threading
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from typing import Any
 import structlog
 
 from visitwatch.core.visit_state import TERMINAL_STATES
-from visitwatch.daemon.clock import Clock
+from visitwatch.daemon.clock import Clock, SystemClock
 from visitwatch.daemon.config import Config
 from visitwatch.daemon.config_types import RetentionSettings
 from visitwatch.daemon.loops import Loop
@@ -301,3 +302,43 @@ def retention_loop(
         return EVERY.total_seconds()
 
     return Loop("retention", step, 3600.0, stop)
+
+
+def cmd_purge(args: Any) -> int:
+    """``visitwatch purge [--dry-run]``: what retention would remove now, or remove it."""
+    from visitwatch.daemon.export import command_config
+    from visitwatch.daemon.messages import fmt_local
+
+    config = command_config(args)
+    tz = config.daemon.timezone
+    store = Store(config.daemon.database)
+    retention = Retention(store, config, SystemClock())
+    try:
+        cut = retention.cutoffs()
+        print(
+            f"retention: personal data of visits ended before "
+            f"{fmt_local(_at(cut.personal), tz)} (incidents: {fmt_local(_at(cut.incident), tz)});"
+            f" message words before {fmt_local(_at(cut.bodies), tz)}; statistics "
+            + (f"before {fmt_local(_at(cut.stats), tz)}" if cut.stats else "kept")
+        )
+        if args.dry_run:
+            for item in retention.pending():
+                span = ""
+                if item.first and item.last:
+                    span = f"  ({item.first.astimezone(tz):%Y-%m-%d} to {item.last.astimezone(tz):%Y-%m-%d})"
+                print(f"  would: {item.kind:32} {item.count:>8}{span}")
+            print("dry run: nothing was changed")
+            return 0
+        done = retention.apply(f"visitwatch purge ({getpass.getuser()})")
+        for kind, count in done.items():
+            print(f"  done:  {kind:32} {count:>8}")
+        print("recorded in the audit (cause: retention applied)")
+    finally:
+        store.close()
+    return 0
+
+
+def _at(text: str) -> datetime:
+    moment = from_ts(text)
+    assert moment is not None
+    return moment
