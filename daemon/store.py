@@ -25,13 +25,12 @@ from typing import Any
 import sqlite_utils
 
 from visitwatch.core.errors import VisitwatchError
+from visitwatch.core.private_files import PRIVATE_MODE, make_dirs, open_private
 from visitwatch.daemon.schema import MIGRATIONS
 
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 # Seconds a connection waits for another's write lock before "database is locked".
 BUSY_TIMEOUT = 30.0
-# The record holds names, mobiles and addresses: owner-only, whatever the umask.
-PRIVATE_MODE = 0o600
 
 
 def ts(moment: datetime | None) -> str | None:
@@ -83,7 +82,7 @@ class Store:
         self._connections: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             _make_private(self.path)
             self.migrate()
         except (OSError, sqlite3.DatabaseError) as err:
@@ -233,11 +232,7 @@ def _make_private(database: Path) -> None:
     """Create the database file 0600, or tighten an existing one: it holds names, mobiles and
     addresses. SQLite gives its -wal and -shm files the database file's mode, whatever the
     umask; files left looser by an older release are tightened too."""
-    fd = os.open(database, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
-    try:
-        os.fchmod(fd, PRIVATE_MODE)
-    finally:
-        os.close(fd)
+    os.close(open_private(database, os.O_RDWR))
     for suffix in ("-wal", "-shm", "-journal"):
         companion = Path(str(database) + suffix)
         try:
@@ -305,8 +300,7 @@ class DaemonLock:
         self._file: Any = None
 
     def acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
-        os.fchmod(fd, PRIVATE_MODE)  # an older release left it 0644
+        fd = open_private(self.path, os.O_RDWR)  # an older release left it 0644
         self._file = os.fdopen(fd, "r+")  # held for the daemon's lifetime
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
