@@ -19,7 +19,7 @@ import structlog
 from visitwatch import __version__
 from visitwatch.core.errors import ConnectorError, VisitwatchError
 from visitwatch.core.options import parse_duration
-from visitwatch.daemon import export, init_config, logs, status
+from visitwatch.daemon import backup, export, init_config, logs, status
 from visitwatch.daemon.config import Config, config_path, load_config
 from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.reach import unreachable
@@ -30,13 +30,29 @@ log = structlog.get_logger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Until the config names a level: warnings and errors only, and on stderr (structlog's
+    # default is stdout, where they would mix with the command's output).
+    logs.configure("warning")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        code = _run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit as a traceback
+    except BrokenPipeError:
+        # `visitwatch status --json | head -1`: the reader has what it wanted. Python's
+        # documented remedy: point stdout at /dev/null so the flush at exit cannot fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return int(args.func(args))
     except VisitwatchError as err:
         # Errors written for people: no traceback, just what is wrong and how to fix it.
         print(f"visitwatch: {err}", file=sys.stderr)
@@ -61,12 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Watches home visits in calendars and escalates overruns.",
     )
     parser.add_argument("--version", action="version", version=f"visitwatch {__version__}")
-    parser.add_argument("--config", "-c", help="config file (default: $VISITWATCH_CONFIG)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _common_options(parser, default=None)
+    # The same options after the command (`visitwatch status --config x.toml`). SUPPRESS:
+    # a command's parser sets them only when given there, so it never clobbers a value
+    # given before the command with its own default.
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(metavar="COMMAND")
 
     def command(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         p.set_defaults(func=func)
         return p
 
@@ -91,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = p.add_subparsers(metavar="ACTION", dest="action", required=True)
     confirm = actions.add_parser(
         "confirm",
+        parents=[common],
         help="apply a read held by the removal guard (its visits really were cancelled)",
         description="Apply a read held by the removal guard: the visits it no longer lists "
         "really were cancelled. Visits already under way are never ended.",
@@ -106,7 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init_config.add_commands(command)
     export.add_commands(command)
+    backup.add_commands(command)
     return parser
+
+
+def _common_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--config", "-c", default=default, help="config file (default: $VISITWATCH_CONFIG)"
+    )
+    parser.add_argument(
+        "--log-level", default=default, choices=["debug", "info", "warning", "error"]
+    )
 
 
 def _person(text: str) -> str:
