@@ -15,15 +15,25 @@ Subjects and addresses of private entries are never shown.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 
 import structlog
-from flask import Blueprint, abort, current_app, redirect, render_template, request
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    redirect,
+    render_template,
+    request,
+    stream_with_context,
+)
 from werkzeug.wrappers import Response
 
+from visitwatch.core.errors import VisitwatchError
 from visitwatch.core.notification import NotificationKind
 from visitwatch.core.phone import readable
 from visitwatch.core.visit_state import VisitState
+from visitwatch.daemon import export
 from visitwatch.daemon.recipients import alerted
 from visitwatch.daemon.store import ts
 from visitwatch.daemon.visits import ActionError, UnreadableVisit, Visit
@@ -245,3 +255,43 @@ def act() -> tuple[str, int] | Response:
             "When the worker is safe, press “Confirmed safe” on the board.",
         ]
     return render_template("board_result.html", ok=True, heading=heading, lines=lines), 200
+
+
+@blueprint.route("/board/export", methods=["GET", "POST"])
+def export_record() -> str | tuple[str, int] | Response:
+    """The Lone Working Record as CSV: managers their team's, directors and admins all."""
+    context, session = _signed_in()
+    if session is None:
+        return redirect("/signin", 303)
+    try:
+        team = export.board_team(session.person)
+    except export.ExportRefused as err:
+        abort(403, f"{err}; ask your manager.")
+    tz = context.config.daemon.timezone
+    today = context.clock.now().astimezone(tz).date()
+    page = {
+        "csrf": sessions.form_token(context, session),
+        "whose": "Your team's visits (everyone you manage)." if team else "Everyone's visits.",
+        "first": request.form.get("from") or today.replace(day=1).isoformat(),
+        "last": request.form.get("to") or today.isoformat(),
+    }
+    if request.method == "GET":
+        return render_template("board_export.html", problem="", **page)
+    if not sessions.form_ok(context, session, request.form.get("csrf")):
+        abort(400, "This form had expired, so nothing was exported. Reload the page.")
+    directory = context.watcher.staff.current
+    try:
+        first, last = date.fromisoformat(page["first"]), date.fromisoformat(page["last"])
+        chosen = export.scope(first, last, tz, directory, team or None)
+    except (ValueError, VisitwatchError) as err:
+        return render_template("board_export.html", problem=str(err), **page), 400
+    export.audit_export(context.store, chosen, session.person.name, "web", "csv")
+    log.info("record_exported", via="web", first=str(first), last=str(last))
+    records = export.RecordExport(context.store, directory, tz).records(chosen)
+    name = f"lone-working-record-{first}-to-{last}.csv"
+    return Response(
+        stream_with_context(export.csv_lines(records, tz)),
+        mimetype="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{name}"',
+                 "Cache-Control": "no-store"},
+    )  # fmt: skip
