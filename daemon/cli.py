@@ -19,7 +19,7 @@ import structlog
 from visitwatch import __version__
 from visitwatch.core.errors import ConnectorError, VisitwatchError
 from visitwatch.core.options import parse_duration
-from visitwatch.daemon import backup, export, init_config, logs, status
+from visitwatch.daemon import backup, doctor, export, init_config, logs, status
 from visitwatch.daemon.config import Config, config_path, load_config
 from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.reach import unreachable
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     init_config.add_commands(command)
     export.add_commands(command)
     backup.add_commands(command)
+    doctor.add_commands(command)
     return parser
 
 
