@@ -13,7 +13,7 @@ from tests.daemon_process import OUTBOX_CHANNEL, smtp_channel
 from tests.http_receiver import running_receiver
 from tests.mailserver import free_port
 from tests.web_world import enable_web
-from visitwatch.daemon import doctor
+from visitwatch.daemon import cli, doctor
 from visitwatch.daemon.doctor_checks import OK, PROBLEM, Finding
 from visitwatch.daemon.store import DaemonLock
 
@@ -128,3 +128,12 @@ def test_an_unreadable_config_stops_at_the_first_check(tmp_path: Path, capsys): 
     assert doctor.cmd_doctor(argparse.Namespace(config=str(config))) == 1
     out = capsys.readouterr().out
     assert "PROBLEM  config:" in out and "did you mean 'database'" in out
+
+
+def test_doctor_is_a_command_whose_exit_status_says_so(world: World, capsys):  # type: ignore[no-untyped-def]
+    """`visitwatch doctor` on an install with no daemon running exits 1, naming it."""
+    world.write_calendar(home_visit())
+    world.write_config()
+    assert cli.main(["doctor", "--config", str(world.config_file)]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEM  daemon: not running" in out and "1 problem(s) found" in out
