@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from visitwatch.core.errors import ConnectorError
+from visitwatch.daemon.config import Config
 from visitwatch.daemon.reach import unreachable
 from visitwatch.daemon.service import Service
 
@@ -33,8 +34,8 @@ def connector_checks(service: Service) -> Iterator[tuple[bool, str]]:
             yield False, f"FAIL channel {name}: {err}"
 
 
-def reach_checks(service: Service) -> Iterator[tuple[bool, str]]:
+def reach_checks(config: Config) -> Iterator[tuple[bool, str]]:
     """Everyone the ladder may address but no channel reaches (names: the admin's terminal
     only, never logs)."""
-    for person in unreachable(service.config):
+    for person in unreachable(config):
         yield False, f"FAIL reach: {person}"

@@ -202,7 +202,7 @@ def connectors(config: Config, clock: Clock, usable: bool) -> list[Finding]:
         return [Finding(PROBLEM, "service", f"cannot be built: {err}", CONNECTOR_FIX)]
     findings = []
     try:
-        for ok, line in [*connector_checks(service), *reach_checks(service)]:
+        for ok, line in [*connector_checks(service), *reach_checks(config)]:
             what, _, text = line[5:].partition(": ")
             findings.append(
                 Finding(OK, what, text) if ok else Finding(PROBLEM, what, text, CONNECTOR_FIX)
