@@ -126,9 +126,13 @@ def parse_config(raw: Mapping[str, Any], config_dir: Path, path: Path | None = N
     sources = parse_connectors(
         _array(raw, "sources", problems), "sources", SOURCES, source_class, config_dir, problems
     )
+    channel_entries = _array(raw, "channels", problems)
     channels = parse_connectors(
-        _array(raw, "channels", problems), "channels", CHANNELS, channel_class, config_dir, problems
+        channel_entries, "channels", CHANNELS, channel_class, config_dir, problems
     )
+    # Every name written, also of channels that could not be built (their problem is
+    # reported already): a fallback naming one is not a second, misleading problem.
+    declared = [e.get("name") if isinstance(e, Mapping) else None for e in channel_entries]
     web = parse_web(_table(raw, "web", problems), config_dir, problems)
     policy, policy_problems = parse_policy(_table(raw, "policy", problems))
     problems += policy_problems
@@ -141,7 +145,7 @@ def parse_config(raw: Mapping[str, Any], config_dir: Path, path: Path | None = N
                 'e.g. public_base_url = "https://visitwatch.example.org"',
             )
         )
-    _cross_check(directory, sources, channels, policy, problems)
+    _cross_check(directory, sources, channels, declared, policy, problems)
     if problems:
         raise ConfigError(path, problems)
     assert daemon is not None
@@ -168,6 +172,7 @@ def _cross_check(
     directory: Directory,
     sources: list[ConnectorConfig],
     channels: list[ConnectorConfig],
+    declared: list[Any],
     policy: PolicySettings,
     problems: list[ConfigProblem],
 ) -> None:
@@ -177,10 +182,10 @@ def _cross_check(
             problems.append(
                 ConfigProblem(f"sources[{index}].owner", f"{owner!r} is not in the staff directory")
             )
-    channel_names = {c.name for c in channels}
-    for index, channel in enumerate(channels):
-        if channel.fallback and channel.fallback not in channel_names:
-            hint = did_you_mean(channel.fallback, channel_names).replace("known: ", "channels: ")
+    for channel in channels:
+        index = declared.index(channel.name)  # its place in the file, for the key
+        if channel.fallback and channel.fallback not in declared:
+            hint = did_you_mean(channel.fallback, [n for n in declared if isinstance(n, str)]).replace("known: ", "channels: ")
             problems.append(
                 ConfigProblem(
                     f"channels[{index}].fallback",

@@ -429,3 +429,45 @@ def test_reach_is_empty_when_a_channel_takes_everything(tmp_path: Path):
     outbox = '\n[[channels]]\nname = "outbox"\ntype = "outbox"\npath = "o.jsonl"\n'
     config = load_config(write(tmp_path, REACH_STAFF + EMAIL_ONLY + outbox))
     assert unreachable(config) == []
+
+
+def test_a_fallback_to_a_channel_that_failed_to_load_is_not_a_second_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """One unset secret is one problem: the channel falling back to it is not also told it
+    names no channel, and later channels' keys keep their place in the file."""
+    monkeypatch.delenv("VW_TEST_UNSET_PASSWORD", raising=False)
+    path = write(
+        tmp_path,
+        """
+        [[staff]]
+        id = "sam@example.org"
+        name = "Sam"
+        role = "director"
+
+        [[channels]]
+        name = "email"
+        type = "smtp"
+        host = "localhost"
+        sender = "visitwatch@example.org"
+        username = "visitwatch"
+        password = { env = "VW_TEST_UNSET_PASSWORD" }
+
+        [[channels]]
+        name = "outbox"
+        type = "outbox"
+        fallback = "email"
+
+        [[channels]]
+        name = "second"
+        type = "outbox"
+        path = "second.jsonl"
+        fallback = "emial"
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    problems = [str(p) for p in caught.value.problems]
+    assert problems[0].startswith("channels[0].password")
+    assert not any(p.startswith("channels[1].fallback") for p in problems)
+    assert any(p.startswith("channels[2].fallback") and "'email'" in p for p in problems)
