@@ -3,8 +3,9 @@
 A file copy of a live WAL database can miss committed transactions (they may still be in
 the -wal file) or catch a page half written. SQLite's online backup API copies a
 consistent snapshot instead: a few hundred pages at a time, with a short pause between
-steps so the daemon's writes never wait long (if it writes meanwhile, the copy starts
-again from a fresh snapshot). The copy is written to a temporary file beside the target,
+steps so the daemon's writes never wait long. A write by the daemon between two steps
+restarts the copy from a fresh snapshot; after a few restarts (a busy record) the rest is
+copied in one step, which in WAL mode still blocks no writer (it only holds a snapshot). The copy is written to a temporary file beside the target,
 checked with ``PRAGMA integrity_check``, made a single self-contained file (rollback
 journal mode) and only then renamed into place: a failed backup never leaves a truncated
 file under the name an admin trusts. The copy holds the same personal data as the record,
@@ -41,6 +42,8 @@ log = structlog.get_logger(__name__)
 # the daemon may write.
 STEP_PAGES = 256
 STEP_PAUSE = 0.005
+# Restarts tolerated before the copy is done in one step.
+MAX_RESTARTS = 3
 
 
 class BackupError(VisitwatchError):
@@ -88,8 +91,20 @@ def _target_file(target: Path) -> Path:
     return target
 
 
+class _Restarting(Exception):
+    """The record keeps changing under a stepped copy: copy it in one step instead."""
+
+
 def _pausing(pause: float) -> Callable[[int, int, int], None]:
+    """Pause after each step; give up stepping after ``MAX_RESTARTS`` restarts."""
+    last = [0, 0]  # pages remaining after the previous step, restarts seen
+
     def progress(_status: int, remaining: int, _total: int) -> None:
+        if remaining > last[0] > 0:  # SQLite began again: the record changed meanwhile
+            last[1] += 1
+            if last[1] > MAX_RESTARTS:
+                raise _Restarting
+        last[0] = remaining
         if remaining:
             time.sleep(pause)  # the daemon's writers get the database between steps
 
@@ -111,7 +126,11 @@ def _copy(
         copy = sqlite3.connect(copy_path, isolation_level=None)
         try:
             try:
-                source.backup(copy, pages=pages, progress=progress)
+                try:
+                    source.backup(copy, pages=pages, progress=progress)
+                except _Restarting:
+                    log.info("backup_in_one_step", restarts=MAX_RESTARTS)
+                    source.backup(copy, pages=-1)
             except sqlite3.Error as err:
                 raise BackupError(f"cannot copy the record {database}: {err}") from err
             # The copy inherits the record's WAL mode; as a backup it should be one file.
