@@ -17,10 +17,11 @@ from typing import Any
 import structlog
 
 from visitwatch import __version__
-from visitwatch.core.errors import ConnectorError, VisitwatchError
+from visitwatch.core.errors import VisitwatchError
 from visitwatch.core.options import parse_duration
 from visitwatch.daemon import backup, doctor, export, init_config, logs, status
 from visitwatch.daemon.config import Config, config_path, load_config
+from visitwatch.daemon.connector_checks import connector_checks, reach_checks
 from visitwatch.daemon.messages import fmt_local
 from visitwatch.daemon.reach import unreachable
 from visitwatch.daemon.service import Service
@@ -218,31 +219,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         lines, failures = status.pages_check(service)
         print("\n".join(lines))
-        for name, error in service.source_errors.items():
-            print(f"FAIL source {name}: {error}")
-            failures += 1
-        window = service.syncer.window(service.clock.now())
-        for name, source in service.sources.items():
-            try:
-                summary = source.check()
-                events = source.fetch(window).events
-                visits = sum(1 for e in events if service.policy.recognise(e))
-                print(f"ok   source {name}: {summary}; {visits} visits in the sync window")
-            except ConnectorError as err:
-                print(f"FAIL source {name}: {err}")
-                failures += 1
-        for name, channel in service.channels.items():
-            try:
-                print(f"ok   channel {name}: {channel.check()}")
-            except ConnectorError as err:
-                print(f"FAIL channel {name}: {err}")
-                failures += 1
+        for ok, line in connector_checks(service):
+            print(line)
+            failures += not ok
     finally:
         service.close()
     # Names are shown here, on the admin's terminal; never in logs.
-    for person in unreachable(config):
-        print(f"FAIL reach: {person}")
-        failures += 1
+    for ok, line in reach_checks(config):
+        print(line)
+        failures += not ok
     return 1 if failures else 0
 
 
