@@ -26,6 +26,7 @@ from visitwatch.daemon.config_sections import (
     STAFF_OPTIONS,
     parse_connectors,
     parse_daemon,
+    parse_retention,
     parse_staff,
     parse_web,
 )
@@ -33,6 +34,7 @@ from visitwatch.daemon.config_types import (
     ConnectorConfig,
     DaemonSettings,
     Directory,
+    RetentionSettings,
     StaffMember,
     WebSettings,
 )
@@ -61,7 +63,7 @@ __all__ = [
 # Named in messages: what exists after `pip install` (the repo's examples/ does not).
 STARTER_HINT = "`visitwatch init` writes a commented starter config"
 CONFIG_ENV = "VISITWATCH_CONFIG"
-SECTIONS = ("daemon", "staff", "sources", "channels", "policy", "web")
+SECTIONS = ("daemon", "staff", "sources", "channels", "policy", "web", "retention")
 
 
 class ConfigError(VisitwatchError):
@@ -84,6 +86,7 @@ class Config:
     channels: tuple[ConnectorConfig, ...]
     policy: PolicySettings
     web: WebSettings = field(default_factory=WebSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
 
 def config_path(explicit: str | None) -> Path:
@@ -134,6 +137,7 @@ def parse_config(raw: Mapping[str, Any], config_dir: Path, path: Path | None = N
     # reported already): a fallback naming one is not a second, misleading problem.
     declared = [e.get("name") if isinstance(e, Mapping) else None for e in channel_entries]
     web = parse_web(_table(raw, "web", problems), config_dir, problems)
+    retention = parse_retention(_table(raw, "retention", problems), config_dir, problems)
     policy, policy_problems = parse_policy(_table(raw, "policy", problems))
     problems += policy_problems
 
@@ -149,7 +153,7 @@ def parse_config(raw: Mapping[str, Any], config_dir: Path, path: Path | None = N
     if problems:
         raise ConfigError(path, problems)
     assert daemon is not None
-    return Config(path, daemon, directory, tuple(sources), tuple(channels), policy, web)
+    return Config(path, daemon, directory, tuple(sources), tuple(channels), policy, web, retention)
 
 
 def _table(raw: Mapping[str, Any], key: str, problems: list[ConfigProblem]) -> Mapping[str, Any]:
@@ -185,7 +189,9 @@ def _cross_check(
     for channel in channels:
         index = declared.index(channel.name)  # its place in the file, for the key
         if channel.fallback and channel.fallback not in declared:
-            hint = did_you_mean(channel.fallback, [n for n in declared if isinstance(n, str)]).replace("known: ", "channels: ")
+            hint = did_you_mean(
+                channel.fallback, [n for n in declared if isinstance(n, str)]
+            ).replace("known: ", "channels: ")
             problems.append(
                 ConfigProblem(
                     f"channels[{index}].fallback",

@@ -174,9 +174,8 @@ class Pending:
 
 
 def settings_of(config: Config) -> RetentionSettings:
-    """The [retention] settings (their defaults until the config carries the section)."""
-    found = getattr(config, "retention", None)
-    return found if isinstance(found, RetentionSettings) else RetentionSettings()
+    """The [retention] settings."""
+    return config.retention
 
 
 class Retention:

@@ -471,3 +471,22 @@ def test_a_fallback_to_a_channel_that_failed_to_load_is_not_a_second_problem(
     assert problems[0].startswith("channels[0].password")
     assert not any(p.startswith("channels[1].fallback") for p in problems)
     assert any(p.startswith("channels[2].fallback") and "'email'" in p for p in problems)
+
+
+def test_the_retention_section_is_read(tmp_path: Path):
+    """[retention] periods reach the daemon; a wrong one is a problem naming its key."""
+    base = """
+        [[staff]]
+        id = "sam@example.org"
+        name = "Sam"
+        role = "director"
+
+        [[channels]]
+        name = "outbox"
+        type = "outbox"
+    """
+    config = load_config(write(tmp_path, base + '[retention]\npersonal_data_after = "30d"\n'))
+    assert config.retention.personal_data_after == timedelta(days=30)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, base + '[retention]\npersonal_data_after = "soon"\n'))
+    assert "retention.personal_data_after" in str(caught.value)
