@@ -11,7 +11,6 @@ visits. Every time leaves this package as aware UTC.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -25,6 +24,7 @@ from visitwatch.connectors.ics_parse import FeedParser, Limits
 from visitwatch.core.calendar import FetchResult, TimeWindow, utc_window
 from visitwatch.core.errors import ConnectorError
 from visitwatch.core.options import ConfigProblem, ConnectorContext, Option
+from visitwatch.core.private_files import file_name_part
 
 __all__ = ["IcsSource", "redact_url"]
 
@@ -113,6 +113,7 @@ class IcsSource(CalendarSource):
             timeout=timeout.total_seconds(),
             max_bytes=self.settings["max_bytes"],
             user_agent=context.user_agent,
+            cache_file=context.state_dir / f"ics-{file_name_part(name)}.json",
         )
         self._parser = FeedParser(
             Feed(name, self.settings["owner"], context.timezone),
@@ -128,12 +129,15 @@ class IcsSource(CalendarSource):
 
     def fetch(self, window: TimeWindow, known: str | None = None) -> FetchResult:
         try:
-            body, validators = self._reader.read()
-            fingerprint = hashlib.sha256(body).hexdigest()
-            if known is not None and fingerprint == known:
+            read = self._reader.read()
+            if known is not None and read.fingerprint == known:
                 # The caller already holds what this body says: skip parsing altogether.
-                return FetchResult(fingerprint=fingerprint, unchanged=True)
-            result = self._parser.parse(body, utc_window(window))
+                return FetchResult(fingerprint=read.fingerprint, unchanged=True)
+            if read.body is None:
+                # A 304 after a restart for a body the caller no longer holds as processed.
+                read = self._reader.read(conditional=False)
+            assert read.body is not None  # only a conditional read answers without a body
+            result = self._parser.parse(read.body, utc_window(window))
         except ConnectorError:
             raise
         except Exception as err:
@@ -144,10 +148,10 @@ class IcsSource(CalendarSource):
             raise ConnectorError(
                 f"source {self.name!r}: unexpected error reading the feed ({type(err).__name__})"
             ) from err
-        if validators is not None:
+        if read.validators is not None:
             # Only remember a body that parsed: a login page must not become the copy we
             # reuse on the next 304.
-            self._reader.remember(body, validators)
+            self._reader.remember(read.body, read.validators)
         return result
 
     def check(self) -> str:

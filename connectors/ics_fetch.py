@@ -5,13 +5,21 @@ streams in, and reuses the last good body when the server answers 304 Not Modifi
 error it raises is a :class:`ConnectorError` that shows the address only as
 :func:`redact_url` or the secret's origin shows it: calendar URLs often carry their
 secret in the path or the query.
+
+The validators and the body's hash are also kept in a small 0600 JSON file in the state
+folder (never the body: it holds families' addresses), so the first poll after a restart
+is still a conditional GET; its 304 says "what you processed last time", and the caller,
+which keeps the hash of what it processed, skips the read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time as monotonic_time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,6 +29,7 @@ import urllib3
 
 from visitwatch.core.errors import ConnectorError
 from visitwatch.core.options import Secret
+from visitwatch.core.private_files import write_atomically
 
 log = structlog.get_logger(__name__)
 
@@ -29,6 +38,20 @@ _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] [^'\")\]]+")
 
 # The validators (ETag, Last-Modified) a server sent with a fresh body.
 Validators = tuple[str | None, str | None]
+
+
+@dataclass(frozen=True)
+class FeedBody:
+    """What one read gave: the bytes (None for a 304 after a restart) and their SHA-256."""
+
+    body: bytes | None
+    fingerprint: str
+    # For a fresh HTTP body: the validators to remember once it has parsed.
+    validators: Validators | None = None
+
+
+def fingerprint_of(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
 
 
 def describe_url(url: str | Secret) -> tuple[str, str]:
@@ -51,6 +74,7 @@ class FeedReader:
         timeout: float,
         max_bytes: int,
         user_agent: str,
+        cache_file: Path | None = None,
     ) -> None:
         self.name = source
         self._url = url
@@ -64,17 +88,54 @@ class FeedReader:
         self._etag: str | None = None
         self._last_modified: str | None = None
         self._cached_body: bytes | None = None
+        # The hash of the body the validators belong to (from the cache file after a restart).
+        self._cached_hash: str | None = None
+        self._cache_file = cache_file if url is not None else None
+        self._load_cache()
 
-    def read(self) -> tuple[bytes, Validators | None]:
-        """Return the body and, for a fresh HTTP body, the validators to remember."""
+    def read(self, conditional: bool = True) -> FeedBody:
+        """The feed's bytes; ``conditional=False`` asks the server for the whole body."""
         if self._path is not None:
-            return self._read_file(self._path), None
-        return self._read_http()
+            body = self._read_file(self._path)
+            return FeedBody(body, fingerprint_of(body))
+        return self._read_http(conditional)
 
     def remember(self, body: bytes, validators: Validators) -> None:
-        """Keep ``body`` (which parsed) for the next 304 answer."""
+        """Keep ``body`` (which parsed) for the next 304 answer, and its validators on disk."""
         self._cached_body = body
+        self._cached_hash = fingerprint_of(body)
         self._etag, self._last_modified = validators
+        self._save_cache()
+
+    def _load_cache(self) -> None:
+        if self._cache_file is None:
+            return
+        try:
+            saved = json.loads(self._cache_file.read_text(encoding="utf-8"))
+            etag, modified, digest = saved["etag"], saved["last_modified"], saved["sha256"]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            # Only a lost 304: the next read is a full download.
+            log.warning("ics.cache_unreadable", source=self.name, error=type(err).__name__)
+            return
+        if isinstance(digest, str) and (isinstance(etag, str) or isinstance(modified, str)):
+            self._etag = etag if isinstance(etag, str) else None
+            self._last_modified = modified if isinstance(modified, str) else None
+            self._cached_hash = digest
+
+    def _save_cache(self) -> None:
+        if self._cache_file is None or not (self._etag or self._last_modified):
+            return
+        saved = {
+            "etag": self._etag,
+            "last_modified": self._last_modified,
+            "sha256": self._cached_hash,
+        }
+        try:
+            write_atomically(self._cache_file, json.dumps(saved).encode("utf-8"))
+        except OSError as err:
+            log.warning("ics.cache_unwritable", source=self.name, error=err.strerror or "")
 
     def close(self) -> None:
         if self._session is not None:
@@ -104,12 +165,12 @@ class FeedReader:
             "max_bytes option if the calendar really is this large"
         )
 
-    def _read_http(self) -> tuple[bytes, Validators | None]:
+    def _read_http(self, conditional: bool) -> FeedBody:
         assert self._url is not None
         if self._session is None:
             self._session = requests.Session()
         headers = {"User-Agent": self._user_agent}
-        if self._cached_body is not None:
+        if conditional and self._cached_hash is not None:
             if self._etag:
                 headers["If-None-Match"] = self._etag
             if self._last_modified:
@@ -134,16 +195,16 @@ class FeedReader:
         with response:
             return self._answer(response)
 
-    def _answer(self, response: requests.Response) -> tuple[bytes, Validators | None]:
+    def _answer(self, response: requests.Response) -> FeedBody:
         status = response.status_code
         if status == 304:
             log.info("ics.not_modified", source=self.name, status=status)
-            if self._cached_body is None:
+            if self._cached_hash is None:
                 raise ConnectorError(
                     f"source {self.name!r}: {self._where} answered 304 Not Modified "
                     "but no earlier copy is held"
                 )
-            return self._cached_body, None
+            return FeedBody(self._cached_body, self._cached_hash)
         if not 200 <= status < 300:
             reason = (response.reason or "").strip()[:60]
             raise ConnectorError(
@@ -152,10 +213,8 @@ class FeedReader:
             )
         body = self._download(response)
         log.info("ics.downloaded", source=self.name, status=status, size=len(body))
-        return body, (
-            response.headers.get("ETag"),
-            response.headers.get("Last-Modified"),
-        )
+        validators = (response.headers.get("ETag"), response.headers.get("Last-Modified"))
+        return FeedBody(body, fingerprint_of(body), validators)
 
     def _download(self, response: requests.Response) -> bytes:
         """The body, read in pieces and abandoned once it passes ``max_bytes``."""

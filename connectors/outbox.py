@@ -20,8 +20,10 @@ from visitwatch.connectors.base import Channel
 from visitwatch.core.errors import ConnectorError
 from visitwatch.core.notification import Message
 from visitwatch.core.options import Option
+from visitwatch.core.private_files import make_dirs, open_private
 
-# The records hold staff names and visit details: not for every local user to read.
+# The records hold staff names and visit details: the service and its group (admins who
+# read the outbox) only, whatever the umask; a looser file from an older release is tightened.
 _FILE_MODE = 0o640
 
 
@@ -72,9 +74,8 @@ class OutboxChannel(Channel):
 
     def check(self) -> str:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
-            os.close(fd)
+            make_dirs(self.path.parent)
+            os.close(open_private(self.path, os.O_WRONLY | os.O_APPEND, _FILE_MODE))
         except OSError as err:
             raise ConnectorError(
                 f"outbox file {self.path} is not writable: {err.strerror or err}",
@@ -83,9 +84,9 @@ class OutboxChannel(Channel):
         return f"outbox file {self.path} is writable"
 
     def _append(self, data: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+            fd = open_private(self.path, os.O_WRONLY | os.O_APPEND, _FILE_MODE)
             try:
                 written = os.write(fd, data)
                 # Regular files practically never take a short write (a full disk raises
