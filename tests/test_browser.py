@@ -8,8 +8,11 @@ violation, fits a 390 px phone with big buttons, and is screenshotted at phone s
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page
@@ -242,3 +245,26 @@ def test_the_other_states_and_the_error_pages(page: Page, served: Serve, look: L
     assert answer is not None and answer.status == 410
     assert page.get_by_role("heading", level=1).inner_text() == "This link has expired"
     look(page, "link-expired")
+
+
+def test_a_manager_downloads_the_record_from_the_board(
+    page: Page, served: Serve, look: Look
+) -> None:
+    """From the board's link, the export page (axe, phone-sized), and a real CSV download
+    holding Asha's visit and Maria's acknowledgement."""
+    site = served(home_visit())
+    site.at(DEADLINE + timedelta(minutes=20))
+    site.service.sweep()
+    sign_in(page, site)
+    page.locator(f'#overdue li[data-visit="{site.visit_id()}"]').get_by_role(
+        "button", name="I'm on it"
+    ).click()
+    page.goto(f"{site.base}/board")
+    page.get_by_role("link", name="Export the record").click()
+    assert page.get_by_role("heading", level=1).inner_text() == "Export the Lone Working Record"
+    look(page, "board-export")
+    with page.expect_download() as download:
+        press(page, "Download CSV")
+    rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text("utf-8"))))
+    assert [row["visit"] for row in rows] == [site.visit_id()]
+    assert "Maria Jones" in " ".join(rows[0].values())
