@@ -27,6 +27,7 @@ import structlog
 
 from visitwatch.connectors.graph_targets import Target
 from visitwatch.core.calendar import TimeWindow
+from visitwatch.core.private_files import make_dirs
 
 log = structlog.get_logger(__name__)
 
@@ -129,7 +130,7 @@ class DeltaStore:
         }
         tmp = self.path.with_suffix(".tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             # Entries hold visit details: readable by the service user only.
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:

@@ -34,6 +34,7 @@ import structlog
 
 from visitwatch.connectors.graph_client import GraphClient, mailbox_path
 from visitwatch.core.errors import ConnectorError
+from visitwatch.core.private_files import make_dirs
 
 log = structlog.get_logger(__name__)
 
@@ -240,7 +241,7 @@ class GraphDirectory:
         }
         text = json.dumps(data, indent=1, ensure_ascii=False)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             # Written to a 0600 temporary file and renamed over: never a moment when the
             # names and phones are world-readable, never a half-written cache.
             fd, temporary = tempfile.mkstemp(prefix=".graph-directory-", dir=self.path.parent)

@@ -12,8 +12,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import pytest
-
 from tests.conftest import STAFF, home_visit, ics_calendar
 from tests.daemon_process import REPO, VISITWATCH, Daemon, wait_for
 from tests.ics_feed import Feed, serving
@@ -140,11 +138,6 @@ def test_files_left_loose_by_an_older_release_are_tightened(tmp_path: Path):
     assert stat.S_IMODE(outbox.stat().st_mode) == 0o600
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon/web/links.py load_keys makes state_dir with a bare mkdir() (0777 under "
-    "umask 000); private_files.make_dirs fixes it (then drop this mark)",
-)
 def test_a_state_folder_apart_from_the_record_is_not_world_writable(tmp_path: Path):
     """state_dir made by the daemon (record elsewhere, pages on) is 0750 at most, umask 000."""
     config = tmp_path / "visitwatch.toml"

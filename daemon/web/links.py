@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from visitwatch.core.errors import VisitwatchError
 from visitwatch.core.options import Secret
+from visitwatch.core.private_files import make_dirs
 
 KEY_FILE = "web-signing.key"
 OLD_KEY_FILE = "web-signing.key.old"
@@ -160,7 +161,7 @@ def load_keys(configured: Secret | None, state_dir: Path) -> list[str]:
         return [k for k in keys if k]
     path = state_dir / KEY_FILE
     if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(state_dir)  # 0750 whatever the umask
         # Created owner-only from the first byte, whatever the umask.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
