@@ -186,6 +186,7 @@ def _cross_check(
             problems.append(
                 ConfigProblem(f"sources[{index}].owner", f"{owner!r} is not in the staff directory")
             )
+    by_name = {c.name: c for c in channels}
     for channel in channels:
         index = declared.index(channel.name)  # its place in the file, for the key
         if channel.fallback and channel.fallback not in declared:
@@ -202,6 +203,20 @@ def _cross_check(
         if channel.fallback == channel.name:
             problems.append(
                 ConfigProblem(f"channels[{index}].fallback", "cannot be the channel itself")
+            )
+        fallback = by_name.get(channel.fallback)
+        if fallback is not None and fallback.broadcasts != channel.broadcasts:
+            # A person's message carries their own signed link: copied to a shared place,
+            # anyone there could act as them. A place's post has no person to reach.
+            shared = fallback if fallback.broadcasts else channel
+            problems.append(
+                ConfigProblem(
+                    f"channels[{index}].fallback",
+                    f"{shared.name!r} posts to a shared place ({shared.type}), the other "
+                    "reaches people: one cannot stand in for the other",
+                    "fall back from a person's channel to another person's channel (sms, "
+                    "smtp, outbox), and from a shared place to another place",
+                )
             )
     if not channels:
         problems.append(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from visitwatch.connectors.base import CalendarSource, Connector
+from visitwatch.connectors.base import CalendarSource, Channel, Connector
 from visitwatch.core.options import Secret
 
 
@@ -77,6 +77,11 @@ class ConnectorConfig:
     settings: Mapping[str, Any]
     fallback: str = ""
     kinds: tuple[str, ...] | None = None
+
+    @property
+    def broadcasts(self) -> bool:
+        """For a channel: it posts to a shared place (once per event), not to a person."""
+        return issubclass(self.cls, Channel) and self.cls.broadcast
 
     @property
     def owner(self) -> str:

@@ -227,7 +227,12 @@ class Outages:
                 break
             tried.add(up[0])
             parent = up[1]
-        return None if config.fallback in tried else config.fallback
+        if config.fallback in tried:
+            return None
+        target = self.configs.get(config.fallback)
+        if target is not None and target.broadcasts != config.broadcasts:
+            return None  # a person's signed link never goes to a shared place (config refuses it)
+        return config.fallback
 
     def _has_fallback(self, row: dict[str, Any]) -> bool:
         config = self.configs.get(row["channel"])

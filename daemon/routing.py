@@ -76,7 +76,7 @@ def address_field(channel: ConnectorConfig) -> str | None:
 
 def broadcasts(channel: ConnectorConfig) -> bool:
     """Whether ``channel`` posts to a place (once per event) rather than to a person."""
-    return issubclass(channel.cls, Channel) and channel.cls.broadcast
+    return channel.broadcasts
 
 
 def texts_people(channel: ConnectorConfig) -> bool:

@@ -391,16 +391,6 @@ def _place_world(world: World, scripted: dict[str, Script], **sms: Any) -> WebWo
     return web
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon/config.py accepts a broadcast channel (teams, webhook) as the fallback "
-    "of a per-person channel, and daemon/outages.py Outages.fallback copies the person's "
-    "row to it as is: Maria's overrun, with her signed acknowledge link (link and short "
-    "link), is posted to the shared channel, where anyone can acknowledge as her (and a "
-    "worker's reminder would carry their check-in link). config.py should refuse a "
-    "fallback whose broadcast flag differs from its channel's, or Outages._fallback_channel "
-    "skip broadcast targets",
-)
 def test_a_place_as_fallback_never_gets_a_persons_signed_link(
     world: World, scripted_channels: dict[str, Script], monkeypatch: pytest.MonkeyPatch
 ) -> None:
