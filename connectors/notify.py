@@ -248,6 +248,9 @@ def _plain(placeholder: str) -> str:
     return re.sub(r"[\s_-]", "", placeholder).lower()
 
 
+INBOUND_TOKEN_MIN = 16  # characters; Notify's own form asks for at least 10
+
+
 class NotifySmsChannel(_NotifyChannel):
     """Text messages through GOV.UK Notify."""
 
@@ -271,7 +274,25 @@ class NotifySmsChannel(_NotifyChannel):
     @classmethod
     def takes_replies(cls, settings: Mapping[str, Any]) -> bool:
         """Replies are heard when Notify's received-text callback is set up (its token)."""
-        return settings.get("inbound_token") is not None
+        token = settings.get("inbound_token")
+        return token is not None and len(token.reveal().strip()) >= INBOUND_TOKEN_MIN
+
+    @classmethod
+    def settings_problems(cls, settings: Mapping[str, Any]) -> list[ConfigProblem]:
+        """The shared checks, and an inbound token long enough to be a secret: a blank one
+        would make texts invite replies that every callback then fails to prove."""
+        problems = super().settings_problems(settings)
+        token = settings.get("inbound_token")
+        if token is not None and len(token.reveal().strip()) < INBOUND_TOKEN_MIN:
+            problems.append(
+                ConfigProblem(
+                    "inbound_token",
+                    f"is under {INBOUND_TOKEN_MIN} characters (read from {token.origin})",
+                    'make a long random one, e.g. python -c "import secrets; '
+                    'print(secrets.token_urlsafe(32))", and give Notify the same',
+                )
+            )
+        return problems
 
     def recipient_address(self, message: Message) -> str:
         try:

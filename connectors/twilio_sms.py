@@ -43,13 +43,14 @@ from twilio.rest import Client
 from visitwatch.connectors.base import Channel
 from visitwatch.core.errors import ConnectorError
 from visitwatch.core.notification import Message
-from visitwatch.core.options import ConfigProblem, ConnectorContext, Option
+from visitwatch.core.options import ConfigProblem, ConnectorContext, Option, Secret
 from visitwatch.core.phone import InvalidNumber, e164
 from visitwatch.core.sms import text_of
 
 log = structlog.get_logger(__name__)
 
 _ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
+_AUTH_TOKEN = re.compile(r"^[0-9a-fA-F]{32}$")
 _SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
 INBOUND_PATH = "/sms/twilio"  # where the daemon's web server hears Twilio's inbound texts
 _QUIET = logging.getLogger("visitwatch.twilio_client")
@@ -136,6 +137,16 @@ class TwilioSmsChannel(Channel):
                     "account_sid",
                     "is not a Twilio account SID",
                     '"AC" and 32 hex digits, from the Twilio console\'s account info',
+                )
+            )
+        token: Secret = settings["auth_token"]
+        if not _AUTH_TOKEN.match(token.reveal().strip()):
+            # Also the key inbound texts are verified with: a blank one anyone can sign with.
+            problems.append(
+                ConfigProblem(
+                    "auth_token",
+                    f"is not a Twilio auth token (read from {token.origin})",
+                    "32 hex digits, from the Twilio console's account info",
                 )
             )
         number, service = settings["from_number"], settings["messaging_service_sid"]

@@ -31,7 +31,7 @@ MARIA = "maria.jones@example.org"
 SAM = "sam.webster@example.org"
 STRANGER = "+447700900777"
 START = T0 + timedelta(hours=1)  # 13:00; return by 14:00
-TWILIO_TOKEN = "twilio-auth-token-for-tests"
+TWILIO_TOKEN = "7e57c0de7e57c0de7e57c0de7e57c0de"  # 32 hex digits, as Twilio's are
 NOTIFY_TOKEN = "notify-inbound-token-for-tests"
 UUID = "f33517ff-2a88-4f6e-b855-c550268ce08a"
 CHANNELS = textwrap.dedent(f"""

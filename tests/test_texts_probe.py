@@ -192,15 +192,6 @@ def _load(world: World, channels: str) -> Any:
     return load_config(world.write_config())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connectors/twilio_sms.py settings_problems accepts an empty auth_token (an env "
-    "var or secret file that is blank): with inbound = true, daemon/web/inbound.py then "
-    "checks X-Twilio-Signature under the empty key, which anyone can compute, so anyone who "
-    "can reach /sms/twilio can text SAFE for any worker. settings_problems should refuse a "
-    "blank auth_token (Twilio's are 32 hex digits), and inbound.py skip a channel whose "
-    "token is blank",
-)
 def test_an_empty_twilio_auth_token_never_lets_a_forged_post_in(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -218,15 +209,6 @@ def test_an_empty_twilio_auth_token_never_lets_a_forged_post_in(
     assert visit_state(web) is VisitState.OVERDUE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connectors/notify.py NotifySmsChannel.takes_replies is `inbound_token is not "
-    "None`: an inbound_token read as '' (empty env var) makes texts invite 'Reply SAFE, "
-    "EXTEND 30 or HELP' (daemon/texts.py) while daemon/web/inbound.py refuses every "
-    "callback (no token can match ''); a worker's HELP reply is dropped with only an audit "
-    "line. settings_problems should refuse a blank inbound_token, or takes_replies should "
-    "require a non-blank one",
-)
 def test_a_blank_notify_inbound_token_is_a_config_problem(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

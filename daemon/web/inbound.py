@@ -22,6 +22,7 @@ record. What is believed is acted on by :class:`~visitwatch.daemon.replies.Repli
 from __future__ import annotations
 
 import hmac
+import secrets
 import threading
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -87,11 +88,12 @@ def _refuse(context: WebContext, provider: str, reason: str) -> Response:
 
 
 def _secret(settings: Mapping[str, Any], name: str) -> str:
+    """The named secret; never empty: a blank key is one anyone can sign with (config
+    refuses it; this makes sure a blank one can prove nothing if it ever got through)."""
     value = settings.get(name)
-    if value is None:
-        return ""
     reveal = getattr(value, "reveal", None)
-    return str(reveal() if callable(reveal) else value)
+    text = str(reveal() if callable(reveal) else value or "").strip()
+    return text or secrets.token_hex(32)  # a key nobody holds
 
 
 def channels(context: WebContext, type_name: str) -> list[ConnectorConfig]:
