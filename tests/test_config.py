@@ -54,6 +54,7 @@ SHAPED_SECRETS = {
     # GOV.UK Notify: "{key name}-{service id}-{secret}", both UUIDs.
     ("notify_sms", "api_key"): f"example-{uuid.UUID(int=1)}-{uuid.UUID(int=2)}",
     ("notify_email", "api_key"): f"example-{uuid.UUID(int=1)}-{uuid.UUID(int=2)}",
+    ("twilio_sms", "auth_token"): "5ec2e75ec2e75ec2e75ec2e75ec2e75e",  # 32 hex digits
 }
 
 
