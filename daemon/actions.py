@@ -169,6 +169,7 @@ class Actions:
                     "safe at home" if action == "safe_home" else "checked in",
                     f"checked in by {actor} via {via}",
                     {"checked_in_at": now, "checked_in_by": actor},
+                    keep_help=True,
                 )  # fmt: skip
                 return
             if visit.help_requested_at is not None:
@@ -241,22 +242,30 @@ class Actions:
         cause: str,
         how: str,
         changes: Mapping[str, Any],
+        keep_help: bool = False,
     ) -> None:
-        """End the visit as safe, record who and how, and tell everyone who was alerted."""
+        """End the visit as safe, record who and how, and tell everyone who was alerted.
+
+        ``keep_help``: the worker's own check-in does not withdraw a help request they made
+        (a SAFE soon after HELP may be made under duress): those asked to help hear of it,
+        then the all clear, which says help was asked for.
+        """
         self.change(visit, now, cause, by, {
             "state": VisitState.RESOLVED, "ended_at": now, "next_action_at": None, **changes,
         })  # fmt: skip
         conn = self.store.db.conn
         record_checkin(conn, visit.id, now, action, by, via)
         # Alerts still waiting to go out would now be false alarms: the worker is safe.
+        withdrawn = [k for k in SUPERSEDED_BY_RESOLUTION if not (keep_help and k == "help")]
         conn.execute(
             "UPDATE notifications SET status = 'superseded', next_attempt_at = NULL,"
             " last_error = ? WHERE visit_id = ? AND status = 'pending' AND kind IN"
-            f" ({', '.join(repr(k) for k in SUPERSEDED_BY_RESOLUTION)})",
+            f" ({', '.join(repr(k) for k in withdrawn)})",
             (f"not sent: the visit was resolved first ({how})", visit.id),
         )
-        # One all clear per resolution: a visit re-opened and resolved again gets another.
-        token = f"resolved:{ts(now)}"
+        # One all clear per resolution: a visit re-opened and resolved again gets another
+        # (the version tells two resolutions apart even within the same instant).
+        token = f"resolved:{ts(now)}:{visit.version}"
         self.router.notify(
             conn, visit, NotificationKind.ALL_CLEAR, alerted(conn, visit.id), now, token, how
         )

@@ -187,6 +187,12 @@ def resolution(view: VisitView, kind: str, now: datetime, by: str) -> tuple[str,
     if kind == NotificationKind.ALL_CLEAR:
         subject = f"All clear: {view.worker_name} is safe"
         first = f"{view.worker_name} is confirmed safe ({by}) at {fmt_local(now, view.tz)}."
+        asked = view.visit.help_requested_at
+        if asked is not None:
+            first += (
+                f" They asked for help at {fmt_local(asked, view.tz)} before this: if you "
+                "have any doubt, phone them."
+            )
     elif kind == NotificationKind.EXTENDED:
         subject = f"Visit extended: {view.worker_name} now expected back {view.local(view.visit.deadline)}"
         first = (

@@ -74,6 +74,8 @@ def resolution(view: VisitView, kind: str, by: str) -> str:
     who = _who(view)
     if kind == NotificationKind.ALL_CLEAR:
         body = f"All clear: {who} is safe ({by})."
+        if view.visit.help_requested_at is not None:
+            body += f" They asked for help at {_hhmm(view, view.visit.help_requested_at)}: if in doubt, phone them."
     elif kind == NotificationKind.EXTENDED:
         body = f"{who} extended the {view.label}; now due back {_hhmm(view, view.visit.deadline)}."
     elif kind == NotificationKind.ACKNOWLEDGED:

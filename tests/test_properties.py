@@ -31,7 +31,9 @@ overrun, escalation and help.
   about its channel's outage. None blocks another: once a delivery pass is over, no
   notification due on a channel that works is still waiting.
 - I3: after a visit is resolved no alert for it is written or delivered, only the all-clear
-  and admin notices; after it is cancelled or removed in the calendar none is written (one
+  and admin notices, save a help request the worker made before checking in themself
+  (a SAFE soon after HELP may be made under duress: the help still goes out, then the
+  all-clear); after it is cancelled or removed in the calendar none is written (one
   raised before still goes out, then the "ended" notice). Everyone who received an overrun,
   escalation or help alert for it gets the all-clear (or "ended" notice) written after
   their last alert.
@@ -778,6 +780,12 @@ class VisitLifecycle(RuleBasedStateMachine):
                 # A help request or alert already raised when the calendar cancels a visit
                 # still goes out (then the "ended" notice); after a resolution it must not.
                 sent_late = row["state"] == "resolved" and (n["sent_at"] or "") > ended
+                # The worker's own check-in keeps a help request they made before it: those
+                # asked to help hear of it, then the all clear (a SAFE may be under duress).
+                # (Its fallback copies too: a copy is never new, written_late checks that.)
+                raised_before = n["created"] <= ended or n["fallback_of"] is not None
+                if n["kind"] == "help" and row["checked_in_at"] and raised_before:
+                    sent_late = False
                 written_late = n["created"] > ended and n["fallback_of"] is None
                 if n["kind"] in ALERT_KINDS and (written_late or sent_late):
                     problems.append(
@@ -1101,4 +1109,23 @@ def test_a_channel_refusing_for_good_across_a_restart_is_one_outage() -> None:
         lambda m: m.channel_mode("mail", OK),
         lambda m: m.daemon_runs(minutes=30, ticks=3),
         one_each,
+    )
+
+
+def test_help_then_the_workers_own_check_in_still_reaches_those_asked_to_help() -> None:
+    """I3 (found while keeping help after a worker's SAFE): a Help category, an
+    acknowledgement, the worker's check-in, then e-mail refuses: the help alert's text
+    fallback still goes out after the check-in (it was raised before it), then the
+    all-clear."""
+    uid = "visit-0"
+    replay(
+        "mail+sms",
+        lambda m: m.add_entry(starts_in=0, minutes=5, return_after=None, worker=""),
+        lambda m: m.set_category(uid, "Help"),
+        lambda m: m.acknowledge(uid, safe=False, by="Maria Jones"),
+        lambda m: m.edit_entry(uid, shift=0, minutes=None, return_after=None),
+        lambda m: m.check_in(uid),
+        lambda m: m.advance(1),
+        lambda m: m.channel_mode("mail", PERMANENT),
+        lambda m: m.dispatch(),
     )

@@ -303,16 +303,6 @@ def test_a_workers_number_in_any_usual_form_finds_them(ww: WebWorld, source: str
     assert visit_state(ww) is VisitState.RESOLVED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon/actions.py resolve supersedes pending 'help' rows "
-    "(NotificationKind.withdrawn_at_resolution includes HELP) and alerted() skips "
-    "superseded rows: a HELP texted and a SAFE a moment later (before the dispatcher ran; "
-    "a worker under duress made to text SAFE) leaves the manager told nothing, neither the "
-    "help nor an all clear, although the HELP reply said 'Maria Jones, Sam Webster alerted "
-    "now'. Keep HELP rows out of withdrawn_at_resolution, or send the all clear (naming the "
-    "help request) to everyone whose help row was superseded",
-)
 def test_help_then_safe_before_delivery_still_tells_the_manager(ww: WebWorld) -> None:
     """HELP then SAFE before anything was sent: the manager still hears of the help."""
     at(ww, 20)
