@@ -176,6 +176,8 @@ class Replies:
         worker = people[0]
         to = recipient_of(worker)
         log.info("inbound_sms", provider=inbound.provider, command=str(parsed.command))
+        if parsed.command is Command.OPT_OUT:
+            return self._opted_out(conn, inbound, worker, now), to, None
         visit = self.current_visit(worker, now)
         if visit is None:
             if parsed.command is Command.HELP:
@@ -303,6 +305,31 @@ class Replies:
             )
             return f"Your {start} visit was already closed at {ended}{how}. Nothing was changed."
         return f"Your {start} visit is no longer watched ({visit.state} at {ended}). Nothing was changed."
+
+    def _opted_out(
+        self, conn: sqlite3.Connection, inbound: Inbound, worker: StaffMember, now: datetime
+    ) -> str:
+        """STOP, END...: the provider now blocks texts to this worker; the admins hear at once."""
+        word = inbound.body.strip().upper()[:20]
+        subject = f"visitwatch: {worker.name} has stopped texts from visitwatch"
+        text = (
+            f"{worker.name} texted {word} to visitwatch's {inbound.provider} number at "
+            f'{self._clock(now)}. The provider takes that word as "stop texting me": every '
+            "later text to them from that number is blocked, their reminders included, "
+            "until they text START to it. Ask them to text START now, and remind staff "
+            "to answer with SAFE, EXTEND, HOME or HELP only."
+        )
+        key = f"admin|opted-out|{inbound.provider}|{inbound.message_id or ts(now)}"
+        self.watcher.router.to_admins(conn, None, subject, text, now, key)
+        self.store.audit(
+            conn, None, now, "texts stopped by the worker", worker.name,
+            via="sms", provider=inbound.provider,
+        )  # fmt: skip
+        log.warning("inbound_sms_opted_out", provider=inbound.provider)
+        return (
+            f"You texted {word}: texts from visitwatch, your reminders included, have "
+            "stopped. Text START to get them again. To end a visit text SAFE."
+        )
 
     def _help_without_visit(
         self, conn: sqlite3.Connection, inbound: Inbound, worker: StaffMember, now: datetime

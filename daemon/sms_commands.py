@@ -19,6 +19,7 @@ class Command(StrEnum):
     EXTEND = "extend"
     HOME = "home"
     HELP = "help"
+    OPT_OUT = "opt_out"  # a word the provider takes as "stop texting me" (see below)
     UNKNOWN = "unknown"
 
 
@@ -28,6 +29,12 @@ class Parsed:
     minutes: int | None = None  # EXTEND: as asked (None: unreadable or bare)
 
 
+# Twilio's default opt-out keywords (Advanced Opt-Out): a text that is exactly one of these
+# makes Twilio block every later text to the sender from that number, alerts included,
+# until they text START. visitwatch cannot stop that; it makes sure the admins hear of it.
+OPT_OUT_WORDS = frozenset(
+    {"stop", "stopall", "unsubscribe", "cancel", "end", "quit", "revoke", "optout"}
+)
 _HELP = re.compile(r"\b(help|sos|unsafe)\b|\bnot\s+(safe|ok|okay)\b")
 _EXTEND = re.compile(r"\bextend\w*\b(?P<rest>.*)", re.S)
 _TRAVEL_HOME = re.compile(
@@ -46,6 +53,8 @@ def parse(body: str) -> Parsed:
     """The command in a text (see the module's note for the order)."""
     text = re.sub(r"[^\w.,:\s]", " ", body.lower().replace("o.k.", "ok"))
     text = re.sub(r"\s+", " ", text)
+    if text.strip(" .,:") in OPT_OUT_WORDS:
+        return Parsed(Command.OPT_OUT)
     if _HELP.search(text):
         return Parsed(Command.HELP)
     extend = _EXTEND.search(text)

@@ -519,3 +519,15 @@ def test_through_the_real_server_texts_are_never_rate_limited(
     assert [status for status, _ in answers] == [200] * 4
     assert "Checked in at 13:20" in answers[-1][1]
     assert [c["action"] for c in checkins(ww)] == ["extend"] * 3 + ["checkin"]
+
+
+@pytest.mark.parametrize("body", ["STOP", "end", " Cancel. ", "unsubscribe"])
+def test_a_provider_stop_word_is_its_own_command(body: str) -> None:
+    """A text that is exactly an opt-out word is read as one (the provider blocks texts)."""
+    assert parse(body) == Parsed(Command.OPT_OUT)
+
+
+@pytest.mark.parametrize("body", ["end of visit, safe", "I am ok, stop worrying"])
+def test_stop_words_inside_a_sentence_are_not_opt_outs(body: str) -> None:
+    """Twilio matches the whole text only; so does visitwatch."""
+    assert parse(body).command is Command.SAFE

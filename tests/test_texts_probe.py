@@ -223,15 +223,6 @@ def test_a_blank_notify_inbound_token_is_a_config_problem(
 # ------------------------------------------------------------------ Twilio's own keywords
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon/replies.py treats STOP/END/CANCEL/QUIT/UNSUBSCRIBE as an unknown command "
-    "('Nothing was changed'), but Twilio's default opt-out handling has just blocklisted the "
-    "worker: every later alert to them fails with 21610 until they text START. Replies."
-    "_act should recognise a single-word opt-out keyword (or Twilio's OptOutType field), "
-    "tell the admins at once that texts to that worker are now blocked, and reply how to "
-    "undo it (START)",
-)
 @pytest.mark.parametrize("word", ["STOP", "end", "Cancel"])
 def test_a_worker_who_texts_a_twilio_opt_out_word_is_reported(ww: WebWorld, word: str) -> None:
     """A worker texting END (the visit ended) or STOP is opted out by Twilio itself: the
@@ -242,15 +233,6 @@ def test_a_worker_who_texts_a_twilio_opt_out_word_is_reported(ww: WebWorld, word
     assert notices and any("START" in r["text"] for r in notices)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README.md 'Replies by text' tells workers to text HELP and never warns that "
-    "Twilio reserves HELP/INFO (its own auto-reply, or the Advanced Opt-Out help text of a "
-    "Messaging Service) and STOP/END/CANCEL/QUIT/UNSUBSCRIBE/STOPALL/REVOKE/OPTOUT "
-    "(blocklists the worker: error 21610 on every later alert). Add a paragraph: set the "
-    "Advanced Opt-Out help text to point at 999/the manager, and tell staff never to text "
-    "STOP or END",
-)
 def test_the_readme_warns_that_twilio_reserves_help_stop_and_end() -> None:
     """The admin is told which words Twilio intercepts before visitwatch hears them."""
     text = README.read_text(encoding="utf-8")
@@ -262,7 +244,7 @@ def test_the_readme_warns_that_twilio_reserves_help_stop_and_end() -> None:
 @pytest.mark.parametrize(
     ("body", "command"),
     [("\U0001f198 HELP \U0001f198", Command.HELP), ("sAfE \U0001f44d", Command.SAFE),
-     ("Stop", Command.UNKNOWN), ("ＳＡＦＥ", Command.UNKNOWN), ("h.e.l.p", Command.UNKNOWN),
+     ("Stop", Command.OPT_OUT), ("ＳＡＦＥ", Command.UNKNOWN), ("h.e.l.p", Command.UNKNOWN),
      ("I am NOT ok", Command.HELP), ("ok not safe", Command.HELP)],
 )  # fmt: skip
 def test_commands_with_emoji_and_mixed_case(body: str, command: Command) -> None:
