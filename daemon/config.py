@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from visitwatch.connectors.base import Channel
 from visitwatch.connectors.registry import CHANNELS, SOURCES, channel_class, source_class
 from visitwatch.core.errors import VisitwatchError
 from visitwatch.core.options import ConfigProblem, did_you_mean
@@ -63,6 +64,10 @@ __all__ = [
 # Named in messages: what exists after `pip install` (the repo's examples/ does not).
 STARTER_HINT = "`visitwatch init` writes a commented starter config"
 CONFIG_ENV = "VISITWATCH_CONFIG"
+# The longest public_base_url a text's short link may start with: the link (this, "/s/" and
+# a 16-character code) leaves about 190 of two segments' 306 characters for the news.
+MAX_TEXT_BASE_URL = 100
+
 SECTIONS = ("daemon", "staff", "sources", "channels", "policy", "web", "retention")
 
 
@@ -147,6 +152,20 @@ def parse_config(raw: Mapping[str, Any], config_dir: Path, path: Path | None = N
                 "daemon.public_base_url",
                 "is required when [web] is enabled: messages carry links to it",
                 'e.g. public_base_url = "https://visitwatch.example.org"',
+            )
+        )
+    texting = [
+        c.name for c in channels if issubclass(c.cls, Channel) and c.cls.address_field == "mobile"
+    ]
+    base = daemon.public_base_url if daemon is not None else ""
+    if texting and base and len(base) > MAX_TEXT_BASE_URL:
+        problems.append(
+            ConfigProblem(
+                "daemon.public_base_url",
+                f"is {len(base)} characters: a text ({', '.join(texting)}) carries its link "
+                "whole within two segments, with the news, only if the address is at most "
+                f"{MAX_TEXT_BASE_URL}",
+                "serve the pages at a shorter address, e.g. https://visits.example.org",
             )
         )
     _cross_check(directory, sources, channels, declared, policy, problems)

@@ -472,13 +472,6 @@ def test_a_300_character_address_and_non_gsm_names_keep_the_link(
     assert hop.status_code == 303 and hop.headers["Location"].startswith("/a/")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon/config.py does not bound public_base_url's length, and core/sms.fit "
-    "returns the tail alone, over the limit, when the link cannot fit: with a 320-character "
-    "base URL every alert text is the bare link in 3+ segments (the news is gone). Refuse "
-    "(or warn about) a public_base_url over ~100 characters, the room a short link may take",
-)
 def test_a_base_url_too_long_for_a_text_is_a_config_problem(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
