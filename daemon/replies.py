@@ -53,8 +53,11 @@ EXTEND_MIN, EXTEND_MAX, EXTEND_DEFAULT = min(EXTEND_CHOICES), max(EXTEND_CHOICES
 SOON = timedelta(hours=1)
 # A SAFE after the visit closed is told when and by whom if it closed this recently.
 RECENT = timedelta(hours=12)
-# Message ids are remembered this long: Notify retries a callback for hours, Twilio less.
-KEEP_SEEN = timedelta(days=2)
+# Message ids are remembered this long. Retries need hours (Notify retries a callback for
+# hours, Twilio less), but Twilio's signature carries no time: a captured signed post could
+# be replayed once its id is forgotten, so ids are kept as long as the record keeps names
+# by default ([retention] personal_data_after, 90 days). A reply is at most one text.
+KEEP_SEEN = timedelta(days=90)
 SEEN_PREFIX = "sms_in|"
 
 # Most urgent first: the board's groups (daemon/web/board.py GROUPS).

@@ -155,13 +155,6 @@ def test_anything_but_the_exact_token_is_refused(ww: WebWorld, header: str) -> N
     assert response.status_code == 403 and visit_state(ww) is VisitState.OVERDUE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon/replies.py KEEP_SEEN (2 days) bounds replay protection: a signed Twilio "
-    "post (no timestamp in the signature) replayed after the MessageSid was pruned acts "
-    "again on the worker's current visit; keep message ids for the record's retention "
-    "(they are tiny), or refuse a MessageSid/Notify id seen in the audit",
-)
 def test_a_captured_safe_replayed_days_later_acts_on_nothing(ww: WebWorld) -> None:
     """A signed SAFE captured on Monday and replayed on Thursday does not check in
     Thursday's visit."""
