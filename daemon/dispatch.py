@@ -138,7 +138,8 @@ class Dispatcher:
         )
         retry = from_ts(row["retry"]) if row else None
         oldest = from_ts(row["oldest"]) if row else None
-        moments = [m for m in (retry, oldest and oldest + self.delivery_deadline) if m]
+        settles = self.outages.recovery_due()  # a recovered channel's outage to close
+        moments = [m for m in (retry, oldest and oldest + self.delivery_deadline, settles) if m]
         return min(moments) if moments else None
 
     def idle(self) -> bool:

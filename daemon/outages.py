@@ -44,6 +44,11 @@ _LATE = (
 )
 
 
+# The least time a channel must deliver with no failure of its own before its outage is
+# announced over: long enough that a channel refusing every few minutes is one episode.
+RECOVERY_HOLD = timedelta(minutes=15)
+
+
 class Outages:
     """Channels in an announced outage, and the fallback copies that stand in for them."""
 
@@ -70,6 +75,10 @@ class Outages:
         # Channels in an announced outage (kept in channel_health, so a restart remembers
         # them): checked on every successful send, so kept in memory too.
         self._channels = channel_health.in_outage(store)
+        # An outage closes (one "delivering again" notice) only once its channel has caught
+        # up and has had no failure of its own for this long, so a flapping channel is one
+        # episode, not two notices per flap. Read from channel_health: a restart keeps it.
+        self.recovery_hold = max(delivery_deadline, RECOVERY_HOLD)
 
     def stalled(self) -> list[str]:
         """Channels whose lane has been inside one send for longer than ``send_timeout``."""
@@ -84,6 +93,10 @@ class Outages:
         whose notifications wait past the deadline is in an outage until nothing on it
         does, however often it delivers meanwhile (a server that answers byte by byte).
         """
+        try:
+            self._settle(now, report)
+        except sqlite3.Error as err:
+            log.error("outage_close_failed", error=str(err))
         cutoff = ts(now - self.delivery_deadline)
         troubled = sorted(self._channels | set(self.stalled()))
         # A row whose fallback copy already went out (after repeated failures) still counts
@@ -172,13 +185,59 @@ class Outages:
             " AND status = 'pending' AND next_attempt_at > ?",
             (ts(now), channel, ts(now)),
         )
-        still_late = conn.execute(
+        if self._still_late(conn, channel, now):
+            return 0
+        healthy = self._healthy_since(conn, channel)
+        if healthy is None or now - healthy < self.recovery_hold:
+            return 0  # caught up: it closes once healthy for the hold (past_deadline)
+        return self._close(conn, channel, now)
+
+    def recovery_due(self) -> datetime | None:
+        """When the next outage of a channel delivering again may close (the delivery loop
+        wakes then)."""
+        moments = []
+        for channel in sorted(self._channels):
+            healthy = self._healthy_since(self.store.db.conn, channel)
+            if healthy is not None:
+                moments.append(healthy + self.recovery_hold)
+        return min(moments, default=None)
+
+    def _healthy_since(self, conn: sqlite3.Connection, channel: str) -> datetime | None:
+        """Since when ``channel`` has delivered with no failure of its own; None: it has
+        not delivered since its last failure."""
+        row = conn.execute(
+            "SELECT last_error_at, last_success, outage_since FROM channel_health"
+            " WHERE channel = ?",
+            (channel,),
+        ).fetchone()
+        if row is None or not row[1]:
+            return None
+        trouble = row[0] or row[2]  # the last failure; else the outage (never tried)
+        if trouble and row[1] <= trouble:
+            return None
+        return from_ts(trouble or row[1])
+
+    def _settle(self, now: datetime, report: DispatchReport) -> None:
+        """Close the outages of channels caught up and healthy for the whole hold."""
+        for channel in sorted(self._channels):
+            with self.store.transaction() as conn:
+                healthy = self._healthy_since(conn, channel)
+                if healthy is None or now - healthy < self.recovery_hold:
+                    continue
+                if not self._still_late(conn, channel, now):
+                    report.notices += self._close(conn, channel, now)
+
+    def _still_late(self, conn: sqlite3.Connection, channel: str, now: datetime) -> bool:
+        """Whether something on ``channel`` still waits past the delivery deadline."""
+        row = conn.execute(
             "SELECT 1 FROM notifications WHERE status = 'pending' AND created <= ?"
             " AND channel = ? LIMIT 1",
             (ts(now - self.delivery_deadline), channel),
         ).fetchone()
-        if still_late:
-            return 0
+        return row is not None
+
+    def _close(self, conn: sqlite3.Connection, channel: str, now: datetime) -> int:
+        """End ``channel``'s outage and tell the admins once that it delivers again."""
         began = channel_health.failing_since(conn, channel)
         outage = channel_health.close_outage(conn, channel)
         self._channels.discard(channel)

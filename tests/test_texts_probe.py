@@ -386,14 +386,6 @@ def test_admin_notices_never_reach_a_place_even_when_its_kinds_say_admin(
 # ------------------------------------------------------------------ channel health
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon/outages.py opens an outage (one notice) on each permanent channel-fault "
-    "failure and closes it (another notice) on the next success: a channel flapping "
-    "(refused, delivered, refused...) sends the admins two notices per flap. Hold the "
-    "'delivering again' notice until the channel has stayed healthy for delivery_deadline "
-    "(and count a failure inside that window as the same episode)",
-)
 def test_a_flapping_channel_does_not_flood_the_admins(
     world: World, scripted_channels: dict[str, Script]
 ) -> None:
