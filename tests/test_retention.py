@@ -116,8 +116,10 @@ def test_dry_run_changes_nothing(history: tuple[Service, str, str], capsys: Any)
     """--dry-run lists counts by kind and the dates they span, and writes nothing."""
     service, old, _recent = history
     real_now = datetime.now(UTC)
-    # The CLI runs on the real clock: move the record so "100 days ago" is T0 for it too.
-    shift = real_now - service.clock.now()
+    # The CLI runs on the real clock: move the record so "100 days ago" is T0 for it too,
+    # by whole days, so its times of day stay the test's own (a visit never crosses
+    # midnight because the suite ran late in the evening).
+    shift = timedelta(days=(real_now - service.clock.now()).days)
     conn = service.store.db.conn
     moved = {
         "visits": ("start", "end", "ended_at", "deadline", "expected_return"),
