@@ -58,6 +58,7 @@ RECENT = timedelta(hours=12)
 # be replayed once its id is forgotten, so ids are kept as long as the record keeps names
 # by default ([retention] personal_data_after, 90 days). A reply is at most one text.
 KEEP_SEEN = timedelta(days=90)
+STRANGER_HELP_QUIET = timedelta(minutes=10)
 SEEN_PREFIX = "sms_in|"
 
 # Most urgent first: the board's groups (daemon/web/board.py GROUPS).
@@ -390,7 +391,10 @@ class Replies:
             f"{whose}, so it was not acted on. Phone that number now; if it may be a colleague "
             "in danger, call 999. Then make each worker's mobile theirs alone in the directory."
         )
-        key = f"admin|sms-help|{inbound.provider}|{inbound.message_id or ts(now)}"
+        # One notice per number per STRANGER_HELP_QUIET: the first already says to phone
+        # it; a number texting HELP again and again (or a prank) is not a flood.
+        window = int(now.timestamp() // STRANGER_HELP_QUIET.total_seconds())
+        key = f"admin|sms-help|{number}|{window}"
         self.watcher.router.to_admins(conn, None, "visitwatch: HELP texted from " + number,
                                       text, now, key)  # fmt: skip
 

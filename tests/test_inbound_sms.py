@@ -369,6 +369,17 @@ def test_help_from_an_unknown_number_still_reaches_the_admins(ww: WebWorld) -> N
     assert STRANGER in notice["text"] and notice["recipient_id"] == SAM
 
 
+def test_help_again_and_again_from_one_unknown_number_is_not_a_flood(ww: WebWorld) -> None:
+    """The first notice says to phone the number; more HELPs from it within ten minutes add
+    none (each still gets its reply), and a HELP after that tells the admins again."""
+    for _ in range(5):
+        assert "admins have been told" in reply_of(twilio(ww, "HELP", sender=STRANGER))
+    assert len(rows(ww, "admin")) == 1
+    ww.at(ww.service.clock.now() + timedelta(minutes=11))
+    reply_of(twilio(ww, "HELP", sender=STRANGER))
+    assert len(rows(ww, "admin")) == 2
+
+
 # ------------------------------------------------------------------ the commands, acted on
 
 
