@@ -355,6 +355,14 @@ class Syncer:
                 # The worker (or office) moved the return time: start the ladder afresh.
                 changes.update(LADDER_RESET)
                 changes["state"] = VisitState.BOOKED if start > now else VisitState.IN_PROGRESS
+            elif visit.acknowledged_at is not None:
+                # Moved earlier, still past: the acknowledgement's timeouts count from the new
+                # deadline, but an edit is not a timeout: rounds it makes look elapsed count
+                # as done, and the next re-alert comes at the next one (found by make soak:
+                # the edit re-sent the rung just sent, at the same moment).
+                since = max(visit.acknowledged_at, from_ts(deadline) or now)
+                elapsed = int((now - since) / self.config.policy.ack_timeout) if now > since else 0
+                changes["ack_realerts"] = max(visit.ack_realerts, elapsed)
         if not visit.state.terminal:
             changes["next_action_at"] = ts(now)  # the sweep recomputes what is due
         with self.store.transaction():

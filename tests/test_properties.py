@@ -1177,3 +1177,18 @@ def test_an_alert_whose_last_copy_fails_between_sweeps_is_named_by_the_next() ->
         lambda m: m.extend(uid, 5),
         lambda m: m.sweep(),
     )
+
+
+def test_a_deadline_moved_earlier_after_an_acknowledgement_repeats_no_rung() -> None:
+    """I4 (found by `make soak`): acknowledged, an hour overdue, then the entry moved five
+    minutes earlier: the ladder does not send the director the same rung twice."""
+    uid = "visit-0"
+    replay(
+        "mail+sms",
+        lambda m: m.add_entry(starts_in=0, minutes=5, return_after=None, worker=""),
+        lambda m: m.acknowledge(uid, safe=False, by="Maria Jones"),
+        lambda m: m.advance(3600),
+        lambda m: m.sweep(),
+        lambda m: m.edit_entry(uid, shift=-5, minutes=None, return_after=None),
+        lambda m: m.sweep(),
+    )
