@@ -123,11 +123,21 @@ def _daemon(world: World, **web: object) -> Iterator[tuple[Service, threading.Th
     runner.start()
     try:
         wait_for(lambda: service.activity.started is not None, 10, "the daemon to start")
+        # The loops start first, the pages a moment later (after retention's first run).
+        wait_for(lambda: _listening(port), 10, "something to listen on the pages' port")
         service.port = port  # type: ignore[attr-defined]
         yield service, runner
     finally:
         service.stop()
         runner.join(10)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def _due_in(world: World, seconds: float) -> None:
