@@ -287,9 +287,12 @@ def check(tmp_path: Path, case: Case) -> None:
     if not out_of_time:
         assert times_of(result, undamaged) == reference(case.undamaged)
     named = {p.uid for p in result.problems}
-    missing = case.damaged - named
-    assert result.complete is False or not missing, (missing, result.problems)
     present = {e.uid for e in result.events}
+    # A damaged entry still read under its uid is not lost (its damage read as an edit, or
+    # another entry's flipped UID took its name: found by `make soak`); one neither read nor
+    # named is.
+    missing = case.damaged - named - present
+    assert result.complete is False or not missing, (missing, result.problems)
     # A flip that leaves a valid entry dated outside the window (a year 3026) is an entry no
     # reader would show: not vanished, just not now.
     vanished = case.altered - named - present - outside_the_window(case.body)
