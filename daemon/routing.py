@@ -74,14 +74,9 @@ def address_field(channel: ConnectorConfig) -> str | None:
     return channel.cls.address_field if issubclass(channel.cls, Channel) else None
 
 
-def broadcasts(channel: ConnectorConfig) -> bool:
-    """Whether ``channel`` posts to a place (once per event) rather than to a person."""
-    return channel.broadcasts
-
-
 def texts_people(channel: ConnectorConfig) -> bool:
     """Whether ``channel`` sends text messages (so its messages want a short link)."""
-    return address_field(channel) == "mobile" or broadcasts(channel)
+    return address_field(channel) == "mobile" or channel.broadcasts
 
 
 def reaches(channel: ConnectorConfig, recipient: Recipient) -> bool:
@@ -141,7 +136,7 @@ class Router:
         """The channels that take ``kind`` for ``recipient`` (``any_kind``: ignore ``kinds``)."""
         chosen = []
         for channel in self.config.channels:
-            if broadcasts(channel):
+            if channel.broadcasts:
                 continue  # a place, not a person: posted once per event (notify)
             if not any_kind and channel.kinds is not None and kind not in channel.kinds:
                 continue
@@ -155,7 +150,7 @@ class Router:
         carrying = [
             c
             for c in self.config.channels
-            if (c.kinds is None or kind in c.kinds) and not broadcasts(c)
+            if (c.kinds is None or kind in c.kinds) and not c.broadcasts
         ]
         if not carrying:
             return f"no channel is configured to carry {kind} notifications"
@@ -245,9 +240,7 @@ class Router:
         tap it, so never a person's signed page.
         """
         places = [
-            c
-            for c in self.config.channels
-            if broadcasts(c) and (c.kinds is None or kind in c.kinds)
+            c for c in self.config.channels if c.broadcasts and (c.kinds is None or kind in c.kinds)
         ]
         others = [a for a in told if a.relation != "worker"]
         if not places or not others:

@@ -33,7 +33,7 @@ from tests.connector_settings import config_problems
 from visitwatch.connectors.registry import channel_class
 from visitwatch.connectors.twilio_sms import TwilioSmsChannel
 from visitwatch.core.errors import ConnectorError
-from visitwatch.core.notification import NotificationKind, Recipient
+from visitwatch.core.notification import Recipient
 from visitwatch.core.options import ConnectorContext
 
 SID = "AC" + "0123456789abcdef" * 2
@@ -132,7 +132,9 @@ def twilio_sms(context: ConnectorContext, **extra: Any) -> TwilioSmsChannel:
 
 
 class TestTwilioContract(ChannelContract):
-    """twilio_sms keeps the channel contract (a text carries the short form: see below)."""
+    """twilio_sms keeps the channel contract; a text carries the short form."""
+
+    sends_short_form = True
 
     @pytest.fixture
     def secrets(self) -> list[str]:
@@ -159,21 +161,6 @@ class TestTwilioContract(ChannelContract):
             )
 
         return fail
-
-    @pytest.mark.parametrize("kind", list(NotificationKind))
-    def test_each_kind_arrives_with_its_subject_and_text(  # type: ignore[override]
-        self, channel: TwilioSmsChannel, delivered: Callable[[], list[Delivered]], kind: str
-    ) -> None:
-        """Every kind arrives as its short form; a row without one (older) as its subject.
-
-        Replaces the contract's check that the full text arrives: a text message carries
-        the short form the daemon composed for it (two segments), never the e-mail text.
-        """
-        plain = contract_message(kind)
-        short = replace(plain, id=43, short=f"{kind}: no check-in from Zara. Ack: {LINK}")
-        channel.send(plain)
-        channel.send(short)
-        assert [d.text for d in delivered()] == [plain.subject, short.short]
 
 
 # --------------------------------------------------------------------------- requests
