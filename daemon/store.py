@@ -69,6 +69,60 @@ def record_unwritable(err: BaseException) -> bool:
     return "disk" in text or "readonly" in text or "read-only" in text
 
 
+class WriteGate:
+    """Which of this process's threads writes next: the daemon's loops before the pages.
+
+    SQLite lets one writer in at a time, and a writer that finds the lock taken sleeps in
+    its busy handler (1 ms, then longer, up to 100 ms) and tries again, whoever released it
+    meanwhile. With many page threads writing, the sweep and the delivery lanes lost that
+    race again and again, and reminders went out seconds late. Here the threads of this
+    process queue for the lock in memory instead, and are woken the moment it is free;
+    a thread that said :meth:`Store.yield_writes` (the pages') goes only when no other
+    thread waits. Other processes (``visitwatch ack`` on the same database) still meet the
+    busy handler, as before.
+    """
+
+    def __init__(self) -> None:
+        self._free = threading.Condition()
+        self._held = False
+        self._first = 0  # threads that do not yield, waiting for the lock
+        self._polite = 0  # threads that yield, waiting for the lock
+
+    def waiting(self) -> tuple[int, int]:
+        """How many threads wait: ``(loops, pages)``."""
+        with self._free:
+            return self._first, self._polite
+
+    @contextmanager
+    def hold(self, polite: bool, timeout: float) -> Iterator[None]:
+        with self._free:
+            if polite:
+                self._polite += 1
+            else:
+                self._first += 1
+            try:
+                ready = self._free.wait_for(
+                    lambda: not self._held and (not polite or not self._first), timeout
+                )
+            finally:
+                if polite:
+                    self._polite -= 1
+                else:
+                    self._first -= 1
+            if not ready:
+                self._free.notify_all()  # a polite thread may have been waiting on us
+                raise sqlite3.OperationalError(
+                    f"database is locked: another thread kept the write lock {timeout:g} s"
+                )
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._free:
+                self._held = False
+                self._free.notify_all()
+
+
 class StoreUnavailable(VisitwatchError):
     """The record cannot be opened at all (not a database, unreadable, no space to create)."""
 
@@ -81,6 +135,7 @@ class Store:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
+        self._gate = WriteGate()
         try:
             make_dirs(self.path.parent)
             _make_private(self.path)
@@ -142,15 +197,22 @@ class Store:
                 self._local.depth = depth - 1
             conn.execute(f"RELEASE {name}")
             return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            # A COMMIT that fails (a full disk) leaves the transaction open: roll it back
-            # below, or every later "transaction" would nest inside it and never commit.
-            conn.execute("COMMIT")
-        except BaseException:
-            _quietly(conn, "ROLLBACK")
-            raise
+        with self._gate.hold(getattr(self._local, "polite", False), BUSY_TIMEOUT):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                # A COMMIT that fails (a full disk) leaves the transaction open: roll it
+                # back below, or every later "transaction" would nest inside it and never
+                # commit.
+                conn.execute("COMMIT")
+            except BaseException:
+                _quietly(conn, "ROLLBACK")
+                raise
+
+    def yield_writes(self) -> None:
+        """This thread's write transactions wait while any other thread of this process
+        waits to write (see :class:`WriteGate`): the pages' threads say so."""
+        self._local.polite = True
 
     def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
         return [dict(row) for row in self.db.conn.execute(sql, params).fetchall()]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sqlite3
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 
 from visitwatch.daemon import store as store_module
-from visitwatch.daemon.store import DaemonLock, Store, from_ts, ts
+from visitwatch.daemon.store import DaemonLock, Store, WriteGate, from_ts, ts
 
 
 def test_fresh_database_gets_every_migration_once(tmp_path: Path):
@@ -158,3 +160,95 @@ def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Path):
         assert sorted(names) == sorted(name for name, _ in store_module.MIGRATIONS)
         assert len(store.query("SELECT key FROM meta WHERE key LIKE 'opened-by-%'")) == 5
         store.close()
+
+
+def _writer(store: Store, order: list[str], name: str, polite: bool) -> threading.Thread:
+    def write() -> None:
+        if polite:
+            store.yield_writes()
+        with store.transaction() as conn:
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (name, name))
+            order.append(name)
+
+    return threading.Thread(target=write, name=name)
+
+
+def _wait_for_waiters(gate: WriteGate, loops: int, polite: int) -> None:
+    """Until ``loops`` loop writers and ``polite`` page writers wait at the gate."""
+    for _ in range(500):
+        if gate.waiting() == (loops, polite):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"waiting at the gate: {gate.waiting()}, wanted {(loops, polite)}")
+
+
+def test_the_loops_write_before_pages_that_were_waiting_longer(tmp_path: Path):
+    """Pages say yield_writes(): while the record's write lock is held, a page that asked
+    first still writes after the sweep that asked later (alerts first, store.WriteGate)."""
+    store = Store(tmp_path / "v.db")
+    order: list[str] = []
+    release = threading.Event()
+
+    def hold() -> None:
+        with store.transaction():
+            order.append("holder")
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    _wait_for_waiters(store._gate, 0, 0)
+    while not order:
+        time.sleep(0.01)
+    pages = [_writer(store, order, f"page{i}", polite=True) for i in range(3)]
+    for page in pages:
+        page.start()
+    _wait_for_waiters(store._gate, 0, 3)
+    sweep = _writer(store, order, "sweep", polite=False)
+    sweep.start()
+    _wait_for_waiters(store._gate, 1, 3)
+    release.set()
+    for thread in [holder, sweep, *pages]:
+        thread.join(10)
+    assert order[:2] == ["holder", "sweep"]
+    assert sorted(order[2:]) == ["page0", "page1", "page2"]  # every page wrote, after it
+    assert {r["key"] for r in store.query("SELECT key FROM meta")} >= {"sweep", "page0"}
+
+
+def test_a_writer_kept_out_too_long_is_told_the_record_is_locked():
+    """The gate's wait is bounded like SQLite's own busy timeout, and says why."""
+    gate = WriteGate()
+    entered = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with gate.hold(polite=False, timeout=5):
+            entered.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert entered.wait(5)
+    locked = pytest.raises(sqlite3.OperationalError, match="database is locked")
+    with locked, gate.hold(polite=True, timeout=0.1):
+        pass
+    assert gate.waiting() == (0, 0)
+    release.set()
+    holder.join(5)
+    with gate.hold(polite=True, timeout=1):  # free again, for anyone
+        pass
+
+
+def test_a_nested_transaction_does_not_wait_for_its_own_gate(tmp_path: Path):
+    store = Store(tmp_path / "v.db")
+    done = threading.Event()
+
+    def nested() -> None:
+        store.yield_writes()
+        with store.transaction() as conn, store.transaction():
+            conn.execute("INSERT INTO meta (key, value) VALUES ('a', 'b')")
+        done.set()
+
+    thread = threading.Thread(target=nested)
+    thread.start()
+    assert done.wait(5), "a savepoint inside a transaction waited for the write gate"
+    assert store.get_meta("a") == "b"

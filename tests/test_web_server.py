@@ -24,7 +24,6 @@ from visitwatch.daemon import demo
 from visitwatch.daemon.clock import SystemClock
 from visitwatch.daemon.config import load_config
 from visitwatch.daemon.service import Service
-from visitwatch.daemon.web.context import Activity
 from visitwatch.daemon.web.server import PagesUnavailable, RateLimiter, WebServer
 
 
@@ -225,24 +224,3 @@ def test_the_demo_serves_working_links(tmp_path: Path) -> None:
         service.stop()
         runner.join(10)
     service.close()
-
-
-def test_a_page_request_waits_for_a_sweep_pass_in_progress() -> None:
-    """Alerts first: a request arriving during a sweep pass starts once the pass is over."""
-    activity = Activity()
-    with activity.sweeping():
-        waiting = threading.Thread(target=activity.alerts_first, args=(30.0,))
-        waiting.start()
-        waiting.join(0.3)
-        assert waiting.is_alive(), "the request went ahead during the sweep pass"
-    waiting.join(5)
-    assert not waiting.is_alive()
-
-
-def test_waiting_for_delivery_is_bounded() -> None:
-    """A lane stuck in a send (a hung mail server) delays a page by the bound, not forever."""
-    activity = Activity(delivering=lambda: True)
-    waiting = threading.Thread(target=activity.alerts_first, args=(0.2,))
-    waiting.start()
-    waiting.join(5)
-    assert not waiting.is_alive()

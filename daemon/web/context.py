@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -67,13 +65,6 @@ class Activity:
     syncs: dict[str, Durations] = field(default_factory=dict)  # by source name
     sync_failures: dict[str, int] = field(default_factory=dict)  # since start, by source
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # Set while no sweep pass runs; see alerts_first().
-    sweep_idle: threading.Event = field(default_factory=threading.Event, repr=False)
-    # Whether the channels' lanes have alerts queued or in a send (Dispatcher.idle).
-    delivering: Callable[[], bool] = field(default=lambda: False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.sweep_idle.set()
 
     def synced(self, source: str, seconds: float, ok: bool) -> None:
         with self._lock:
@@ -81,25 +72,6 @@ class Activity:
             if not ok:
                 self.sync_failures[source] = self.sync_failures.get(source, 0) + 1
         durations.observe(seconds)
-
-    @contextmanager
-    def sweeping(self) -> Iterator[None]:
-        """Around a sweep pass (see :meth:`alerts_first`)."""
-        self.sweep_idle.clear()
-        try:
-            yield
-        finally:
-            self.sweep_idle.set()
-
-    def alerts_first(self, limit: float) -> None:
-        """Wait, at most ``limit`` seconds, while a sweep pass runs or alerts are being
-        delivered. Python runs one thread at a time, so many page requests at once slow
-        the sweep and the lanes in proportion (``bench/web_load.py`` measured reminders
-        going out seconds late); a page that waits a moment costs less than a late alert."""
-        deadline = time.monotonic() + limit
-        self.sweep_idle.wait(limit)
-        while self.delivering() and time.monotonic() < deadline:
-            time.sleep(0.005)
 
 
 @dataclass

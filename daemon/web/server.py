@@ -40,8 +40,6 @@ CHANNEL_TIMEOUT = 30  # seconds a connection may sit idle or half-sent before it
 MAX_HEADER_BYTES = 16_384
 MAX_CLIENTS = 10_000  # rate-limit buckets kept; the least recently seen are dropped first
 LIMITER = "visitwatch-rate-limit"
-# The longest a new request waits for a sweep pass or a delivery in progress to finish.
-ALERTS_FIRST = 0.5
 
 
 class PagesUnavailable(VisitwatchError):
@@ -86,16 +84,16 @@ class RateLimiter:
 
 
 def build_app(context: WebContext) -> Flask:
-    """The app as the daemon serves it: :func:`create_app`, alerts first, and the
-    per-client rate limit."""
+    """The app as the daemon serves it: :func:`create_app`, the loops' writes first, and
+    the per-client rate limit."""
     app = create_app(context)
     app.extensions[LIMITER] = RateLimiter(context.config.web.rate_limit)
-    activity = context.activity
 
-    def alerts_first() -> None:
-        activity.alerts_first(ALERTS_FIRST)
+    def loops_write_first() -> None:
+        # The sweep and the delivery lanes write before any page (store.WriteGate).
+        context.store.yield_writes()
 
-    app.before_request(alerts_first)
+    app.before_request(loops_write_first)
     app.before_request(_rate_limited)
     return app
 
