@@ -37,6 +37,10 @@ log = structlog.get_logger(__name__)
 # Visits advanced per transaction: one commit (one fsync) per batch, not per visit, and the
 # write lock is released between batches so a check-in never waits long.
 SWEEP_BATCH = 500
+# Seconds between writes of the sweep's pulse (meta last_sweep_at, which `status`, `doctor`
+# and /healthz read) when a pass finds nothing due. A pass that advances visits writes it
+# anyway, in its own transaction.
+PULSE_EVERY = 5.0
 
 
 class Watcher:
@@ -71,6 +75,7 @@ class Watcher:
             raise_due_now=self.advance_safely, wake=lambda: self.wake(),
         )  # fmt: skip
         self._failing: set[str] = set()  # visits whose last sweep raised (logged once)
+        self._pulsed: datetime | None = None  # when this sweep last wrote last_sweep_at
 
     # ------------------------------------------------------------------ sweep
 
@@ -79,6 +84,11 @@ class Watcher:
         now = self.clock.now()
         changed = 0
         after: tuple[str, str] = ("", "")  # (next_action_at, id) of the last visit seen
+        if not self._pulse_due(now) and not self.visits.due(now, after, 1):
+            # Nothing due: no write transaction. Page actions wake the sweep many times a
+            # second under load, and each empty pass would otherwise hold the write lock
+            # (and an fsync) that the next check-in is waiting for.
+            return 0
         while True:
             with self.store.transaction():
                 # Read inside the write transaction: nothing can change these visits under us.
@@ -91,6 +101,7 @@ class Watcher:
                 if len(due) < batch:
                     # In the last batch's transaction: one commit (one fsync) per sweep.
                     self.store.set_meta("last_sweep_at", ts(now) or "")
+                    self._pulsed = now
                     break
             last = due[-1]
             if isinstance(last, UnreadableVisit):
@@ -98,6 +109,12 @@ class Watcher:
             else:
                 after = (ts(last.next_action_at) or "", last.id)
         return changed
+
+    def _pulse_due(self, now: datetime) -> bool:
+        """Whether the pulse is owed: never written by this sweep, or written
+        :data:`PULSE_EVERY` ago (or in what is now the future: the clock stepped back)."""
+        last = self._pulsed
+        return last is None or not 0 <= (now - last).total_seconds() < PULSE_EVERY
 
     def reconsider_all(self) -> int:
         """Make every watched visit due now (after a wall-clock step): the sweep recomputes

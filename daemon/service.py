@@ -65,6 +65,9 @@ log = structlog.get_logger(__name__)
 
 C = TypeVar("C", bound=Connector)
 
+# Seconds between the sweep loop's health checks (sources failing, alerts undelivered).
+HEALTH_EVERY = 1.0
+
 
 class AlreadyRunning(VisitwatchError):
     pass
@@ -136,6 +139,7 @@ class Service:
         )
         self.lock = DaemonLock(config.daemon.database)
         self._stop = threading.Event()
+        self._health_checked = -HEALTH_EVERY  # monotonic: the loop's last health check
         self._polls: Polls | None = None
         self._loops: dict[str, Loop] = {}
         self._clock_steps = ClockSteps()
@@ -147,7 +151,7 @@ class Service:
         # Delivery counts as stuck (no watchdog ping, an admin notice) after this long.
         self.stall_limit = 2 * config.daemon.sweep_interval.total_seconds() + 30
         # What /healthz and /metrics know beyond the record (web/context.py).
-        self.activity = Activity(delivering=lambda: not self.dispatcher.idle())
+        self.activity = Activity()
         self._pages: PagesKeeper | None = None
         self._heartbeat: Heartbeat | None = None  # the external monitor (heartbeat.py)
 
@@ -166,12 +170,12 @@ class Service:
         ]
         return reports
 
-    def sweep(self) -> int:
-        """Advance what is due and check health; how many visits changed or notices were written."""
+    def sweep(self, health: bool = True) -> int:
+        """Advance what is due and check health (unless ``health`` is false); how many
+        visits changed or notices were written."""
         started = time.monotonic()
         try:
-            with self.activity.sweeping():  # page requests wait while it runs
-                changed = self.watcher.sweep()
+            changed = self.watcher.sweep()
         except sqlite3.Error as err:
             if not record_unwritable(err):
                 raise
@@ -180,6 +184,8 @@ class Service:
             return 0
         self._swept(started)
         self._record_down.end()
+        if not health:
+            return changed
         try:
             notices = self.health.check()
         except Exception:  # a health check must never stop the sweep that raises alerts
@@ -369,14 +375,23 @@ class Service:
         # A lane inside a send that never returns is left behind; its row is still pending
         # and goes out again on the next start.
         finished &= self.dispatcher.close(min(2.0, max(0.0, deadline - time.monotonic())))
-        busy = polls_in_flight()
+        # A poll inside a quick read (a file, a feed on the LAN) finishes within the time
+        # left; one stuck in a slow read is left behind (its transaction rolls back).
+        while (busy := polls_in_flight()) and time.monotonic() < deadline:
+            time.sleep(0.01)
         if busy:
             log.warning("stopping_with_polls_in_flight", polls=busy)
         return finished and not busy
 
     def _sweep_step(self) -> float | None:
         self._clock_steps.check(self._on_clock_step)
-        written = self.sweep()
+        # The health check (a write transaction of its own) runs at most once a
+        # HEALTH_EVERY, however often page actions wake the sweep.
+        mono = time.monotonic()
+        health = not 0 <= mono - self._health_checked < HEALTH_EVERY
+        if health:
+            self._health_checked = mono
+        written = self.sweep(health)
         if written:
             self._loops["dispatch"].wake()
         self._watchdog.check(self._loops["dispatch"].heartbeat, self.stall_limit)
