@@ -15,7 +15,7 @@ alert latency is each reminder's outbox time minus its visit's deadline, measure
 same storm twice: without the load (the obvious alternative, no pages), then with it.
 Figures are printed, not asserted.
 
-    python -m bench.web_load                  # 200/s for 60 s (about 3 minutes in all)
+    python -m bench.web_load                  # 200/s for 60 s (about 2 minutes in all)
     python -m bench.web_load --short          # 50/s for 10 s, for a quick look
     VISITWATCH_BENCH_SHORT=1 make bench
 """
