@@ -6,6 +6,7 @@ mistake at once; :mod:`visitwatch.daemon.config` puts the sections together.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -128,6 +129,11 @@ WEB_OPTIONS: dict[str, Option] = {
     "max_body": Option("int", default=16_384, positive=True, help="largest request body, bytes"),
     "rate_limit": Option("int", default=120, positive=True, help="requests per minute per client"),
     "threads": Option("int", default=8, positive=True, maximum=64),
+    "proxy": Option(
+        "str", default="auto",
+        help='the reverse proxy in front, whose X-Forwarded-For is believed: its address, '
+        '"auto" (any peer when listening on loopback, none otherwise) or "none"',
+    ),
 }  # fmt: skip
 
 SIGN_IN_METHODS = ("email", "microsoft365")
@@ -144,6 +150,18 @@ def parse_web(
                     "web.sign_in",
                     f"unknown method {method!r}",
                     did_you_mean(method, SIGN_IN_METHODS),
+                )
+            )
+    proxy = str(settings.get("proxy") or "").strip()
+    if proxy not in ("auto", "none"):
+        try:
+            ipaddress.ip_address(proxy)
+        except ValueError:
+            found.append(
+                ConfigProblem(
+                    "web.proxy",
+                    f'{proxy!r} is not an IP address, "auto" or "none"',
+                    'give the address the reverse proxy connects from, e.g. "10.0.0.5"',
                 )
             )
     if "microsoft365" in (settings.get("sign_in") or ()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -121,6 +122,18 @@ class WebSettings:
     max_body: int = 16_384
     rate_limit: int = 120
     threads: int = 8
+    # The reverse proxy whose X-Forwarded-For is believed: an address, "auto" (any peer
+    # when listening on loopback) or "none" (clients connect directly).
+    proxy: str = "auto"
+
+    def trusted_proxy(self) -> str | None:
+        """The peer address waitress believes forwarded headers from ("*": any); None
+        when clients connect directly (each peer is a client)."""
+        if self.proxy == "none":
+            return None
+        if self.proxy == "auto":
+            return "*" if is_loopback(self.listen) else None
+        return self.proxy
 
 
 @dataclass(frozen=True)
@@ -166,3 +179,11 @@ class RetentionSettings:
     message_bodies_after: timedelta = timedelta(days=30)
     # Whether the daemon runs retention itself, once a day.
     scheduled: bool = True
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` is this machine only (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"

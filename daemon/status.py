@@ -172,7 +172,8 @@ def pages_check(service: Service) -> tuple[list[str], int]:
             '"Safe" category. To turn them on set [web] enabled = true and [daemon] '
             "public_base_url (README: Pages and links)"
         ], 0
-    from visitwatch.daemon.web.server import PagesUnavailable, bind, is_loopback
+    from visitwatch.daemon.config_types import is_loopback
+    from visitwatch.daemon.web.server import PagesUnavailable, bind
 
     where = f"[{web.listen}]:{web.port}" if ":" in web.listen else f"{web.listen}:{web.port}"
     lines = [

@@ -4,8 +4,10 @@ and cannot do. Passing tests pin the safe behaviour; strict xfails are open bugs
 from __future__ import annotations
 
 import http.client
+import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -17,10 +19,16 @@ from tests.conftest import T0, World, home_visit
 from tests.web_client import WebWorld, web_world
 from tests.web_world import enable_web
 from visitwatch.core.visit_state import VisitState
+from visitwatch.daemon.config import ConfigError, load_config
 from visitwatch.daemon.config_types import Directory
 from visitwatch.daemon.visits import Visit
 from visitwatch.daemon.web.links import Purpose
-from visitwatch.daemon.web.server import CONNECTION_LIMIT, WebServer, build_app
+from visitwatch.daemon.web.server import (
+    CONNECTION_LIMIT,
+    PER_CLIENT_CONNECTIONS,
+    WebServer,
+    build_app,
+)
 from visitwatch.daemon.web.sessions import COOKIE
 
 ASHA = "asha.khan@example.org"
@@ -189,41 +197,88 @@ def test_graph_notifications_are_never_rate_limited(world: World) -> None:
     assert all(client.post("/graph/notify", json={}).status_code != 429 for _ in range(20))
 
 
-@pytest.fixture
-def served(world: World) -> Iterator[WebServer]:
+def _serve(world: World, **web: object) -> WebServer:
     world.write_calendar()
-    enable_web(world)
+    enable_web(world, **web)
     server = WebServer(world.service().web_context())
     server.start()
+    return server
+
+
+@pytest.fixture
+def served(world: World) -> Iterator[WebServer]:
+    """The pages with clients connecting directly (no proxy in front)."""
+    server = _serve(world, proxy="none")
     yield server
     assert server.stop(5)
 
 
-def _half_sent(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+def _half_sent(port: int, source: str = "127.0.0.2") -> socket.socket:
+    """A connection from ``source`` (any 127/8 address is this machine) that sends half a
+    request and then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
     return sock
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: one client holding CONNECTION_LIMIT half-sent requests locks everyone out "
-    "of the pages until channel_timeout (server.py: no per-client connection cap)",
-)
+def _closed_by_server(socks: list[socket.socket]) -> list[socket.socket]:
+    """Those of ``socks`` the server has closed (within a second; none of them sent a
+    whole request, so any that can be read from was closed)."""
+    time.sleep(1.0)
+    readable, _, _ = select.select(socks, [], [], 0)
+    closed = []
+    for sock in readable:
+        try:
+            data = sock.recv(1)
+        except ConnectionResetError:
+            data = b""
+        if data == b"":
+            closed.append(sock)
+    return closed
+
+
+def _healthz_status(port: int, source: str = "127.0.0.1") -> int:
+    """The status /healthz answers from ``source`` within 2 s (0: no answer)."""
+    connection = http.client.HTTPConnection(
+        "127.0.0.1", port, timeout=2, source_address=(source, 0)
+    )
+    try:
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status
+    except (TimeoutError, ConnectionError):
+        return 0
+    finally:
+        connection.close()
+
+
 def test_one_slow_client_cannot_lock_everyone_out_of_the_pages(served: WebServer) -> None:
-    """A manager's page still opens while one client holds the server's connections open."""
+    """A manager's page still opens while one client tries to hold every connection open;
+    that client's connections past its cap are closed at once."""
     slow = [_half_sent(served.port) for _ in range(CONNECTION_LIMIT + 5)]
     try:
-        connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=2)
-        try:
-            connection.request("GET", "/healthz")
-            status = connection.getresponse().status
-        except TimeoutError:
-            status = 0
-        assert status == 503  # answered (no loops run here, so unhealthy)
+        assert _healthz_status(served.port) == 503  # answered (no loops here: unhealthy)
+        closed = _closed_by_server(slow)
+        assert len(slow) - len(closed) == PER_CLIENT_CONNECTIONS
+        assert closed == slow[PER_CLIENT_CONNECTIONS:]  # the first ones are served
     finally:
         for sock in slow:
             sock.close()
+
+
+def test_a_proxy_in_front_is_not_capped_as_one_client(world: World) -> None:
+    """Behind a reverse proxy every client comes from its address: more connections than
+    one client's cap stay open, and the next request is still answered."""
+    server = _serve(world)  # listening on loopback, proxy "auto": the peer is a proxy
+    try:
+        held = [_half_sent(server.port, "127.0.0.1") for _ in range(PER_CLIENT_CONNECTIONS + 10)]
+        try:
+            assert _healthz_status(server.port) == 503
+            assert _closed_by_server(held) == []
+        finally:
+            for sock in held:
+                sock.close()
+    finally:
+        assert server.stop(5)
 
 
 # ------------------------------------------------------------------ open bugs
@@ -311,3 +366,21 @@ def test_an_ack_racing_the_sweeps_escalation_loses_neither(ww: WebWorld) -> None
         ("sam.webster@example.org",),
     )
     assert director, "the director's rung was lost"
+
+
+@pytest.mark.parametrize(
+    ("proxy", "listen", "trusted"),
+    [("auto", "127.0.0.1", "*"), ("auto", "0.0.0.0", None), ("none", "127.0.0.1", None),
+     ("10.0.0.5", "0.0.0.0", "10.0.0.5")],
+)  # fmt: skip
+def test_whose_forwarded_address_is_believed(
+    world: World, proxy: str, listen: str, trusted: str | None
+) -> None:
+    enable_web(world, proxy=proxy, listen=listen)
+    assert load_config(world.write_config()).web.trusted_proxy() == trusted
+
+
+def test_a_proxy_that_is_not_an_address_is_a_config_problem(world: World) -> None:
+    enable_web(world, proxy="nginx.local")
+    with pytest.raises(ConfigError, match=r"web\.proxy.*not an IP address"):
+        load_config(world.write_config())

@@ -9,14 +9,16 @@ sweep and the delivery loop share nothing with them but the database.
 Bounds: a body over ``[web] max_body`` is refused (413) before it is read, headers are
 capped, at most ``CONNECTION_LIMIT`` connections are served at once, and each client may
 make ``[web] rate_limit`` requests a minute (a token bucket per address; beyond it a plain
-429 page). Behind a reverse proxy on the same machine (the daemon listening on loopback),
-the client is the address the proxy puts in ``X-Forwarded-For``.
+429 page). Behind a reverse proxy (``[web] proxy``; by default any peer when the daemon
+listens on loopback), the client is the address the proxy puts in ``X-Forwarded-For``.
+A client connecting directly may hold at most ``PER_CLIENT_CONNECTIONS`` connections
+open, so one slow client cannot take every connection; behind a proxy every client comes
+from the proxy's address, and the proxy caps each client (README).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import math
 import socket
 import threading
@@ -27,6 +29,7 @@ from collections.abc import Callable
 import structlog
 from flask import Flask, current_app, render_template, request
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer, create_server
 
 from visitwatch.core.errors import VisitwatchError
@@ -36,6 +39,9 @@ from visitwatch.daemon.web.context import WebContext
 log = structlog.get_logger(__name__)
 
 CONNECTION_LIMIT = 200  # open connections; past it waitress stops accepting for a moment
+# Open connections one directly connected client may hold (a browser opens about six); the
+# next is closed at once. A proxy's own address is not capped: it carries every client.
+PER_CLIENT_CONNECTIONS = 20
 CHANNEL_TIMEOUT = 30  # seconds a connection may sit idle or half-sent before it is closed
 MAX_HEADER_BYTES = 16_384
 MAX_CLIENTS = 10_000  # rate-limit buckets kept; the least recently seen are dropped first
@@ -142,11 +148,35 @@ def bind(listen: str, port: int) -> socket.socket:
         raise PagesUnavailable(f"cannot serve the pages on {where}: {reason}; {hint}") from err
 
 
-def is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return address == "localhost"
+class CappedChannel(HTTPChannel):
+    """A connection, closed at once when its peer already holds ``cap`` open ones."""
+
+    cap = PER_CLIENT_CONNECTIONS
+    uncapped: str | None = None  # the proxy's address ("*": every peer is the proxy)
+    _refused = [0.0, 0]  # when the last warning was logged, refusals since (per server)
+
+    def __init__(self, server: BaseWSGIServer, sock: socket.socket, addr: object,
+                 adj: object, map: dict[int, wasyncore.dispatcher] | None = None) -> None:  # fmt: skip
+        super().__init__(server, sock, addr, adj, map=map)
+        peer = self.addr[0] if isinstance(self.addr, tuple) else None
+        if peer is None or self.uncapped in ("*", peer):
+            return
+        open_here = sum(
+            1 for channel in list((map or {}).values())
+            if isinstance(channel, HTTPChannel) and channel.addr and channel.addr[0] == peer
+        )  # fmt: skip
+        if open_here > self.cap:
+            self._refuse(peer)
+
+    def _refuse(self, peer: str) -> None:
+        self.close()
+        now = time.monotonic()
+        self._refused[1] += 1
+        if now - self._refused[0] >= 60:
+            # The address is the client's: personal data, at debug only.
+            log.warning("web_client_over_connection_cap", cap=self.cap, refused=self._refused[1])
+            log.debug("web_client_over_connection_cap_address", client=peer)
+            self._refused[0], self._refused[1] = now, 0
 
 
 class WebServer:
@@ -175,11 +205,12 @@ class WebServer:
         web = self.context.config.web
         sock = bind(web.listen, web.port)  # first: a clear error before any thread starts
         proxy = {}
-        if is_loopback(web.listen):
-            # Only this machine can connect, so the peer is a reverse proxy here (or a local
-            # tool): the client is who it says in X-Forwarded-For (the last address).
+        trusted = web.trusted_proxy()
+        if trusted is not None:
+            # The peer is the reverse proxy (on loopback, "auto": only this machine can
+            # connect): the client is who it says in X-Forwarded-For (the last address).
             proxy = {
-                "trusted_proxy": "*",
+                "trusted_proxy": trusted,
                 "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-proto"},
             }
         self._server = create_server(
@@ -195,6 +226,9 @@ class WebServer:
             expose_tracebacks=False,
             ident="visitwatch",
             **proxy,
+        )
+        self._server.channel_class = type(
+            "Channel", (CappedChannel,), {"uncapped": trusted, "_refused": [0.0, 0]}
         )
         self._stopping.clear()
         self._thread = threading.Thread(target=self._serve, name="web", daemon=True)
