@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,6 +32,7 @@ from visitwatch.daemon.web.app import create_app
 from visitwatch.daemon.web.context import WebContext
 from visitwatch.daemon.web.links import Purpose, Signer
 from visitwatch.daemon.web.sessions import COOKIE
+from visitwatch.daemon.web.signin_mail import mailer
 
 MARIA = "maria.jones@example.org"  # manager: may open the board
 SAM = "sam.webster@example.org"  # director: may open the board
@@ -95,7 +97,9 @@ def form_csrf(page: TestResponse) -> str:
 def ask_for_link(web: Web, address: str, client: FlaskClient | None = None) -> TestResponse:
     client = client or web.client
     csrf = form_csrf(client.get("/signin"))
-    return client.post("/signin/email", data={"email": address, "csrf": csrf})
+    answer = client.post("/signin/email", data={"email": address, "csrf": csrf})
+    assert mailer(web.app, web.context).drain(), "the mailer handled the request"
+    return answer
 
 
 def link_sent_to(web: Web, person: str) -> str:
@@ -418,3 +422,26 @@ def test_microsoft_state_mismatch(web: Web, entra: dict[str, Any]) -> None:
     stranger = web.browser()
     answer = stranger.get("/signin/microsoft/callback", query_string={"code": "c", "state": "s"})
     assert answer.status_code == 400
+
+
+def test_the_form_answers_before_anything_about_the_address_is_known(
+    web: Web, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page comes back while the address is still unlooked-up (the mailer's thread is
+    held), so the time it takes cannot tell a board user from a stranger."""
+    held = threading.Event()
+    mail = mailer(web.app, web.context)
+    handle = mail._handle
+    monkeypatch.setattr(mail, "_handle", lambda address: (held.wait(10), handle(address)))
+    csrf = form_csrf(web.client.get("/signin"))
+    answers = [
+        web.client.post("/signin/email", data={"email": who, "csrf": csrf})
+        for who in (MARIA, "nobody@example.org")
+    ]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].get_data() == answers[1].get_data()
+    assert web.service.store.query("SELECT id FROM notifications") == []  # nothing yet
+    held.set()
+    assert mail.drain()
+    web.service.dispatch()
+    assert web.world.recipients("admin") == [MARIA]

@@ -6,8 +6,9 @@ directory role is in ``board_roles`` get a session (:mod:`sessions`).
 
 The e-mail link:
 
-- The form always answers with the same page, whether or not the address belongs to
-  someone who may sign in, so it cannot be used to find out who works here.
+- The form always answers with the same page, at once, whether or not the address belongs
+  to someone who may sign in, so it cannot be used to find out who works here: the
+  address is looked up and the link queued on a thread of its own (:mod:`signin_mail`).
 - The link goes out as a notification row (``routing.enqueue``, kind ``admin``: a message
   about visitwatch itself, not about a visit), so the dispatcher delivers it with its
   retries, fallbacks and failure reports like any other message; nothing here talks to a
@@ -20,35 +21,25 @@ The e-mail link:
 
 from __future__ import annotations
 
-import secrets
-import threading
-from datetime import datetime, timedelta
-from urllib.parse import quote
+from datetime import datetime
 
 import structlog
 from flask import Blueprint, abort, current_app, redirect, render_template, request
 from werkzeug.wrappers import Response
 
-from visitwatch.core.notification import NotificationKind
 from visitwatch.daemon.config import StaffMember
-from visitwatch.daemon.messages import fmt_local
-from visitwatch.daemon.recipients import Addressee, recipient_of
-from visitwatch.daemon.routing import address_field, enqueue
 from visitwatch.daemon.web import sessions, signin_microsoft
 from visitwatch.daemon.web.app import context_of
 from visitwatch.daemon.web.context import WebContext
 from visitwatch.daemon.web.csrf import csrf_ok, csrf_token
 from visitwatch.daemon.web.links import LinkError, Purpose
+from visitwatch.daemon.web.signin_mail import LINK_TTL, mailer
 
 log = structlog.get_logger(__name__)
 
 blueprint = Blueprint("signin", __name__)
 blueprint.register_blueprint(signin_microsoft.blueprint)
 
-# How long an e-mailed sign-in link works.
-LINK_TTL = timedelta(minutes=15)
-# At most one link per person this often, however often the form is sent.
-RESEND_AFTER = timedelta(minutes=1)
 # The sign-in forms' CSRF binding: nobody is signed in yet, but another site still cannot
 # make a browser send the form.
 FORM_BINDING = "signin-form"
@@ -78,100 +69,10 @@ def send_link() -> str:
         abort(404)
     if not csrf_ok(context.signer, FORM_BINDING, request.form.get("csrf")):
         abort(400, "This form had expired. Go back, reload the page and try again.")
-    address = request.form.get("email", "").strip().lower()
-    member = staff_by_address(context, address)
-    if member is not None and sessions.may_open_board(context, member):
-        send_sign_in_link(context, member)
-    else:
-        # The same page either way; the log says only that nothing was sent.
-        log.info("sign_in_link_not_sent", reason="not a board user")
+    # The same page at once whoever asks: the address is looked up, and a link queued,
+    # on the mailer's thread, so not even the time taken tells who may sign in.
+    mailer(current_app, context).ask(request.form.get("email", ""))
     return render_template("signin_sent.html", minutes=int(LINK_TTL.total_seconds() // 60))
-
-
-def staff_by_address(context: WebContext, address: str) -> StaffMember | None:
-    """The staff member with this id or e-mail address (never a display name)."""
-    address = address.strip().lower()
-    if not address:
-        return None
-    directory = context.watcher.staff.current
-    found = directory.get(address)
-    if found is not None:
-        return found
-    return next((m for m in directory.members.values() if m.email.lower() == address), None)
-
-
-class _Resends:
-    """When each person was last sent a link (per app): a form sent again and again must
-    not fill their inbox. Not safety-critical, so memory is enough."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.last: dict[str, datetime] = {}
-
-    def allow(self, person: str, now: datetime) -> bool:
-        with self.lock:
-            last = self.last.get(person)
-            if last is not None and now - last < RESEND_AFTER:
-                return False
-            self.last = {p: t for p, t in self.last.items() if now - t < RESEND_AFTER}
-            self.last[person] = now
-            return True
-
-
-def _resends() -> _Resends:
-    found = current_app.extensions.setdefault("visitwatch.signin_resends", _Resends())
-    assert isinstance(found, _Resends)
-    return found
-
-
-def send_sign_in_link(context: WebContext, member: StaffMember) -> None:
-    """Queue a one-time sign-in link to ``member`` and wake the delivery loop."""
-    now = context.clock.now()
-    if not _resends().allow(member.id, now):
-        log.info("sign_in_link_not_sent", reason="one was sent less than a minute ago")
-        return
-    nonce = secrets.token_urlsafe(16)
-    expires = now + LINK_TTL
-    token = context.signer.sign(Purpose.SIGN_IN, "", member.id, expires, extra=nonce)
-    base = context.config.daemon.public_base_url.rstrip("/")
-    link = f"{base}/signin/link/{quote(token)}"
-    tz = context.config.daemon.timezone
-    subject = "Your visitwatch board sign-in link"
-    text = "\n".join(
-        [
-            "Open this link to sign in to the visitwatch board:",
-            f"  {link}",
-            "",
-            f"It works once, until {fmt_local(expires, tz)}.",
-            "If you did not ask to sign in, ignore this message: the link is no use to "
-            "anyone without access to your mailbox.",
-        ]
-    )
-    addressee = Addressee(recipient_of(member), "sign-in")
-    router = context.watcher.router
-    kind = NotificationKind.ADMIN
-    # The person's own mailbox first; a set-up with no e-mail channel uses whatever
-    # carries admin notices (an outbox, the console).
-    carrying = router.channels_for(kind, addressee.recipient)
-    channels = (
-        [c for c in carrying if address_field(c) == "email"]
-        or [
-            c
-            for c in router.channels_for(kind, addressee.recipient, any_kind=True)
-            if address_field(c) == "email"
-        ]
-        or carrying
-    )
-    if not channels:
-        log.warning("sign_in_link_unreachable", reason="no channel reaches this person")
-        return
-    with context.store.transaction() as conn:
-        for channel in channels:
-            enqueue(
-                conn, None, kind, addressee, channel.name, subject, text, now, f"signin|{nonce}"
-            )
-    context.wake()
-    log.info("sign_in_link_queued", channels=len(channels))
 
 
 def _link_grant(context: WebContext, token: str) -> tuple[StaffMember, str, datetime]:
