@@ -27,6 +27,7 @@ import sqlite_utils
 from visitwatch.core.errors import VisitwatchError
 from visitwatch.core.private_files import PRIVATE_MODE, make_dirs, open_private
 from visitwatch.daemon.schema import MIGRATIONS
+from visitwatch.daemon.write_gate import WriteGate
 
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 # Seconds a connection waits for another's write lock before "database is locked".
@@ -67,60 +68,6 @@ def record_unwritable(err: BaseException) -> bool:
         return code & 0xFF in _UNWRITABLE  # extended codes keep the primary in the low byte
     text = str(err).lower()
     return "disk" in text or "readonly" in text or "read-only" in text
-
-
-class WriteGate:
-    """Which of this process's threads writes next: the daemon's loops before the pages.
-
-    SQLite lets one writer in at a time, and a writer that finds the lock taken sleeps in
-    its busy handler (1 ms, then longer, up to 100 ms) and tries again, whoever released it
-    meanwhile. With many page threads writing, the sweep and the delivery lanes lost that
-    race again and again, and reminders went out seconds late. Here the threads of this
-    process queue for the lock in memory instead, and are woken the moment it is free;
-    a thread that said :meth:`Store.yield_writes` (the pages') goes only when no other
-    thread waits. Other processes (``visitwatch ack`` on the same database) still meet the
-    busy handler, as before.
-    """
-
-    def __init__(self) -> None:
-        self._free = threading.Condition()
-        self._held = False
-        self._first = 0  # threads that do not yield, waiting for the lock
-        self._polite = 0  # threads that yield, waiting for the lock
-
-    def waiting(self) -> tuple[int, int]:
-        """How many threads wait: ``(loops, pages)``."""
-        with self._free:
-            return self._first, self._polite
-
-    @contextmanager
-    def hold(self, polite: bool, timeout: float) -> Iterator[None]:
-        with self._free:
-            if polite:
-                self._polite += 1
-            else:
-                self._first += 1
-            try:
-                ready = self._free.wait_for(
-                    lambda: not self._held and (not polite or not self._first), timeout
-                )
-            finally:
-                if polite:
-                    self._polite -= 1
-                else:
-                    self._first -= 1
-            if not ready:
-                self._free.notify_all()  # a polite thread may have been waiting on us
-                raise sqlite3.OperationalError(
-                    f"database is locked: another thread kept the write lock {timeout:g} s"
-                )
-            self._held = True
-        try:
-            yield
-        finally:
-            with self._free:
-                self._held = False
-                self._free.notify_all()
 
 
 class StoreUnavailable(VisitwatchError):

@@ -189,14 +189,6 @@ def test_a_page_inside_a_transaction_never_waits_for_its_own_gate_when_nesting(s
     assert store.one("SELECT 1 FROM meta WHERE key = 'loop'") is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: store.WriteGate is not first-come-first-served: on release it notify_all()s "
-    "and the releasing thread, still running, takes the gate again before any woken waiter "
-    "runs, so one thread committing back to back (the sweep's 500-visit batches, a sync's "
-    "200-entry batches, a lane recording row by row) keeps every other writer out, loop or "
-    "page, until BUSY_TIMEOUT ('database is locked'), however short each transaction is",
-)
 @pytest.mark.parametrize("waiter", ["lane", "page"])
 def test_a_writer_is_not_starved_by_a_thread_committing_back_to_back(store: Store, waiter: str):
     """While one loop thread commits short transactions back to back (as the sweep does
@@ -299,12 +291,6 @@ def test_an_idle_sweep_still_advances_a_visit_due_exactly_now(world: World):
     assert restarted.store.get_meta("last_sweep_at") == store_module.ts(moment - timedelta(hours=1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: service.Service._sweep_step skips the health check on a pass within "
-    "HEALTH_EVERY of the last one but does not shorten its next delay, so the skipped "
-    "check waits for the next deadline or sweep_interval (60 s here) instead of ~1 s",
-)
 def test_a_health_check_skipped_by_the_throttle_runs_within_a_few_seconds(world: World):
     """Something an admin must hear of appears just after a health check, and the sweep is
     woken (a CLI action, a page, a sync): the notice is written within a few seconds."""
