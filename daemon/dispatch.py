@@ -138,7 +138,7 @@ class Dispatcher:
         )
         retry = from_ts(row["retry"]) if row else None
         oldest = from_ts(row["oldest"]) if row else None
-        settles = self.outages.recovery_due()  # a recovered channel's outage to close
+        settles = self.outages.recovery_due(after)  # a recovered channel's outage to close
         moments = [m for m in (retry, oldest and oldest + self.delivery_deadline, settles) if m]
         return min(moments) if moments else None
 

@@ -101,13 +101,13 @@ class Watcher:
                 if len(due) < batch:
                     # In the last batch's transaction: one commit (one fsync) per sweep.
                     self.store.set_meta("last_sweep_at", ts(now) or "")
-                    self._pulsed = now
                     break
             last = due[-1]
             if isinstance(last, UnreadableVisit):
                 after = (last.next_action_at or "", last.id)
             else:
                 after = (ts(last.next_action_at) or "", last.id)
+        self._pulsed = now  # committed (a failed commit raised above)
         return changed
 
     def _pulse_due(self, now: datetime) -> bool:

@@ -19,10 +19,10 @@ log = structlog.get_logger(__name__)
 
 # The sweep loop's shortest sleep between passes it schedules itself.
 SWEEP_GAP = 0.2
-# The shortest time between the starts of two passes of a loop that is woken (by page
-# actions, calendar reads, finished sends). Under load the wakes come hundreds of times a
-# second; each pass is a write transaction, and the write lock is shared with the pages, so
-# wakes within this gap share one pass (a tenth of a second on an alert, at most).
+# The shortest time between the starts of two passes of a loop. Under load, wakes (page
+# actions, calendar reads, finished sends) come hundreds of times a second; each pass is a
+# write transaction, and the write lock is shared with the pages, so wakes within this gap
+# share one pass (a tenth of a second on an alert, at most).
 WAKE_GAP = 0.1
 
 
@@ -72,10 +72,13 @@ class Loop:
                 delay = None
             self.heartbeat = time.monotonic()
             wait = self._max_wait if delay is None else min(max(delay, 0.0), self._max_wait)
-            pause = began + self._min_gap - self.heartbeat
-            if pause > 0 and self._stop.wait(min(pause, wait)):
-                break  # wakes meanwhile stay set: the pass after the pause takes them all
-            self._wake.wait(max(wait - max(pause, 0.0), 0.0))
+            # Passes start at least min_gap apart, woken or scheduled: wakes meanwhile stay
+            # set and the pass after the pause takes them all, and a step that keeps
+            # asking to run again at once costs ten passes a second, not a spinning core.
+            pause = max(began + self._min_gap - self.heartbeat, 0.0)
+            if pause and self._stop.wait(pause):
+                break
+            self._wake.wait(max(wait - pause, 0.0))
 
 
 class ClockSteps:

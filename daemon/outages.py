@@ -192,13 +192,16 @@ class Outages:
             return 0  # caught up: it closes once healthy for the hold (past_deadline)
         return self._close(conn, channel, now)
 
-    def recovery_due(self) -> datetime | None:
-        """When the next outage of a channel delivering again may close (the delivery loop
-        wakes then)."""
+    def recovery_due(self, after: datetime) -> datetime | None:
+        """When, after a pass that ran at ``after``, the next outage of a channel delivering
+        again may close (the delivery loop wakes then). A hold that ended by ``after``
+        while rows were still late is not a moment to come back for: the pass that sends
+        those rows (woken as their lane finishes, or at their retry) settles it, and
+        returning it would spin the loop until then."""
         moments = []
         for channel in sorted(self._channels):
             healthy = self._healthy_since(self.store.db.conn, channel)
-            if healthy is not None:
+            if healthy is not None and healthy + self.recovery_hold > after:
                 moments.append(healthy + self.recovery_hold)
         return min(moments, default=None)
 

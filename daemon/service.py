@@ -398,7 +398,11 @@ class Service:
         delay = seconds_until(self.watcher.next_due(), self.clock.now())
         # Deadlines a moment apart share one pass (a burst costs one commit per batch, not
         # one per deadline); a write that makes something due wakes the loop at once.
-        return None if delay is None else max(delay, SWEEP_GAP)
+        delay = None if delay is None else max(delay, SWEEP_GAP)
+        if not health:  # the check this wake skipped runs when it is owed, not a tick later
+            owed = max(self._health_checked + HEALTH_EVERY - time.monotonic(), SWEEP_GAP)
+            delay = owed if delay is None else min(delay, owed)
+        return delay
 
     def _dispatch_step(self) -> float | None:
         started = self.clock.now()

@@ -19,6 +19,7 @@ from visitwatch.core.notification import Message
 from visitwatch.daemon import cli
 from visitwatch.daemon.channel_health import states
 from visitwatch.daemon.service import Service
+from visitwatch.daemon.store import ts
 from visitwatch.daemon.web.app import create_app
 
 DEADLINE = T0 + timedelta(hours=2)
@@ -216,3 +217,35 @@ def test_status_and_healthz_show_each_channel(
     answer = client.get("/healthz")
     assert answer.status_code == 503
     assert "channels: none can deliver (sms, outbox failing)" in answer.get_json()["reasons"]
+
+
+def test_a_recovered_channel_with_a_late_row_in_backoff_does_not_spin_the_delivery_loop(
+    world: World, scripted_channels: dict[str, Script]
+) -> None:
+    """Healthy again for the whole hold, but a late row waits for its retry: the delivery
+    loop comes back at that retry, not at once again and again (found by a probe)."""
+    service = _sms(world)
+    scripted_channels.setdefault("sms", Script()).set(TEMPORARY)
+    world.at(DEADLINE + timedelta(seconds=5))
+    tick(service)  # the reminder fails for now: pending, with a retry later
+    world.at(DEADLINE + timedelta(minutes=20))
+    tick(service)  # still failing past the delivery deadline: the outage opens
+    assert len(_notices(world, DOWN)) == 1
+    later = service.clock.now() + timedelta(hours=1)
+    with service.store.transaction() as conn:  # it then delivered something else, long ago
+        conn.execute(
+            "UPDATE channel_health SET last_success = ?, last_error_at = ? WHERE channel = 'sms'",
+            (ts(service.clock.now() + timedelta(seconds=1)), ts(service.clock.now())),
+        )
+        conn.execute(
+            "UPDATE notifications SET next_attempt_at = ? WHERE channel = 'sms'"
+            " AND status = 'pending'",
+            (ts(later),),
+        )
+    restarted = world.service()
+    world.at(service.clock.now() + timedelta(minutes=30))  # past the recovery hold
+    now = restarted.clock.now()
+    restarted.dispatch()
+    assert len(_notices(world, BACK)) == 0  # a row is still late: not recovered yet
+    due = restarted.dispatcher.next_due(after=now)
+    assert due is not None and due > now, f"the loop would run again at once ({due})"

@@ -102,3 +102,24 @@ def test_a_sweep_with_nothing_due_writes_nothing_until_its_pulse_is_owed(world: 
     assert version() != before
     assert service.store.get_meta("last_sweep_at") > pulse  # status and doctor see it alive
     watch.close()
+
+
+def test_a_step_that_keeps_asking_to_run_again_at_once_does_not_spin():
+    """A step returning 0 again and again (a moment already past) runs ten times a
+    second, not as fast as the core allows."""
+    steps: list[float] = []
+    stop = threading.Event()
+
+    def step() -> float:
+        steps.append(time.monotonic())
+        return 0.0
+
+    loop = Loop("eager", step, 30.0, stop)
+    loop.start()
+    try:
+        time.sleep(0.55)
+    finally:
+        stop.set()
+        loop.wake()
+        assert loop.join(5)
+    assert 3 <= len(steps) <= 0.55 / WAKE_GAP + 2, len(steps)
