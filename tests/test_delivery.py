@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -158,17 +158,20 @@ def test_stop_finishes_in_seconds_while_a_channel_hangs(
     world: World, scripted_channels: dict[str, Script]
 ):
     """SIGTERM's path (stop) returns promptly even with a send that never returns."""
-    due_at_once = home_visit(start=T0, end=T0)  # on the real clock too
+    now = datetime.now(UTC).replace(microsecond=0)  # the daemon runs on the real clock
+    due_at_once = home_visit(start=now - timedelta(hours=1), end=now - timedelta(minutes=1))
     service = _watching(world, SLOW_AND_OUTBOX, due_at_once, daemon=FAST, real_clock=True)
     scripted_channels["slow"].set(HANG)
     thread = _daemon_thread(service)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and not scripted_channels["slow"].attempts:
-        time.sleep(0.05)
-    assert scripted_channels["slow"].attempts, "the hung channel was never tried"
-    started = time.monotonic()
-    service.stop()
-    thread.join(15)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not scripted_channels["slow"].attempts:
+            time.sleep(0.05)
+        assert scripted_channels["slow"].attempts, "the hung channel was never tried"
+    finally:
+        started = time.monotonic()
+        service.stop()  # also when the assertion failed: a daemon left running hangs pytest
+        thread.join(15)
     assert not thread.is_alive()
     assert time.monotonic() - started < 8
 
