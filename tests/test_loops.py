@@ -11,36 +11,43 @@ import itertools
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 from tests.conftest import World, home_visit, tick
+from tests.daemon_process import poll_until
 from visitwatch.daemon.loops import WAKE_GAP, Loop
 
 
-def _running(step_times: list[float], max_wait: float = 30.0) -> tuple[Loop, threading.Event]:
+@contextmanager
+def _running(
+    steps: list[float], step_returns: float | None = None
+) -> Iterator[tuple[Loop, threading.Event]]:
+    """A loop whose step notes when it ran, and its stop; stopped (and joined) on leaving."""
     stop = threading.Event()
 
-    def step() -> None:
-        step_times.append(time.monotonic())
+    def step() -> float | None:
+        steps.append(time.monotonic())
+        return step_returns
 
-    loop = Loop("test", step, max_wait, stop)
+    loop = Loop("test", step, 30.0, stop)
     loop.start()
-    return loop, stop
+    try:
+        yield loop, stop
+    finally:
+        stop.set()
+        loop.wake()
+        assert loop.join(5)
 
 
-def _until(condition, limit: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    give_up = time.monotonic() + limit
-    while time.monotonic() < give_up:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return False
+def _until(condition: Callable[[], bool]) -> bool:
+    return poll_until(condition, 5.0, poll=0.005)
 
 
 def test_a_flood_of_wakes_shares_passes_and_the_last_wake_is_never_lost():
     steps: list[float] = []
-    loop, stop = _running(steps)
-    try:
+    with _running(steps) as (loop, _stop):
         assert _until(lambda: len(steps) == 1)  # the first pass, at start
         began = time.monotonic()
         while time.monotonic() - began < 1.0:  # 1,000 wakes a second for a second
@@ -53,36 +60,27 @@ def test_a_flood_of_wakes_shares_passes_and_the_last_wake_is_never_lost():
         assert 2 <= len(passes) <= 1.0 / WAKE_GAP + 2, len(passes)
         gaps = [b - a for a, b in itertools.pairwise(steps)]
         assert min(gaps) >= WAKE_GAP * 0.9
-    finally:
-        stop.set()
-        loop.wake()
-        assert loop.join(5)
 
 
 def test_a_single_wake_runs_a_pass_at_once_after_a_quiet_spell():
     """The gap only joins wakes that come close together: a lone wake is not delayed."""
     steps: list[float] = []
-    loop, stop = _running(steps)
-    try:
+    with _running(steps) as (loop, _stop):
         assert _until(lambda: len(steps) == 1)
         time.sleep(WAKE_GAP * 2)
         woken = time.monotonic()
         loop.wake()
         assert _until(lambda: len(steps) == 2)
         assert steps[1] - woken < WAKE_GAP / 2
-    finally:
-        stop.set()
-        loop.wake()
-        assert loop.join(5)
 
 
 def test_a_stop_during_the_gap_ends_the_loop_at_once():
     steps: list[float] = []
-    loop, stop = _running(steps)
-    assert _until(lambda: len(steps) == 1)
-    loop.wake()
-    stop.set()
-    assert loop.join(WAKE_GAP * 5)
+    with _running(steps) as (loop, stop):
+        assert _until(lambda: len(steps) == 1)
+        loop.wake()
+        stop.set()
+        assert loop.join(WAKE_GAP * 5)
 
 
 def test_a_sweep_with_nothing_due_writes_nothing_until_its_pulse_is_owed(world: World):
@@ -108,18 +106,6 @@ def test_a_step_that_keeps_asking_to_run_again_at_once_does_not_spin():
     """A step returning 0 again and again (a moment already past) runs ten times a
     second, not as fast as the core allows."""
     steps: list[float] = []
-    stop = threading.Event()
-
-    def step() -> float:
-        steps.append(time.monotonic())
-        return 0.0
-
-    loop = Loop("eager", step, 30.0, stop)
-    loop.start()
-    try:
+    with _running(steps, step_returns=0.0):
         time.sleep(0.55)
-    finally:
-        stop.set()
-        loop.wake()
-        assert loop.join(5)
     assert 3 <= len(steps) <= 0.55 / WAKE_GAP + 2, len(steps)
